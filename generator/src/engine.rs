@@ -1,0 +1,662 @@
+//! The inference engine: continuous batching over a fixed number of KV-cache slots.
+//!
+//! Each step (1) applies a pending weight update when the update policy allows, (2) admits queued
+//! requests into free slots and prefills them (the prompt of a request's `n` samples is prefilled
+//! once, into one slot, and its cache copied to the siblings), and (3) decodes one token for every
+//! active sequence. Finished sequences free their slot at once, so queued work starts while the
+//! rest keep decoding. Weight updates happen between steps, never mid-token.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use rlrun_model::{CacheWrite, Config, KvCache, Model, Tokenizer, Weights};
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+use crate::error::{GenError, Result};
+use crate::sampling::{sample, uniform, RowParams, SamplingParams};
+
+/// One generation request: a tokenized prompt and how to sample it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Request {
+    /// Caller-chosen id, unique among requests in flight; part of every draw's seed.
+    pub id: u64,
+    pub prompt: Vec<i64>,
+    pub params: SamplingParams,
+}
+
+/// Why a completion ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// A stop token (included in `token_ids`) or stop string.
+    Stop,
+    /// `max_tokens` or the context length reached.
+    Length,
+    /// Aborted by the caller.
+    Abort,
+}
+
+/// Wall-clock timings of a completion, in seconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Timings {
+    /// From submission until prefill started.
+    pub queued_s: f64,
+    /// From submission until the first token was sampled.
+    pub first_token_s: f64,
+    /// From submission until the completion finished.
+    pub total_s: f64,
+}
+
+/// One sampled completion of a request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Completion {
+    pub request_id: u64,
+    /// Which of the request's `n` samples.
+    pub index: usize,
+    pub prompt_len: usize,
+    /// Response token ids (a final stop token included).
+    pub token_ids: Vec<i64>,
+    /// `log softmax(logits / temperature)[token]` of each response token (see [`crate::sampling`]).
+    pub logprobs: Vec<f32>,
+    pub finish_reason: FinishReason,
+    /// Version of the weights that produced every token of this completion.
+    pub policy_version: u64,
+    pub timings: Timings,
+}
+
+/// What to do with in-flight sequences when new weights arrive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpdatePolicy {
+    /// In-flight sequences finish on the old weights; admission pauses until they have, then the
+    /// update applies.
+    #[default]
+    Drain,
+    /// In-flight sequences are discarded and re-queued (same sample indices, so the same draws);
+    /// the update applies at once.
+    AbortRequeue,
+}
+
+/// Engine settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    /// Concurrent sequences (KV-cache slots).
+    pub max_slots: usize,
+    /// Longest sequence (prompt + completion) a slot holds.
+    pub max_len: usize,
+    /// Prompt tokens prefilled per step (at least one request is always admitted).
+    pub max_prefill_tokens: usize,
+    /// Default seed of requests that give none.
+    pub seed: u64,
+    pub update_policy: UpdatePolicy,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            max_slots: 64,
+            max_len: 1024,
+            max_prefill_tokens: 8192,
+            seed: 0,
+            update_policy: UpdatePolicy::Drain,
+        }
+    }
+}
+
+/// New weights for the engine.
+pub enum WeightUpdate {
+    /// A flat buffer in the engine's parameter layout (any device/dtype; copied in).
+    Flat(Tensor),
+    /// HF-named tensors (a subset is allowed); each is copied into its view.
+    Named(Vec<(String, Tensor)>),
+}
+
+/// Counters reported by `stats`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct EngineStats {
+    pub queue_depth: usize,
+    pub active: usize,
+    pub slots: usize,
+    /// Fraction of KV-cache positions in use by active sequences.
+    pub kv_utilization: f64,
+    pub kv_cache_bytes: i64,
+    pub generated_tokens: u64,
+    pub prefill_tokens: u64,
+    pub decode_steps: u64,
+    /// Generated tokens per second of engine busy time.
+    pub tokens_per_s: f64,
+    pub busy_s: f64,
+    pub policy_version: u64,
+}
+
+struct ReqState {
+    id: u64,
+    prompt: Vec<i64>,
+    params: SamplingParams,
+    stop_ids: Vec<i64>,
+    seed: u64,
+    submitted: Instant,
+}
+
+struct Pending {
+    req: Arc<ReqState>,
+    samples: Vec<usize>,
+}
+
+struct Seq {
+    req: Arc<ReqState>,
+    sample: usize,
+    tokens: Vec<i64>,
+    logprobs: Vec<f32>,
+    /// Tokens of this sequence already in the cache (prompt + all but the last sampled token).
+    pos: i64,
+    admitted: Instant,
+    first_token: f64,
+}
+
+/// The continuous-batching engine. Single-threaded; the actor runs it on its own thread.
+pub struct Engine {
+    cfg: EngineConfig,
+    config: Arc<Config>,
+    weights: Weights,
+    model: Model,
+    version: u64,
+    cache: KvCache,
+    slots: Vec<Option<Seq>>,
+    queue: VecDeque<Pending>,
+    eos: Vec<i64>,
+    tokenizer: Option<Arc<Tokenizer>>,
+    pending_update: Option<(u64, WeightUpdate)>,
+    aborted: HashSet<u64>,
+    stats: EngineStats,
+}
+
+impl Engine {
+    /// An engine over `weights` (owned: updates are copied into them in place).
+    /// `eos` are the default stop ids; `tokenizer` enables stop strings.
+    pub fn new(config: Arc<Config>, weights: Weights, eos: Vec<i64>, tokenizer: Option<Arc<Tokenizer>>, cfg: EngineConfig) -> Result<Self> {
+        if cfg.max_slots == 0 || cfg.max_len < 2 {
+            return Err(GenError::InvalidRequest(
+                "engine needs max_slots >= 1 and max_len >= 2".into(),
+            ));
+        }
+        let model = rlrun_model::build_model(config.clone(), &weights)?;
+        let cache = KvCache::new(&config, cfg.max_slots as i64, cfg.max_len as i64, weights.kind(), weights.device())?;
+        let mut stats = EngineStats {
+            slots: cfg.max_slots,
+            kv_cache_bytes: cache.bytes(),
+            ..Default::default()
+        };
+        stats.policy_version = 0;
+        Ok(Engine {
+            slots: (0..cfg.max_slots).map(|_| None).collect(),
+            cfg,
+            config,
+            weights,
+            model,
+            version: 0,
+            cache,
+            queue: VecDeque::new(),
+            eos,
+            tokenizer,
+            pending_update: None,
+            aborted: HashSet::new(),
+            stats,
+        })
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+    pub fn weights(&self) -> &Weights {
+        &self.weights
+    }
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+    /// Sets the version tag of the current weights (e.g. after loading a checkpoint).
+    pub fn set_version(&mut self, v: u64) {
+        self.version = v;
+        self.stats.policy_version = v;
+    }
+
+    /// True when nothing is queued or running.
+    pub fn is_idle(&self) -> bool {
+        self.queue.is_empty() && self.slots.iter().all(Option::is_none)
+    }
+
+    /// Queues a request after validating it.
+    pub fn submit(&mut self, req: Request) -> Result<()> {
+        let vocab = self.config.vocab_size;
+        req.params.validate(vocab)?;
+        if req.prompt.is_empty() {
+            return Err(GenError::InvalidRequest(format!("request {}: empty prompt", req.id)));
+        }
+        if req.prompt.len() + 1 > self.cfg.max_len {
+            return Err(GenError::InvalidRequest(format!(
+                "request {}: prompt of {} tokens does not fit the context of {} tokens (max_len)",
+                req.id,
+                req.prompt.len(),
+                self.cfg.max_len
+            )));
+        }
+        if let Some(t) = req.prompt.iter().find(|&&t| t < 0 || t >= vocab) {
+            return Err(GenError::InvalidRequest(format!(
+                "request {}: token id {t} is outside the vocabulary (size {vocab})",
+                req.id
+            )));
+        }
+        if req.params.n > self.cfg.max_slots {
+            return Err(GenError::InvalidRequest(format!(
+                "request {}: n = {} exceeds the engine's {} slots",
+                req.id, req.params.n, self.cfg.max_slots
+            )));
+        }
+        if self.slots.iter().flatten().any(|s| s.req.id == req.id) || self.queue.iter().any(|p| p.req.id == req.id) {
+            return Err(GenError::InvalidRequest(format!("request id {} is already in flight", req.id)));
+        }
+        self.aborted.remove(&req.id);
+        let stop_ids = req.params.stop_token_ids.clone().unwrap_or_else(|| self.eos.clone());
+        let seed = req.params.seed.unwrap_or(self.cfg.seed);
+        let n = req.params.n;
+        self.queue.push_back(Pending {
+            req: Arc::new(ReqState {
+                id: req.id,
+                prompt: req.prompt,
+                params: req.params,
+                stop_ids,
+                seed,
+                submitted: Instant::now(),
+            }),
+            samples: (0..n).collect(),
+        });
+        Ok(())
+    }
+
+    /// Aborts requests: queued ones are dropped and running ones stop; each unfinished sample is
+    /// returned as a completion with reason `Abort` (with the tokens it had).
+    pub fn abort(&mut self, ids: &[u64]) -> Vec<Completion> {
+        let ids: HashSet<u64> = ids.iter().copied().collect();
+        let mut out = Vec::new();
+        let version = self.version;
+        self.queue.retain(|p| {
+            if ids.contains(&p.req.id) {
+                for &s in &p.samples {
+                    out.push(Completion {
+                        request_id: p.req.id,
+                        index: s,
+                        prompt_len: p.req.prompt.len(),
+                        token_ids: vec![],
+                        logprobs: vec![],
+                        finish_reason: FinishReason::Abort,
+                        policy_version: version,
+                        timings: Timings::default(),
+                    });
+                }
+                false
+            } else {
+                true
+            }
+        });
+        for slot in self.slots.iter_mut() {
+            if slot.as_ref().is_some_and(|s| ids.contains(&s.req.id)) {
+                if let Some(seq) = slot.take() {
+                    out.push(finish(seq, FinishReason::Abort, version));
+                }
+            }
+        }
+        self.aborted.extend(ids);
+        out
+    }
+
+    /// Schedules new weights. Applied at once when idle or with [`UpdatePolicy::AbortRequeue`]
+    /// (in-flight sequences re-queued); with [`UpdatePolicy::Drain`] once in-flight sequences end.
+    pub fn update_weights(&mut self, version: u64, update: WeightUpdate) -> Result<()> {
+        self.pending_update = Some((version, update));
+        if self.cfg.update_policy == UpdatePolicy::AbortRequeue {
+            self.requeue_active();
+        }
+        self.maybe_apply_update()
+    }
+
+    fn requeue_active(&mut self) {
+        let mut by_req: HashMap<u64, Pending> = HashMap::new();
+        let mut order = Vec::new();
+        for slot in self.slots.iter_mut() {
+            if let Some(seq) = slot.take() {
+                let e = by_req.entry(seq.req.id).or_insert_with(|| {
+                    order.push(seq.req.id);
+                    Pending {
+                        req: seq.req.clone(),
+                        samples: Vec::new(),
+                    }
+                });
+                e.samples.push(seq.sample);
+            }
+        }
+        for id in order.into_iter().rev() {
+            if let Some(p) = by_req.remove(&id) {
+                self.queue.push_front(p);
+            }
+        }
+    }
+
+    fn maybe_apply_update(&mut self) -> Result<()> {
+        if self.pending_update.is_none() || self.slots.iter().any(Option::is_some) {
+            return Ok(());
+        }
+        let Some((version, update)) = self.pending_update.take() else {
+            return Ok(());
+        };
+        let _guard = tch::no_grad_guard();
+        match update {
+            WeightUpdate::Flat(t) => {
+                if t.size() != self.weights.flat.size() {
+                    return Err(GenError::Weights(format!(
+                        "flat buffer of {:?} elements, the model has {}",
+                        t.size(),
+                        self.weights.layout.numel()
+                    )));
+                }
+                self.weights.flat.f_copy_(&t)?;
+            }
+            WeightUpdate::Named(list) => {
+                for (name, t) in list {
+                    let spec = self
+                        .weights
+                        .layout
+                        .param(&name)
+                        .ok_or_else(|| GenError::Weights(format!("unknown tensor `{name}`")))?
+                        .clone();
+                    if t.size() != spec.shape {
+                        return Err(GenError::Weights(format!(
+                            "tensor `{name}` has shape {:?}, expected {:?}",
+                            t.size(),
+                            spec.shape
+                        )));
+                    }
+                    let mut view = self.weights.layout.param_view(&self.weights.flat, &spec)?;
+                    view.f_copy_(&t)?;
+                }
+            }
+        }
+        self.version = version;
+        self.stats.policy_version = version;
+        Ok(())
+    }
+
+    /// Runs one scheduling step; returns the completions that finished in it.
+    pub fn step(&mut self) -> Result<Vec<Completion>> {
+        let t0 = Instant::now();
+        let _guard = tch::no_grad_guard();
+        self.maybe_apply_update()?;
+        let mut done = Vec::new();
+        if self.pending_update.is_none() {
+            self.admit(&mut done)?;
+        }
+        self.decode(&mut done)?;
+        self.stats.busy_s += t0.elapsed().as_secs_f64();
+        Ok(done)
+    }
+
+    /// Steps until every queued and running request has finished.
+    pub fn run_to_completion(&mut self) -> Result<Vec<Completion>> {
+        let mut out = Vec::new();
+        while !self.is_idle() || self.pending_update.is_some() {
+            out.extend(self.step()?);
+            if self.is_idle() {
+                self.maybe_apply_update()?;
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        let mut s = self.stats.clone();
+        s.queue_depth = self.queue.iter().map(|p| p.samples.len()).sum();
+        s.active = self.slots.iter().flatten().count();
+        let used: i64 = self.slots.iter().flatten().map(|q| q.pos + 1).sum();
+        s.kv_utilization = used as f64 / (self.cfg.max_slots * self.cfg.max_len) as f64;
+        s.tokens_per_s = if s.busy_s > 0.0 {
+            s.generated_tokens as f64 / s.busy_s
+        } else {
+            0.0
+        };
+        s
+    }
+
+    /// Admits queued requests into free slots and prefills them.
+    fn admit(&mut self, done: &mut Vec<Completion>) -> Result<()> {
+        let mut free: Vec<usize> = (0..self.slots.len()).filter(|&i| self.slots[i].is_none()).collect();
+        let mut groups: Vec<(Pending, Vec<usize>)> = Vec::new();
+        let mut budget = self.cfg.max_prefill_tokens;
+        while let Some(p) = self.queue.front() {
+            let need = p.samples.len();
+            let len = p.req.prompt.len();
+            if need > free.len() || (!groups.is_empty() && len > budget) {
+                break;
+            }
+            let p = self.queue.pop_front().expect("front exists");
+            let assigned: Vec<usize> = free.drain(..need).collect();
+            budget = budget.saturating_sub(len);
+            groups.push((p, assigned));
+        }
+        if groups.is_empty() {
+            return Ok(());
+        }
+        let device = self.weights.device();
+        let g = groups.len() as i64;
+        let t = groups.iter().map(|(p, _)| p.req.prompt.len()).max().unwrap_or(1) as i64;
+        let mut ids = vec![0i64; (g * t) as usize];
+        let mut lens = Vec::with_capacity(groups.len());
+        let mut primaries = Vec::with_capacity(groups.len());
+        for (r, (p, slots)) in groups.iter().enumerate() {
+            ids[r * t as usize..r * t as usize + p.req.prompt.len()].copy_from_slice(&p.req.prompt);
+            lens.push(p.req.prompt.len() as i64);
+            primaries.push(slots[0] as i64);
+        }
+        let ids_t = Tensor::from_slice(&ids).f_view([g, t])?.f_to_device(device)?;
+        let slots_t = Tensor::from_slice(&primaries).f_to_device(device)?;
+        let start = vec![0i64; groups.len()];
+        let hidden = self.model.forward_cached(
+            &ids_t,
+            &mut self.cache,
+            &CacheWrite {
+                slots: &slots_t,
+                slots_host: &primaries,
+                start: &start,
+                lens: &lens,
+            },
+        )?; // (G, T, H)
+        let last = Tensor::from_slice(&lens.iter().map(|l| l - 1).collect::<Vec<_>>())
+            .f_to_device(device)?
+            .f_view([g, 1, 1])?
+            .f_expand([g, 1, hidden.size()[2]], false)?;
+        let last_h = hidden.f_gather(1, &last, false)?.f_squeeze_dim(1)?; // (G, H)
+        let logits = self.model.logits(&last_h)?; // (G, V)
+        self.stats.prefill_tokens += lens.iter().sum::<i64>() as u64;
+        // Share the prompt's cache with the group's other slots; one logits row per sample.
+        let mut row_of_sample = Vec::new();
+        let mut rows = Vec::new();
+        let now = Instant::now();
+        for (r, (p, slots)) in groups.iter().enumerate() {
+            if slots.len() > 1 {
+                let dst: Vec<i64> = slots[1..].iter().map(|&s| s as i64).collect();
+                self.cache.copy_prefix(slots[0] as i64, &dst, lens[r])?;
+            }
+            for &s in &p.samples {
+                row_of_sample.push(r as i64);
+                rows.push(row_params(&p.req, s, 0));
+            }
+        }
+        let sel = Tensor::from_slice(&row_of_sample).f_to_device(device)?;
+        let (tokens, lps) = sample(&logits.f_index_select(0, &sel)?, &rows)?;
+        let (tokens, lps) = to_host(&tokens, &lps)?;
+        let mut k = 0;
+        for (p, slots) in groups {
+            for (&sample_idx, &slot) in p.samples.iter().zip(&slots) {
+                let seq = Seq {
+                    req: p.req.clone(),
+                    sample: sample_idx,
+                    tokens: vec![tokens[k]],
+                    logprobs: vec![lps[k]],
+                    pos: p.req.prompt.len() as i64,
+                    admitted: now,
+                    first_token: p.req.submitted.elapsed().as_secs_f64(),
+                };
+                k += 1;
+                self.stats.generated_tokens += 1;
+                match self.finish_reason(&seq) {
+                    Some(reason) => done.push(finish(seq, reason, self.version)),
+                    None => self.slots[slot] = Some(seq),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes one token for every active sequence.
+    fn decode(&mut self, done: &mut Vec<Completion>) -> Result<()> {
+        self.compact()?;
+        let Some(last_active) = self.slots.iter().rposition(Option::is_some) else {
+            return Ok(());
+        };
+        let b = last_active + 1;
+        let device = self.weights.device();
+        let mut ids = vec![0i64; b];
+        let mut start = vec![0i64; b];
+        let mut active_rows = Vec::new();
+        let mut params = Vec::new();
+        for (i, slot) in self.slots[..b].iter().enumerate() {
+            if let Some(seq) = slot {
+                ids[i] = *seq.tokens.last().expect("a sequence has a token");
+                start[i] = seq.pos;
+                active_rows.push(i as i64);
+                params.push(row_params(&seq.req, seq.sample, seq.tokens.len() as u64));
+            }
+        }
+        let ident: Vec<i64> = (0..b as i64).collect();
+        let ident_t = Tensor::from_slice(&ident).f_to_device(device)?;
+        let hidden = self.model.forward_cached(
+            &Tensor::from_slice(&ids).f_view([b as i64, 1])?.f_to_device(device)?,
+            &mut self.cache,
+            &CacheWrite {
+                slots: &ident_t,
+                slots_host: &ident,
+                start: &start,
+                lens: &vec![1; b],
+            },
+        )?; // (B, 1, H)
+        let mut h = hidden.f_squeeze_dim(1)?;
+        if active_rows.len() < b {
+            h = h.f_index_select(0, &Tensor::from_slice(&active_rows).f_to_device(device)?)?;
+        }
+        let logits = self.model.logits(&h)?;
+        let (tokens, lps) = sample(&logits, &params)?;
+        let (tokens, lps) = to_host(&tokens, &lps)?;
+        self.stats.decode_steps += 1;
+        for (k, &row) in active_rows.iter().enumerate() {
+            let slot = row as usize;
+            let Some(seq) = self.slots[slot].as_mut() else { continue };
+            seq.pos += 1;
+            seq.tokens.push(tokens[k]);
+            seq.logprobs.push(lps[k]);
+            self.stats.generated_tokens += 1;
+            if let Some(reason) = self.finish_reason(self.slots[slot].as_ref().expect("active")) {
+                if let Some(seq) = self.slots[slot].take() {
+                    done.push(finish(seq, reason, self.version));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves sequences down into free low slots when the active ones are sparse, so decoding
+    /// runs over a short dense prefix of slots (the cache is read as a view, not gathered).
+    fn compact(&mut self) -> Result<()> {
+        let active = self.slots.iter().flatten().count();
+        let Some(last) = self.slots.iter().rposition(Option::is_some) else {
+            return Ok(());
+        };
+        if last + 1 <= 2 * active || last < 8 {
+            return Ok(());
+        }
+        let mut free: Vec<usize> = (0..active).filter(|&i| self.slots[i].is_none()).collect();
+        free.reverse();
+        for src in (active..=last).rev() {
+            if self.slots[src].is_none() {
+                continue;
+            }
+            let Some(dst) = free.pop() else { break };
+            let len = self.slots[src].as_ref().map(|s| s.pos).unwrap_or(0);
+            self.cache.copy_prefix(src as i64, &[dst as i64], len)?;
+            self.slots[dst] = self.slots[src].take();
+        }
+        Ok(())
+    }
+
+    fn finish_reason(&self, seq: &Seq) -> Option<FinishReason> {
+        let last = *seq.tokens.last()?;
+        if seq.req.stop_ids.contains(&last) {
+            return Some(FinishReason::Stop);
+        }
+        if !seq.req.params.stop.is_empty() {
+            if let Some(tok) = &self.tokenizer {
+                let tail: Vec<u32> = seq.tokens[seq.tokens.len().saturating_sub(32)..]
+                    .iter()
+                    .map(|&t| t as u32)
+                    .collect();
+                if let Ok(text) = tok.decode(&tail, false) {
+                    if seq.req.params.stop.iter().any(|s| text.contains(s.as_str())) {
+                        return Some(FinishReason::Stop);
+                    }
+                }
+            }
+        }
+        if seq.tokens.len() >= seq.req.params.max_tokens || seq.pos + 1 >= self.cfg.max_len as i64 {
+            return Some(FinishReason::Length);
+        }
+        None
+    }
+}
+
+fn row_params(req: &ReqState, sample: usize, position: u64) -> RowParams {
+    RowParams {
+        temperature: req.params.temperature,
+        top_p: req.params.top_p,
+        top_k: req.params.top_k,
+        min_p: req.params.min_p,
+        uniform: uniform(req.seed, req.id, sample as u64, position),
+    }
+}
+
+fn to_host(tokens: &Tensor, lps: &Tensor) -> Result<(Vec<i64>, Vec<f32>)> {
+    let tokens = Vec::<i64>::try_from(tokens.f_to_device(tch::Device::Cpu)?)?;
+    let lps = Vec::<f32>::try_from(lps.f_to_device(tch::Device::Cpu)?.f_to_kind(Kind::Float)?)?;
+    Ok((tokens, lps))
+}
+
+fn finish(seq: Seq, reason: FinishReason, version: u64) -> Completion {
+    let total = seq.req.submitted.elapsed().as_secs_f64();
+    Completion {
+        request_id: seq.req.id,
+        index: seq.sample,
+        prompt_len: seq.req.prompt.len(),
+        token_ids: seq.tokens,
+        logprobs: seq.logprobs,
+        finish_reason: reason,
+        policy_version: version,
+        timings: Timings {
+            queued_s: (seq.admitted - seq.req.submitted).as_secs_f64(),
+            first_token_s: seq.first_token,
+            total_s: total,
+        },
+    }
+}

@@ -1,0 +1,227 @@
+//! Sampling parameters and the batched sampler.
+//!
+//! Definitions (the same for every request and every backend):
+//! - Filters apply in this order to the temperature-scaled logits: `top_k` (keep the k most
+//!   likely), `top_p` (keep the smallest most-likely set whose mass reaches p), `min_p` (drop
+//!   tokens whose probability is below `min_p` × the top token's). Ties at a threshold are kept.
+//! - The draw is inverse-CDF sampling over the filtered distribution in vocabulary order, with one
+//!   uniform number per token derived from `(seed, request id, sample index, position)` by a
+//!   counter-based hash; so a sequence's tokens do not depend on what else is in the batch.
+//! - The returned log-prob of a sampled token is `log softmax(logits / temperature)[token]` over the
+//!   full vocabulary, before any truncation: the quantity the trainer recomputes. For greedy
+//!   decoding (`temperature = 0`) it is `log softmax(logits)[token]`.
+
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+use crate::error::{GenError, Result};
+
+/// How to sample the completions of one request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SamplingParams {
+    /// Completions per prompt (a GRPO group).
+    pub n: usize,
+    /// 0 means greedy.
+    pub temperature: f64,
+    pub top_p: f64,
+    /// 0 disables.
+    pub top_k: i64,
+    /// 0 disables.
+    pub min_p: f64,
+    pub max_tokens: usize,
+    /// Stop token ids; `None` means the model's EOS ids (generation_config / config).
+    pub stop_token_ids: Option<Vec<i64>>,
+    /// Stop strings: generation ends once the decoded completion contains one.
+    pub stop: Vec<String>,
+    /// Seed of this request's draws (the engine seed when `None`).
+    pub seed: Option<u64>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            n: 1,
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            max_tokens: 256,
+            stop_token_ids: None,
+            stop: Vec::new(),
+            seed: None,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Greedy decoding of `max_tokens` tokens.
+    pub fn greedy(max_tokens: usize) -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            max_tokens,
+            ..Default::default()
+        }
+    }
+
+    /// Checks ranges; `vocab` bounds stop token ids.
+    pub fn validate(&self, vocab: i64) -> Result<()> {
+        let bad = |m: String| Err(GenError::InvalidRequest(m));
+        if self.n == 0 {
+            return bad("`n` must be at least 1".into());
+        }
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return bad(format!("`temperature` must be >= 0, got {}", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad(format!("`top_p` must be in (0, 1], got {}", self.top_p));
+        }
+        if self.top_k < 0 {
+            return bad(format!("`top_k` must be >= 0 (0 disables), got {}", self.top_k));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad(format!("`min_p` must be in [0, 1], got {}", self.min_p));
+        }
+        if self.max_tokens == 0 {
+            return bad("`max_tokens` must be at least 1".into());
+        }
+        if let Some(ids) = &self.stop_token_ids {
+            if let Some(id) = ids.iter().find(|&&i| i < 0 || i >= vocab) {
+                return bad(format!("stop token id {id} is outside the vocabulary (size {vocab})"));
+            }
+        }
+        if self.stop.iter().any(String::is_empty) {
+            return bad("stop strings must not be empty".into());
+        }
+        Ok(())
+    }
+}
+
+/// SplitMix64 finalizer: a well-mixed 64-bit hash.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The uniform number in [0, 1) for one draw.
+pub fn uniform(seed: u64, request_id: u64, sample: u64, position: u64) -> f64 {
+    let h = mix(mix(mix(mix(seed) ^ request_id) ^ sample) ^ position);
+    (h >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Per-row sampling settings for one batched draw.
+pub struct RowParams {
+    pub temperature: f64,
+    pub top_p: f64,
+    pub top_k: i64,
+    pub min_p: f64,
+    pub uniform: f64,
+}
+
+/// Samples one token per row of `logits` `(R, V)`; returns (tokens `(R,)` int64, log-probs `(R,)` f32).
+pub fn sample(logits: &Tensor, rows: &[RowParams]) -> Result<(Tensor, Tensor)> {
+    let device = logits.device();
+    let logits = logits.f_to_kind(Kind::Float)?;
+    let r = rows.len() as i64;
+    let vocab = logits.size()[1];
+    let greedy: Vec<bool> = rows.iter().map(|p| p.temperature == 0.0).collect();
+    let temps: Vec<f32> = rows
+        .iter()
+        .map(|p| if p.temperature == 0.0 { 1.0 } else { p.temperature as f32 })
+        .collect();
+    let temps = Tensor::from_slice(&temps).f_to_device(device)?.f_unsqueeze(1)?;
+    let scaled = logits.f_div(&temps)?; // (R, V)
+    let logp = scaled.f_log_softmax(-1, Kind::Float)?;
+
+    let all_greedy = greedy.iter().all(|&g| g);
+    let tokens = if all_greedy {
+        scaled.f_argmax(-1, false)?
+    } else {
+        let mut masked = scaled.shallow_clone();
+        // top-k: keep values >= the k-th largest of the row.
+        let max_k = rows.iter().map(|p| p.top_k).filter(|&k| k > 0).max().unwrap_or(0).min(vocab);
+        if max_k > 0 {
+            let (top, _) = masked.f_topk(max_k, -1, true, true)?; // (R, max_k) descending
+            let ks: Vec<i64> = rows
+                .iter()
+                .map(|p| if p.top_k > 0 { p.top_k.min(vocab) - 1 } else { max_k - 1 })
+                .collect();
+            let kth = top.f_gather(1, &Tensor::from_slice(&ks).f_to_device(device)?.f_unsqueeze(1)?, false)?;
+            let active: Vec<bool> = rows.iter().map(|p| p.top_k > 0).collect();
+            let active = Tensor::from_slice(&active).f_to_device(device)?.f_unsqueeze(1)?;
+            let drop = masked.f_lt_tensor(&kth)?.f_logical_and(&active)?;
+            masked = masked.f_masked_fill(&drop, f64::NEG_INFINITY)?;
+        }
+        // top-p: sort descending, keep tokens whose preceding mass is < p.
+        if rows.iter().any(|p| p.top_p < 1.0) {
+            let probs = masked.f_softmax(-1, Kind::Float)?;
+            let (sorted, idx) = probs.f_sort(-1, true)?;
+            let before = sorted.f_cumsum(-1, Kind::Float)?.f_sub(&sorted)?; // mass of strictly-better tokens
+            let ps: Vec<f32> = rows.iter().map(|p| p.top_p as f32).collect();
+            let ps = Tensor::from_slice(&ps).f_to_device(device)?.f_unsqueeze(1)?;
+            let drop_sorted = before.f_ge_tensor(&ps)?;
+            let drop = drop_sorted.f_scatter(1, &idx, &drop_sorted)?;
+            masked = masked.f_masked_fill(&drop, f64::NEG_INFINITY)?;
+        }
+        // min-p: drop tokens with p < min_p * p_max.
+        if rows.iter().any(|p| p.min_p > 0.0) {
+            let probs = masked.f_softmax(-1, Kind::Float)?;
+            let pmax = probs.f_amax(&[-1i64][..], true)?;
+            let mps: Vec<f32> = rows.iter().map(|p| p.min_p as f32).collect();
+            let mps = Tensor::from_slice(&mps).f_to_device(device)?.f_unsqueeze(1)?;
+            let drop = probs.f_lt_tensor(&pmax.f_mul(&mps)?)?;
+            masked = masked.f_masked_fill(&drop, f64::NEG_INFINITY)?;
+        }
+        // Inverse CDF in f64 over the filtered distribution, vocabulary order.
+        let probs = masked.f_softmax(-1, Kind::Double)?;
+        let cdf = probs.f_cumsum(-1, Kind::Double)?;
+        let total = cdf.f_narrow(1, vocab - 1, 1)?;
+        let us: Vec<f64> = rows.iter().map(|p| p.uniform).collect();
+        let us = Tensor::from_slice(&us).f_to_device(device)?.f_unsqueeze(1)?.f_mul(&total)?;
+        let drawn = cdf.f_searchsorted(&us, false, true, "right", None::<Tensor>)?.f_squeeze_dim(1)?;
+        // Guard against rounding past the end, and never pick a filtered-out token.
+        let drawn = drawn.f_clamp_max(vocab - 1)?;
+        let ok = probs.f_gather(1, &drawn.f_unsqueeze(1)?, false)?.f_squeeze_dim(1)?.f_gt(0.0)?;
+        let fallback = masked.f_argmax(-1, false)?;
+        let drawn = drawn.f_where_self(&ok, &fallback)?;
+        if greedy.iter().any(|&g| g) {
+            let g = Tensor::from_slice(&greedy).f_to_device(device)?;
+            scaled.f_argmax(-1, false)?.f_where_self(&g, &drawn)?
+        } else {
+            drawn
+        }
+    };
+    let lp = logp.f_gather(1, &tokens.f_unsqueeze(1)?, false)?.f_squeeze_dim(1)?;
+    debug_assert_eq!(tokens.size(), vec![r]);
+    Ok((tokens, lp))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uniform_is_deterministic_and_spread() {
+        assert_eq!(uniform(1, 2, 3, 4), uniform(1, 2, 3, 4));
+        assert_ne!(uniform(1, 2, 3, 4), uniform(1, 2, 3, 5));
+        let mean: f64 = (0..10_000).map(|i| uniform(7, 0, 0, i)).sum::<f64>() / 10_000.0;
+        assert!((mean - 0.5).abs() < 0.01, "{mean}");
+    }
+
+    #[test]
+    fn validation_rejects_bad_params() {
+        let ok = SamplingParams::default();
+        assert!(ok.validate(10).is_ok());
+        for (p, word) in [
+            (SamplingParams { n: 0, ..ok.clone() }, "`n`"),
+            (SamplingParams { temperature: -1.0, ..ok.clone() }, "temperature"),
+            (SamplingParams { top_p: 0.0, ..ok.clone() }, "top_p"),
+            (SamplingParams { stop_token_ids: Some(vec![10]), ..ok.clone() }, "stop token id 10"),
+        ] {
+            let e = p.validate(10).unwrap_err().to_string();
+            assert!(e.contains(word), "{e}");
+        }
+    }
+}

@@ -1,0 +1,417 @@
+//! Llama-family decoder-only transformer: Llama 2/3 (incl. `llama3` rope scaling), Qwen2/Qwen2.5
+//! (q/k/v bias), Qwen3 (per-head q/k RMSNorm), SmolLM2 (a Llama). Grouped-query attention, tied or
+//! untied embeddings, explicit `head_dim`.
+//!
+//! Checkpoints: Hugging Face `LlamaForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`
+//! (see `transformers/models/{llama,qwen2,qwen3}/modeling_*.py`), and GGUF files of those
+//! architectures via [`crate::gguf`].
+//!
+//! The model holds views into a flat parameter buffer ([`crate::params`]), so the trainer can
+//! rebuild it around fresh autograd views every step and the generator shares the same code.
+//! The KV cache lives outside the model ([`KvCache`]).
+
+use std::sync::Arc;
+
+use tch::{Kind, Tensor};
+
+use crate::config::{Config, RopeScaling};
+use crate::error::{ModelError, Result};
+use crate::params::ParamLayout;
+
+struct Layer {
+    input_layernorm: Tensor,
+    qkv_w: Tensor,
+    qkv_b: Option<Tensor>,
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+    o_w: Tensor,
+    o_b: Option<Tensor>,
+    post_attention_layernorm: Tensor,
+    gate_up: Tensor,
+    down: Tensor,
+}
+
+/// A Llama-family causal language model over a set of weight views.
+pub struct Model {
+    cfg: Arc<Config>,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    inv_freq: Tensor,
+    attention_scaling: f64,
+    n_heads: i64,
+    n_kv: i64,
+    head_dim: i64,
+    eps: f64,
+}
+
+/// A key/value cache of `slots` sequences of up to `max_len` positions each, per layer
+/// `(slots, n_kv_heads, max_len, head_dim)`. Owned by the caller (generator), not the model.
+pub struct KvCache {
+    pub k: Vec<Tensor>,
+    pub v: Vec<Tensor>,
+    slots: i64,
+    max_len: i64,
+}
+
+impl KvCache {
+    /// Allocates a zeroed cache for `cfg` on the device/dtype of `like`.
+    pub fn new(cfg: &Config, slots: i64, max_len: i64, kind: Kind, device: tch::Device) -> Result<Self> {
+        let shape = [slots, cfg.num_kv_heads(), max_len, cfg.head_dim()];
+        let mut k = Vec::new();
+        let mut v = Vec::new();
+        for _ in 0..cfg.num_hidden_layers {
+            k.push(Tensor::f_zeros(shape, (kind, device)).map_err(|e| alloc_err(e, &shape))?);
+            v.push(Tensor::f_zeros(shape, (kind, device)).map_err(|e| alloc_err(e, &shape))?);
+        }
+        Ok(KvCache { k, v, slots, max_len })
+    }
+
+    pub fn slots(&self) -> i64 {
+        self.slots
+    }
+    pub fn max_len(&self) -> i64 {
+        self.max_len
+    }
+    /// Bytes held by the cache.
+    pub fn bytes(&self) -> i64 {
+        self.k
+            .iter()
+            .chain(&self.v)
+            .map(|t| t.numel() as i64 * t.kind().elt_size_in_bytes() as i64)
+            .sum()
+    }
+
+    /// Copies the first `len` positions of slot `src` into each slot of `dst` (shared prompts).
+    pub fn copy_prefix(&mut self, src: i64, dst: &[i64], len: i64) -> Result<()> {
+        if dst.is_empty() || len == 0 {
+            return Ok(());
+        }
+        let device = self.k[0].device();
+        let idx = Tensor::from_slice(dst).to_device(device);
+        for cache in self.k.iter_mut().chain(self.v.iter_mut()) {
+            let prefix = cache.f_narrow(0, src, 1)?.f_narrow(2, 0, len)?; // (1, n_kv, len, hd)
+            let n = dst.len() as i64;
+            let expanded = prefix.f_expand([n, -1, -1, -1], false)?;
+            let mut target = cache.f_narrow(2, 0, len)?;
+            let _ = target.f_index_copy_(0, &idx, &expanded)?;
+        }
+        Ok(())
+    }
+}
+
+fn alloc_err(e: tch::TchError, shape: &[i64]) -> ModelError {
+    ModelError::Torch {
+        context: format!("allocating a KV cache block of shape {shape:?}"),
+        source: e,
+    }
+}
+
+/// Where the tokens of a [`Model::forward_cached`] call go in the cache.
+pub struct CacheWrite<'a> {
+    /// Cache slot of each row, `(B,)` int64 on the model's device.
+    pub slots: &'a Tensor,
+    /// Slot of each row on the host (same values).
+    pub slots_host: &'a [i64],
+    /// Tokens already in the cache for each row (the position of the row's first token).
+    pub start: &'a [i64],
+    /// Number of valid (non-padding) tokens in each row; rows are right-padded.
+    pub lens: &'a [i64],
+}
+
+impl Model {
+    /// Builds the model over `chunks`, the views returned by [`ParamLayout::chunk_views`].
+    pub fn new(cfg: Arc<Config>, layout: &ParamLayout, chunks: &[Tensor]) -> Result<Self> {
+        let get = |name: &str| -> Result<Tensor> {
+            layout
+                .chunk_position(name)
+                .map(|i| chunks[i].shallow_clone())
+                .ok_or_else(|| ModelError::Invalid(format!("parameter chunk `{name}` missing from layout")))
+        };
+        let opt = |name: &str| layout.chunk_position(name).map(|i| chunks[i].shallow_clone());
+        let mut layers = Vec::new();
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(Layer {
+                input_layernorm: get(&format!("{p}.input_layernorm.weight"))?,
+                qkv_w: get(&format!("{p}.self_attn.qkv_proj.weight"))?,
+                qkv_b: opt(&format!("{p}.self_attn.qkv_proj.bias")),
+                q_norm: opt(&format!("{p}.self_attn.q_norm.weight")),
+                k_norm: opt(&format!("{p}.self_attn.k_norm.weight")),
+                o_w: get(&format!("{p}.self_attn.o_proj.weight"))?,
+                o_b: opt(&format!("{p}.self_attn.o_proj.bias")),
+                post_attention_layernorm: get(&format!("{p}.post_attention_layernorm.weight"))?,
+                gate_up: get(&format!("{p}.mlp.gate_up_proj.weight"))?,
+                down: get(&format!("{p}.mlp.down_proj.weight"))?,
+            });
+        }
+        let embed = get("model.embed_tokens.weight")?;
+        let lm_head = opt("lm_head.weight").unwrap_or_else(|| embed.shallow_clone());
+        let (inv_freq, attention_scaling) = rope_inv_freq(&cfg)?;
+        let inv_freq = inv_freq.f_to_device(embed.device())?;
+        Ok(Model {
+            n_heads: cfg.num_attention_heads,
+            n_kv: cfg.num_kv_heads(),
+            head_dim: cfg.head_dim(),
+            eps: cfg.rms_norm_eps,
+            embed,
+            layers,
+            norm: get("model.norm.weight")?,
+            lm_head,
+            inv_freq,
+            attention_scaling,
+            cfg,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+    pub fn device(&self) -> tch::Device {
+        self.embed.device()
+    }
+    pub fn kind(&self) -> Kind {
+        self.embed.kind()
+    }
+    /// The output projection `(vocab, hidden)` (the embedding matrix when tied).
+    pub fn lm_head_weight(&self) -> &Tensor {
+        &self.lm_head
+    }
+
+    /// (cos, sin) of shape `(B, T, 1, head_dim)` for integer `positions` `(B, T)`, computed in f32
+    /// as transformers does, then cast to the model dtype.
+    fn rope(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
+        let pos = positions.f_to_kind(Kind::Float)?;
+        let freqs = pos.f_unsqueeze(-1)?.f_mul(&self.inv_freq)?; // (B, T, hd/2)
+        let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?.f_unsqueeze(2)?; // (B, T, 1, hd)
+        let mut cos = emb.f_cos()?;
+        let mut sin = emb.f_sin()?;
+        if self.attention_scaling != 1.0 {
+            cos = cos.f_mul_scalar(self.attention_scaling)?;
+            sin = sin.f_mul_scalar(self.attention_scaling)?;
+        }
+        Ok((cos.f_to_kind(self.kind())?, sin.f_to_kind(self.kind())?))
+    }
+
+    fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let n = *x.size().last().unwrap_or(&1);
+        Ok(x.f_rms_norm(&[n], Some(w), Some(self.eps))?)
+    }
+
+    /// Projects to q, k (with rope) and v, each `(B, heads, T, head_dim)`.
+    fn qkv(&self, l: &Layer, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, t) = (x.size()[0], x.size()[1]);
+        let (nh, nkv, hd) = (self.n_heads, self.n_kv, self.head_dim);
+        let qkv = x.f_linear(&l.qkv_w, l.qkv_b.as_ref())?; // (B, T, (nh + 2 nkv) hd)
+        let qkv = qkv.f_view([b, t, nh + 2 * nkv, hd])?; // (B, T, heads, hd)
+        let v = qkv.f_narrow(2, nh + nkv, nkv)?; // (B, T, nkv, hd)
+        let qk = match (&l.q_norm, &l.k_norm) {
+            (Some(qn), Some(kn)) => {
+                let q = self.rms_norm(&qkv.f_narrow(2, 0, nh)?, qn)?;
+                let k = self.rms_norm(&qkv.f_narrow(2, nh, nkv)?, kn)?;
+                Tensor::f_cat(&[q, k], 2)?
+            }
+            _ => qkv.f_narrow(2, 0, nh + nkv)?,
+        };
+        // Rotary embedding on q and k at once: x * cos + rotate_half(x) * sin.
+        let half = hd / 2;
+        let x1 = qk.f_narrow(3, 0, half)?;
+        let x2 = qk.f_narrow(3, half, half)?;
+        let rotated = Tensor::f_cat(&[x2.f_neg()?, x1], 3)?;
+        let qk = qk.f_mul(cos)?.f_add(&rotated.f_mul(sin)?)?; // (B, T, nh + nkv, hd)
+        let q = qk.f_narrow(2, 0, nh)?.f_transpose(1, 2)?; // (B, nh, T, hd)
+        let k = qk.f_narrow(2, nh, nkv)?.f_transpose(1, 2)?; // (B, nkv, T, hd)
+        Ok((q, k, v.f_transpose(1, 2)?))
+    }
+
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (b, t) = (q.size()[0], q.size()[2]);
+        let out = Tensor::f_scaled_dot_product_attention(q, k, v, Some(mask), 0.0, false, None, true)?;
+        // (B, nh, T, hd) -> (B, T, nh * hd)
+        Ok(out.f_transpose(1, 2)?.f_reshape([b, t, self.n_heads * self.head_dim])?)
+    }
+
+    fn mlp_block(&self, l: &Layer, h: &Tensor) -> Result<Tensor> {
+        let x = self.rms_norm(h, &l.post_attention_layernorm)?;
+        let gu = x.f_linear::<Tensor>(&l.gate_up, None)?; // (B, T, 2 ff)
+        let ff = gu.size()[2] / 2;
+        let act = gu.f_narrow(2, 0, ff)?.f_silu()?.f_mul(&gu.f_narrow(2, ff, ff)?)?;
+        Ok(h.f_add(&act.f_linear::<Tensor>(&l.down, None)?)?)
+    }
+
+    fn o_proj(&self, l: &Layer, attn: &Tensor) -> Result<Tensor> {
+        Ok(attn.f_linear(&l.o_w, l.o_b.as_ref())?)
+    }
+
+    /// Full forward without a cache: hidden states `(B, T, hidden)` after the final norm.
+    ///
+    /// `ids` `(B, T)` int64; `positions` `(B, T)` rotary positions (for left padding pass
+    /// `cumsum(mask) - 1`); `valid` `(B, T)` bool marks real tokens (None: all real). Attention is
+    /// causal and ignores padded keys; padded queries attend to themselves only and their outputs
+    /// are meaningless but finite.
+    pub fn forward(&self, ids: &Tensor, positions: &Tensor, valid: Option<&Tensor>) -> Result<Tensor> {
+        let t = ids.size()[1];
+        let device = ids.device();
+        let causal = Tensor::f_ones([t, t], (Kind::Bool, device))?.f_tril(0)?; // (T, T)
+        let mask = match valid {
+            Some(valid) => {
+                let keys = valid.f_to_kind(Kind::Bool)?.f_unsqueeze(1)?; // (B, 1, T)
+                let eye = Tensor::f_eye(t, (Kind::Bool, device))?;
+                causal.f_logical_and(&keys)?.f_logical_or(&eye)?.f_unsqueeze(1)? // (B, 1, T, T)
+            }
+            None => causal.f_view([1, 1, t, t])?,
+        };
+        let (cos, sin) = self.rope(positions)?;
+        let mut h = Tensor::f_embedding(&self.embed, ids, -1, false, false)?; // (B, T, hidden)
+        for l in &self.layers {
+            let x = self.rms_norm(&h, &l.input_layernorm)?;
+            let (q, k, v) = self.qkv(l, &x, &cos, &sin)?;
+            let attn = self.attend(&q, &k, &v, &mask)?;
+            h = h.f_add(&self.o_proj(l, &attn)?)?;
+            h = self.mlp_block(l, &h)?;
+        }
+        self.rms_norm(&h, &self.norm)
+    }
+
+    /// Forward through a KV cache: writes the keys/values of the valid tokens of each row into
+    /// its slot at positions `start[b]..start[b] + lens[b]` and attends over the slot's cached
+    /// prefix plus the new tokens. Returns hidden states `(B, T, hidden)` after the final norm.
+    pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache, w: &CacheWrite) -> Result<Tensor> {
+        let (b, t) = (ids.size()[0], ids.size()[1]);
+        let device = ids.device();
+        if w.lens.len() as i64 != b || w.start.len() as i64 != b || w.slots_host.len() as i64 != b {
+            return Err(ModelError::Invalid("forward_cached: slots/start/lens must have one entry per row".into()));
+        }
+        let key_len = w
+            .start
+            .iter()
+            .zip(w.lens)
+            .map(|(s, l)| s + l)
+            .max()
+            .unwrap_or(0);
+        if key_len > cache.max_len {
+            return Err(ModelError::Invalid(format!(
+                "sequence of {key_len} tokens exceeds the KV cache length {}",
+                cache.max_len
+            )));
+        }
+        let start = Tensor::from_slice(w.start).f_to_device(device)?; // (B,)
+        let steps = Tensor::f_arange(t, (Kind::Int64, device))?;
+        let positions = start.f_unsqueeze(1)?.f_add(&steps.f_unsqueeze(0)?)?; // (B, T)
+        // Key j is visible to query t of row b iff j <= start[b] + t.
+        let keys = Tensor::f_arange(key_len, (Kind::Int64, device))?;
+        let mask = keys
+            .f_view([1, 1, key_len])?
+            .f_le_tensor(&positions.f_unsqueeze(2)?)?
+            .f_unsqueeze(1)?; // (B, 1, T, key_len)
+        // Cache coordinates of the valid tokens.
+        let all_valid = w.lens.iter().all(|&l| l == t);
+        let (slot_idx, pos_idx, row_idx) = if all_valid {
+            let slot_idx = w.slots.f_unsqueeze(1)?.f_expand([b, t], false)?.f_reshape([-1])?;
+            (slot_idx, positions.f_reshape([-1])?, None)
+        } else {
+            let mut rows = Vec::new();
+            let mut slots = Vec::new();
+            let mut pos = Vec::new();
+            for (r, ((&s, &st), &len)) in w.slots_host.iter().zip(w.start).zip(w.lens).enumerate() {
+                for j in 0..len {
+                    rows.push(r as i64 * t + j);
+                    slots.push(s);
+                    pos.push(st + j);
+                }
+            }
+            (
+                Tensor::from_slice(&slots).f_to_device(device)?,
+                Tensor::from_slice(&pos).f_to_device(device)?,
+                Some(Tensor::from_slice(&rows).f_to_device(device)?),
+            )
+        };
+        // Whether rows are exactly the slots 0..B in order, so the cache can be read as a view.
+        let identity = w.slots_host.iter().enumerate().all(|(i, &s)| s == i as i64);
+        let (cos, sin) = self.rope(&positions)?;
+        let mut h = Tensor::f_embedding(&self.embed, ids, -1, false, false)?;
+        for (i, l) in self.layers.iter().enumerate() {
+            let x = self.rms_norm(&h, &l.input_layernorm)?;
+            let (q, k, v) = self.qkv(l, &x, &cos, &sin)?;
+            for (new, store) in [(&k, &mut cache.k[i]), (&v, &mut cache.v[i])] {
+                let flat = new.f_transpose(1, 2)?.f_reshape([b * t, self.n_kv, self.head_dim])?; // (B T, nkv, hd)
+                let vals = match &row_idx {
+                    Some(rows) => flat.f_index_select(0, rows)?,
+                    None => flat,
+                };
+                let _ = store.f_index_put_(&[Some(&slot_idx), None, Some(&pos_idx)], &vals, false)?;
+            }
+            let (kc, vc) = if identity {
+                (
+                    cache.k[i].f_narrow(0, 0, b)?.f_narrow(2, 0, key_len)?,
+                    cache.v[i].f_narrow(0, 0, b)?.f_narrow(2, 0, key_len)?,
+                )
+            } else {
+                (
+                    cache.k[i].f_narrow(2, 0, key_len)?.f_index_select(0, w.slots)?,
+                    cache.v[i].f_narrow(2, 0, key_len)?.f_index_select(0, w.slots)?,
+                )
+            }; // (B, nkv, key_len, hd)
+            let attn = self.attend(&q, &kc, &vc, &mask)?;
+            h = h.f_add(&self.o_proj(l, &attn)?)?;
+            h = self.mlp_block(l, &h)?;
+        }
+        self.rms_norm(&h, &self.norm)
+    }
+
+    /// Logits `(..., vocab)` of hidden states, in the model dtype.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(hidden.f_linear::<Tensor>(&self.lm_head, None)?)
+    }
+}
+
+/// Inverse rotary frequencies `(head_dim / 2,)` f32 and the attention scaling, as transformers
+/// computes them (`modeling_rope_utils.py`): f32 arithmetic on CPU, then adjusted by rope type.
+pub fn rope_inv_freq(cfg: &Config) -> Result<(Tensor, f64)> {
+    let dim = cfg.head_dim();
+    let base = cfg.rope_theta();
+    let exponents = Tensor::f_arange_start_step(0, dim, 2, (Kind::Int64, tch::Device::Cpu))?
+        .f_to_kind(Kind::Float)?
+        .f_div_scalar(dim as f64)?;
+    let inv_freq = Tensor::f_full([], base, (Kind::Float, tch::Device::Cpu))?
+        .f_pow(&exponents)?
+        .f_reciprocal()?;
+    let scaling = cfg
+        .rope_scaling_kind()
+        .map_err(|m| ModelError::Invalid(format!("rope parameters: {m}")))?;
+    let inv_freq = match scaling {
+        RopeScaling::Default => inv_freq,
+        RopeScaling::Linear { factor } => inv_freq.f_div_scalar(factor)?,
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => {
+            let old = original_max_position_embeddings as f64;
+            let low_freq_wavelen = old / low_freq_factor;
+            let high_freq_wavelen = old / high_freq_factor;
+            let wavelen = inv_freq.f_reciprocal()?.f_mul_scalar(2.0 * std::f64::consts::PI)?;
+            let scaled = inv_freq.f_div_scalar(factor)?;
+            let llama = scaled.f_where_self(&wavelen.f_gt(low_freq_wavelen)?, &inv_freq)?;
+            let smooth = wavelen
+                .f_reciprocal()?
+                .f_mul_scalar(old)?
+                .f_sub_scalar(low_freq_factor)?
+                .f_div_scalar(high_freq_factor - low_freq_factor)?;
+            let smoothed = smooth
+                .f_neg()?
+                .f_add_scalar(1.0)?
+                .f_mul(&llama)?
+                .f_div_scalar(factor)?
+                .f_add(&smooth.f_mul(&llama)?)?;
+            let is_medium = wavelen
+                .f_lt(high_freq_wavelen)?
+                .f_logical_not()?
+                .f_logical_and(&wavelen.f_gt(low_freq_wavelen)?.f_logical_not()?)?;
+            smoothed.f_where_self(&is_medium, &llama)?
+        }
+    };
+    Ok((inv_freq, 1.0))
+}

