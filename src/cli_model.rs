@@ -26,15 +26,29 @@ pub fn info(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn chat(model: &Path, message: &str, max_tokens: usize, device: tch::Device) -> anyhow::Result<()> {
+pub fn chat(
+    model: &Path,
+    message: &str,
+    max_tokens: usize,
+    device: tch::Device,
+) -> anyhow::Result<()> {
     let files = ModelFiles::open(model)?;
-    let kind = if device.is_cuda() { tch::Kind::BFloat16 } else { tch::Kind::Float };
+    let kind = if device.is_cuda() {
+        tch::Kind::BFloat16
+    } else {
+        tch::Kind::Float
+    };
     let weights = files.load_weights(kind, device)?;
     let template = files
         .chat_template()?
         .context("the model has no chat template")?;
     let text = template.render(&[ChatMessage::new("user", message)], true)?;
-    let prompt: Vec<i64> = files.tokenizer.encode(&text, false)?.into_iter().map(i64::from).collect();
+    let prompt: Vec<i64> = files
+        .tokenizer
+        .encode(&text, false)?
+        .into_iter()
+        .map(i64::from)
+        .collect();
     let eos = files.eos_ids();
     let tokenizer = Arc::new(files.tokenizer);
     let mut engine = Engine::new(

@@ -17,7 +17,11 @@ mod bench;
 mod cli_model;
 
 #[derive(Parser)]
-#[command(name = "rlrun", version, about = "Reinforcement-learning post-training for LLMs on libtorch")]
+#[command(
+    name = "rlrun",
+    version,
+    about = "Reinforcement-learning post-training for LLMs on libtorch"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -114,7 +118,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("RLRUN_LOG").unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("RLRUN_LOG")
+                .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -161,16 +161,21 @@ fn serve(mut engine: Engine, rx: Receiver<Command>) {
                     }
                     let _ = ack.send(result);
                 }
-                Command::Update(version, update, ack) => match engine.update_weights(version, update) {
-                    Ok(()) if engine.version() == version => {
-                        let _ = ack.send(Ok(()));
+                Command::Update(version, update, ack) => {
+                    match engine.update_weights(version, update) {
+                        Ok(()) if engine.version() == version => {
+                            let _ = ack.send(Ok(()));
+                        }
+                        Ok(()) => update_acks.push((version, ack)),
+                        Err(e) => {
+                            let _ = ack.send(Err(e));
+                        }
                     }
-                    Ok(()) => update_acks.push((version, ack)),
-                    Err(e) => {
-                        let _ = ack.send(Err(e));
-                    }
-                },
-                Command::Abort(ids) => deliver(&mut routes, engine.abort(&ids).into_iter().map(Ok).collect()),
+                }
+                Command::Abort(ids) => deliver(
+                    &mut routes,
+                    engine.abort(&ids).into_iter().map(Ok).collect(),
+                ),
                 Command::Stats(tx) => {
                     let _ = tx.send(engine.stats());
                 }
@@ -186,7 +191,9 @@ fn serve(mut engine: Engine, rx: Receiver<Command>) {
                     let ids: Vec<u64> = routes.keys().copied().collect();
                     let _ = engine.abort(&ids);
                     for (_, r) in routes.drain() {
-                        let _ = r.out.send(Err(GenError::Unavailable(format!("generation step failed: {msg}"))));
+                        let _ = r.out.send(Err(GenError::Unavailable(format!(
+                            "generation step failed: {msg}"
+                        ))));
                     }
                 }
             }

@@ -177,14 +177,26 @@ pub struct Engine {
 impl Engine {
     /// An engine over `weights` (owned: updates are copied into them in place).
     /// `eos` are the default stop ids; `tokenizer` enables stop strings.
-    pub fn new(config: Arc<Config>, weights: Weights, eos: Vec<i64>, tokenizer: Option<Arc<Tokenizer>>, cfg: EngineConfig) -> Result<Self> {
+    pub fn new(
+        config: Arc<Config>,
+        weights: Weights,
+        eos: Vec<i64>,
+        tokenizer: Option<Arc<Tokenizer>>,
+        cfg: EngineConfig,
+    ) -> Result<Self> {
         if cfg.max_slots == 0 || cfg.max_len < 2 {
             return Err(GenError::InvalidRequest(
                 "engine needs max_slots >= 1 and max_len >= 2".into(),
             ));
         }
         let model = rlrun_model::build_model(config.clone(), &weights)?;
-        let cache = KvCache::new(&config, cfg.max_slots as i64, cfg.max_len as i64, weights.kind(), weights.device())?;
+        let cache = KvCache::new(
+            &config,
+            cfg.max_slots as i64,
+            cfg.max_len as i64,
+            weights.kind(),
+            weights.device(),
+        )?;
         let mut stats = EngineStats {
             slots: cfg.max_slots,
             kv_cache_bytes: cache.bytes(),
@@ -236,7 +248,10 @@ impl Engine {
         let vocab = self.config.vocab_size;
         req.params.validate(vocab)?;
         if req.prompt.is_empty() {
-            return Err(GenError::InvalidRequest(format!("request {}: empty prompt", req.id)));
+            return Err(GenError::InvalidRequest(format!(
+                "request {}: empty prompt",
+                req.id
+            )));
         }
         if req.prompt.len() + 1 > self.cfg.max_len {
             return Err(GenError::InvalidRequest(format!(
@@ -258,11 +273,20 @@ impl Engine {
                 req.id, req.params.n, self.cfg.max_slots
             )));
         }
-        if self.slots.iter().flatten().any(|s| s.req.id == req.id) || self.queue.iter().any(|p| p.req.id == req.id) {
-            return Err(GenError::InvalidRequest(format!("request id {} is already in flight", req.id)));
+        if self.slots.iter().flatten().any(|s| s.req.id == req.id)
+            || self.queue.iter().any(|p| p.req.id == req.id)
+        {
+            return Err(GenError::InvalidRequest(format!(
+                "request id {} is already in flight",
+                req.id
+            )));
         }
         self.aborted.remove(&req.id);
-        let stop_ids = req.params.stop_token_ids.clone().unwrap_or_else(|| self.eos.clone());
+        let stop_ids = req
+            .params
+            .stop_token_ids
+            .clone()
+            .unwrap_or_else(|| self.eos.clone());
         let seed = req.params.seed.unwrap_or(self.cfg.seed);
         let n = req.params.n;
         self.queue.push_back(Pending {
@@ -434,7 +458,9 @@ impl Engine {
 
     /// Admits queued requests into free slots and prefills them.
     fn admit(&mut self, done: &mut Vec<Completion>) -> Result<()> {
-        let mut free: Vec<usize> = (0..self.slots.len()).filter(|&i| self.slots[i].is_none()).collect();
+        let mut free: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| self.slots[i].is_none())
+            .collect();
         let mut groups: Vec<(Pending, Vec<usize>)> = Vec::new();
         let mut budget = self.cfg.max_prefill_tokens;
         while let Some(p) = self.queue.front() {
@@ -453,7 +479,11 @@ impl Engine {
         }
         let device = self.weights.device();
         let g = groups.len() as i64;
-        let t = groups.iter().map(|(p, _)| p.req.prompt.len()).max().unwrap_or(1) as i64;
+        let t = groups
+            .iter()
+            .map(|(p, _)| p.req.prompt.len())
+            .max()
+            .unwrap_or(1) as i64;
         let mut ids = vec![0i64; (g * t) as usize];
         let mut lens = Vec::with_capacity(groups.len());
         let mut primaries = Vec::with_capacity(groups.len());
@@ -462,7 +492,9 @@ impl Engine {
             lens.push(p.req.prompt.len() as i64);
             primaries.push(slots[0] as i64);
         }
-        let ids_t = Tensor::from_slice(&ids).f_view([g, t])?.f_to_device(device)?;
+        let ids_t = Tensor::from_slice(&ids)
+            .f_view([g, t])?
+            .f_to_device(device)?;
         let slots_t = Tensor::from_slice(&primaries).f_to_device(device)?;
         let start = vec![0i64; groups.len()];
         let hidden = self.model.forward_cached(
@@ -545,7 +577,9 @@ impl Engine {
         let ident: Vec<i64> = (0..b as i64).collect();
         let ident_t = Tensor::from_slice(&ident).f_to_device(device)?;
         let hidden = self.model.forward_cached(
-            &Tensor::from_slice(&ids).f_view([b as i64, 1])?.f_to_device(device)?,
+            &Tensor::from_slice(&ids)
+                .f_view([b as i64, 1])?
+                .f_to_device(device)?,
             &mut self.cache,
             &CacheWrite {
                 slots: &ident_t,
@@ -564,7 +598,9 @@ impl Engine {
         self.stats.decode_steps += 1;
         for (k, &row) in active_rows.iter().enumerate() {
             let slot = row as usize;
-            let Some(seq) = self.slots[slot].as_mut() else { continue };
+            let Some(seq) = self.slots[slot].as_mut() else {
+                continue;
+            };
             seq.pos += 1;
             seq.tokens.push(tokens[k]);
             seq.logprobs.push(lps[k]);
@@ -614,7 +650,13 @@ impl Engine {
                     .map(|&t| t as u32)
                     .collect();
                 if let Ok(text) = tok.decode(&tail, false) {
-                    if seq.req.params.stop.iter().any(|s| text.contains(s.as_str())) {
+                    if seq
+                        .req
+                        .params
+                        .stop
+                        .iter()
+                        .any(|s| text.contains(s.as_str()))
+                    {
                         return Some(FinishReason::Stop);
                     }
                 }

@@ -12,6 +12,9 @@ pub mod error;
 pub mod sampling;
 
 pub use actor::{CompletionStream, GeneratorActor, LocalGenerator};
-pub use engine::{Completion, Engine, EngineConfig, EngineStats, FinishReason, Request, Timings, UpdatePolicy, WeightUpdate};
+pub use engine::{
+    Completion, Engine, EngineConfig, EngineStats, FinishReason, Request, Timings, UpdatePolicy,
+    WeightUpdate,
+};
 pub use error::{GenError, Result};
 pub use sampling::SamplingParams;

@@ -71,13 +71,19 @@ impl SamplingParams {
             return bad("`n` must be at least 1".into());
         }
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return bad(format!("`temperature` must be >= 0, got {}", self.temperature));
+            return bad(format!(
+                "`temperature` must be >= 0, got {}",
+                self.temperature
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad(format!("`top_p` must be in (0, 1], got {}", self.top_p));
         }
         if self.top_k < 0 {
-            return bad(format!("`top_k` must be >= 0 (0 disables), got {}", self.top_k));
+            return bad(format!(
+                "`top_k` must be >= 0 (0 disables), got {}",
+                self.top_k
+            ));
         }
         if !(0.0..=1.0).contains(&self.min_p) {
             return bad(format!("`min_p` must be in [0, 1], got {}", self.min_p));
@@ -87,7 +93,9 @@ impl SamplingParams {
         }
         if let Some(ids) = &self.stop_token_ids {
             if let Some(id) = ids.iter().find(|&&i| i < 0 || i >= vocab) {
-                return bad(format!("stop token id {id} is outside the vocabulary (size {vocab})"));
+                return bad(format!(
+                    "stop token id {id} is outside the vocabulary (size {vocab})"
+                ));
             }
         }
         if self.stop.iter().any(String::is_empty) {
@@ -129,9 +137,17 @@ pub fn sample(logits: &Tensor, rows: &[RowParams]) -> Result<(Tensor, Tensor)> {
     let greedy: Vec<bool> = rows.iter().map(|p| p.temperature == 0.0).collect();
     let temps: Vec<f32> = rows
         .iter()
-        .map(|p| if p.temperature == 0.0 { 1.0 } else { p.temperature as f32 })
+        .map(|p| {
+            if p.temperature == 0.0 {
+                1.0
+            } else {
+                p.temperature as f32
+            }
+        })
         .collect();
-    let temps = Tensor::from_slice(&temps).f_to_device(device)?.f_unsqueeze(1)?;
+    let temps = Tensor::from_slice(&temps)
+        .f_to_device(device)?
+        .f_unsqueeze(1)?;
     let scaled = logits.f_div(&temps)?; // (R, V)
     let logp = scaled.f_log_softmax(-1, Kind::Float)?;
 
@@ -141,16 +157,36 @@ pub fn sample(logits: &Tensor, rows: &[RowParams]) -> Result<(Tensor, Tensor)> {
     } else {
         let mut masked = scaled.shallow_clone();
         // top-k: keep values >= the k-th largest of the row.
-        let max_k = rows.iter().map(|p| p.top_k).filter(|&k| k > 0).max().unwrap_or(0).min(vocab);
+        let max_k = rows
+            .iter()
+            .map(|p| p.top_k)
+            .filter(|&k| k > 0)
+            .max()
+            .unwrap_or(0)
+            .min(vocab);
         if max_k > 0 {
             let (top, _) = masked.f_topk(max_k, -1, true, true)?; // (R, max_k) descending
             let ks: Vec<i64> = rows
                 .iter()
-                .map(|p| if p.top_k > 0 { p.top_k.min(vocab) - 1 } else { max_k - 1 })
+                .map(|p| {
+                    if p.top_k > 0 {
+                        p.top_k.min(vocab) - 1
+                    } else {
+                        max_k - 1
+                    }
+                })
                 .collect();
-            let kth = top.f_gather(1, &Tensor::from_slice(&ks).f_to_device(device)?.f_unsqueeze(1)?, false)?;
+            let kth = top.f_gather(
+                1,
+                &Tensor::from_slice(&ks)
+                    .f_to_device(device)?
+                    .f_unsqueeze(1)?,
+                false,
+            )?;
             let active: Vec<bool> = rows.iter().map(|p| p.top_k > 0).collect();
-            let active = Tensor::from_slice(&active).f_to_device(device)?.f_unsqueeze(1)?;
+            let active = Tensor::from_slice(&active)
+                .f_to_device(device)?
+                .f_unsqueeze(1)?;
             let drop = masked.f_lt_tensor(&kth)?.f_logical_and(&active)?;
             masked = masked.f_masked_fill(&drop, f64::NEG_INFINITY)?;
         }
@@ -160,7 +196,9 @@ pub fn sample(logits: &Tensor, rows: &[RowParams]) -> Result<(Tensor, Tensor)> {
             let (sorted, idx) = probs.f_sort(-1, true)?;
             let before = sorted.f_cumsum(-1, Kind::Float)?.f_sub(&sorted)?; // mass of strictly-better tokens
             let ps: Vec<f32> = rows.iter().map(|p| p.top_p as f32).collect();
-            let ps = Tensor::from_slice(&ps).f_to_device(device)?.f_unsqueeze(1)?;
+            let ps = Tensor::from_slice(&ps)
+                .f_to_device(device)?
+                .f_unsqueeze(1)?;
             let drop_sorted = before.f_ge_tensor(&ps)?;
             let drop = drop_sorted.f_scatter(1, &idx, &drop_sorted)?;
             masked = masked.f_masked_fill(&drop, f64::NEG_INFINITY)?;
@@ -170,7 +208,9 @@ pub fn sample(logits: &Tensor, rows: &[RowParams]) -> Result<(Tensor, Tensor)> {
             let probs = masked.f_softmax(-1, Kind::Float)?;
             let pmax = probs.f_amax(&[-1i64][..], true)?;
             let mps: Vec<f32> = rows.iter().map(|p| p.min_p as f32).collect();
-            let mps = Tensor::from_slice(&mps).f_to_device(device)?.f_unsqueeze(1)?;
+            let mps = Tensor::from_slice(&mps)
+                .f_to_device(device)?
+                .f_unsqueeze(1)?;
             let drop = probs.f_lt_tensor(&pmax.f_mul(&mps)?)?;
             masked = masked.f_masked_fill(&drop, f64::NEG_INFINITY)?;
         }
@@ -179,11 +219,19 @@ pub fn sample(logits: &Tensor, rows: &[RowParams]) -> Result<(Tensor, Tensor)> {
         let cdf = probs.f_cumsum(-1, Kind::Double)?;
         let total = cdf.f_narrow(1, vocab - 1, 1)?;
         let us: Vec<f64> = rows.iter().map(|p| p.uniform).collect();
-        let us = Tensor::from_slice(&us).f_to_device(device)?.f_unsqueeze(1)?.f_mul(&total)?;
-        let drawn = cdf.f_searchsorted(&us, false, true, "right", None::<Tensor>)?.f_squeeze_dim(1)?;
+        let us = Tensor::from_slice(&us)
+            .f_to_device(device)?
+            .f_unsqueeze(1)?
+            .f_mul(&total)?;
+        let drawn = us
+            .f_searchsorted(&cdf, false, true, "right", None::<Tensor>)?
+            .f_squeeze_dim(1)?;
         // Guard against rounding past the end, and never pick a filtered-out token.
         let drawn = drawn.f_clamp_max(vocab - 1)?;
-        let ok = probs.f_gather(1, &drawn.f_unsqueeze(1)?, false)?.f_squeeze_dim(1)?.f_gt(0.0)?;
+        let ok = probs
+            .f_gather(1, &drawn.f_unsqueeze(1)?, false)?
+            .f_squeeze_dim(1)?
+            .f_gt(0.0)?;
         let fallback = masked.f_argmax(-1, false)?;
         let drawn = drawn.f_where_self(&ok, &fallback)?;
         if greedy.iter().any(|&g| g) {
@@ -193,7 +241,9 @@ pub fn sample(logits: &Tensor, rows: &[RowParams]) -> Result<(Tensor, Tensor)> {
             drawn
         }
     };
-    let lp = logp.f_gather(1, &tokens.f_unsqueeze(1)?, false)?.f_squeeze_dim(1)?;
+    let lp = logp
+        .f_gather(1, &tokens.f_unsqueeze(1)?, false)?
+        .f_squeeze_dim(1)?;
     debug_assert_eq!(tokens.size(), vec![r]);
     Ok((tokens, lp))
 }
@@ -216,9 +266,27 @@ mod tests {
         assert!(ok.validate(10).is_ok());
         for (p, word) in [
             (SamplingParams { n: 0, ..ok.clone() }, "`n`"),
-            (SamplingParams { temperature: -1.0, ..ok.clone() }, "temperature"),
-            (SamplingParams { top_p: 0.0, ..ok.clone() }, "top_p"),
-            (SamplingParams { stop_token_ids: Some(vec![10]), ..ok.clone() }, "stop token id 10"),
+            (
+                SamplingParams {
+                    temperature: -1.0,
+                    ..ok.clone()
+                },
+                "temperature",
+            ),
+            (
+                SamplingParams {
+                    top_p: 0.0,
+                    ..ok.clone()
+                },
+                "top_p",
+            ),
+            (
+                SamplingParams {
+                    stop_token_ids: Some(vec![10]),
+                    ..ok.clone()
+                },
+                "stop token id 10",
+            ),
         ] {
             let e = p.validate(10).unwrap_err().to_string();
             assert!(e.contains(word), "{e}");

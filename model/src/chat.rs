@@ -38,13 +38,21 @@ impl ChatTemplate {
         env.set_lstrip_blocks(true);
         env.set_keep_trailing_newline(false);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
         env.add_function("strftime_now", |fmt: String| strftime_now(&fmt));
         env.add_filter("tojson", tojson);
         env.add_template_owned("chat", source.to_string())
-            .map_err(|e| ModelError::Template(format!("cannot compile the chat template: {e:#}")))?;
+            .map_err(|e| {
+                ModelError::Template(format!("cannot compile the chat template: {e:#}"))
+            })?;
         Ok(ChatTemplate { env, specials })
     }
 
@@ -66,7 +74,10 @@ impl ChatTemplate {
     pub fn render_json(&self, messages: &Json, add_generation_prompt: bool) -> Result<String> {
         let mut ctx = self.specials.clone();
         ctx.insert("messages".into(), messages.clone());
-        ctx.insert("add_generation_prompt".into(), Json::Bool(add_generation_prompt));
+        ctx.insert(
+            "add_generation_prompt".into(),
+            Json::Bool(add_generation_prompt),
+        );
         let tmpl = self
             .env
             .get_template("chat")
@@ -98,8 +109,18 @@ fn strftime_now(fmt: &str) -> String {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     const MONTHS: [&str; 12] = [
-        "January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-        "November", "December",
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
     ];
     fmt.replace("%d", &format!("{day:02}"))
         .replace("%m", &format!("{month:02}"))
@@ -109,11 +130,15 @@ fn strftime_now(fmt: &str) -> String {
 }
 
 /// Python's `json.dumps(value, ensure_ascii=False, indent=indent)` (the `tojson` of HF templates).
-fn tojson(value: minijinja::Value, kwargs: minijinja::value::Kwargs) -> std::result::Result<minijinja::Value, minijinja::Error> {
+fn tojson(
+    value: minijinja::Value,
+    kwargs: minijinja::value::Kwargs,
+) -> std::result::Result<minijinja::Value, minijinja::Error> {
     let indent: Option<usize> = kwargs.get("indent")?;
     kwargs.assert_all_used()?;
-    let json: Json = serde_json::to_value(&value)
-        .map_err(|e| minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, e.to_string()))?;
+    let json: Json = serde_json::to_value(&value).map_err(|e| {
+        minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, e.to_string())
+    })?;
     let mut out = String::new();
     write_py_json(&json, indent, 0, &mut out);
     Ok(minijinja::Value::from_safe_string(out))
@@ -126,7 +151,11 @@ fn write_py_json(v: &Json, indent: Option<usize>, level: usize, out: &mut String
             out.push_str(&" ".repeat(n * level));
         }
     };
-    let (item_sep, key_sep) = if indent.is_some() { (",", ": ") } else { (", ", ": ") };
+    let (item_sep, key_sep) = if indent.is_some() {
+        (",", ": ")
+    } else {
+        (", ", ": ")
+    };
     match v {
         Json::Array(items) if !items.is_empty() => {
             out.push('[');
@@ -178,7 +207,13 @@ mod tests {
         )
         .unwrap();
         let s = t
-            .render(&[ChatMessage::new("user", "  hi  "), ChatMessage::new("assistant", "yo")], true)
+            .render(
+                &[
+                    ChatMessage::new("user", "  hi  "),
+                    ChatMessage::new("assistant", "yo"),
+                ],
+                true,
+            )
             .unwrap();
         assert_eq!(s, "<user>hi\n<assistant>yo\n<a>");
     }
@@ -192,8 +227,14 @@ mod tests {
 
     #[test]
     fn tojson_matches_python_json_dumps() {
-        let t = ChatTemplate::new("{{ messages | tojson }}|{{ messages[0] | tojson(indent=2) }}", Default::default()).unwrap();
-        let s = t.render_json(&serde_json::json!([{"a": 1, "b": [1.0, "é<"]}]), false).unwrap();
+        let t = ChatTemplate::new(
+            "{{ messages | tojson }}|{{ messages[0] | tojson(indent=2) }}",
+            Default::default(),
+        )
+        .unwrap();
+        let s = t
+            .render_json(&serde_json::json!([{"a": 1, "b": [1.0, "é<"]}]), false)
+            .unwrap();
         assert_eq!(s, "[{\"a\": 1, \"b\": [1.0, \"é<\"]}]|{\n  \"a\": 1,\n  \"b\": [\n    1.0,\n    \"é<\"\n  ]\n}");
     }
 }

@@ -63,7 +63,9 @@ pub struct RopeParameters {
 pub enum RopeScaling {
     Default,
     /// Position interpolation: frequencies divided by `factor`.
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Llama 3.1 frequency-dependent scaling.
     Llama3 {
         factor: f64,
@@ -169,7 +171,10 @@ impl Config {
             )));
         }
         if self.head_dim() % 2 != 0 {
-            return Err(err(format!("`head_dim` must be even, got {}", self.head_dim())));
+            return Err(err(format!(
+                "`head_dim` must be even, got {}",
+                self.head_dim()
+            )));
         }
         if self.hidden_act != "silu" {
             return Err(err(format!(
@@ -342,8 +347,14 @@ mod tests {
         let mut v = base();
         v["model_type"] = "gpt_neox".into();
         let c: Config = serde_json::from_value(v).unwrap();
-        let e = c.validate(Path::new("m/config.json")).unwrap_err().to_string();
-        assert!(e.contains("gpt_neox") && e.contains("llama, qwen2, qwen3"), "{e}");
+        let e = c
+            .validate(Path::new("m/config.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("gpt_neox") && e.contains("llama, qwen2, qwen3"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -351,7 +362,10 @@ mod tests {
         let mut v = base();
         v["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0});
         let c: Config = serde_json::from_value(v).unwrap();
-        let e = c.validate(Path::new("config.json")).unwrap_err().to_string();
+        let e = c
+            .validate(Path::new("config.json"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("yarn"), "{e}");
     }
 }

@@ -83,7 +83,8 @@ impl GgmlType {
         const NAMES: &[&str] = &[
             "F32", "F16", "Q4_0", "Q4_1", "Q4_2", "Q4_3", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K",
             "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S",
-            "IQ4_NL", "IQ3_S", "IQ2_S", "IQ4_XS", "I8", "I16", "I32", "I64", "F64", "IQ1_M", "BF16",
+            "IQ4_NL", "IQ3_S", "IQ2_S", "IQ4_XS", "I8", "I16", "I32", "I64", "F64", "IQ1_M",
+            "BF16",
         ];
         NAMES
             .get(self.0 as usize)
@@ -163,18 +164,25 @@ impl<'a> Reader<'a> {
         Ok(self.bytes(1)?[0])
     }
     fn u16(&mut self) -> Result<u16> {
-        Ok(u16::from_le_bytes(self.bytes(2)?.try_into().unwrap_or([0; 2])))
+        Ok(u16::from_le_bytes(
+            self.bytes(2)?.try_into().unwrap_or([0; 2]),
+        ))
     }
     fn u32(&mut self) -> Result<u32> {
-        Ok(u32::from_le_bytes(self.bytes(4)?.try_into().unwrap_or([0; 4])))
+        Ok(u32::from_le_bytes(
+            self.bytes(4)?.try_into().unwrap_or([0; 4]),
+        ))
     }
     fn u64(&mut self) -> Result<u64> {
-        Ok(u64::from_le_bytes(self.bytes(8)?.try_into().unwrap_or([0; 8])))
+        Ok(u64::from_le_bytes(
+            self.bytes(8)?.try_into().unwrap_or([0; 8]),
+        ))
     }
     fn string(&mut self) -> Result<String> {
         let n = self.u64()? as usize;
         let b = self.bytes(n)?;
-        String::from_utf8(b.to_vec()).map_err(|_| self.err(format!("invalid UTF-8 string at byte {}", self.pos)))
+        String::from_utf8(b.to_vec())
+            .map_err(|_| self.err(format!("invalid UTF-8 string at byte {}", self.pos)))
     }
     fn value(&mut self, ty: u32, depth: usize) -> Result<Value> {
         Ok(match ty {
@@ -226,7 +234,9 @@ impl GgufFile {
         }
         let version = r.u32()?;
         if !(2..=3).contains(&version) {
-            return Err(r.err(format!("unsupported GGUF version {version} (supported: 2, 3)")));
+            return Err(r.err(format!(
+                "unsupported GGUF version {version} (supported: 2, 3)"
+            )));
         }
         let n_tensors = r.u64()? as usize;
         let n_kv = r.u64()? as usize;
@@ -293,11 +303,14 @@ impl GgufFile {
 
     /// Dequantizes a tensor to f32 values (torch order).
     pub fn dequantize(&self, t: &GgufTensor) -> Result<Vec<f32>> {
-        let (block_elems, block_bytes) = t.ggml_type.block().ok_or_else(|| ModelError::UnsupportedGgufType {
-            name: t.name.clone(),
-            path: self.path.clone(),
-            ggml_type: t.ggml_type.name(),
-        })?;
+        let (block_elems, block_bytes) =
+            t.ggml_type
+                .block()
+                .ok_or_else(|| ModelError::UnsupportedGgufType {
+                    name: t.name.clone(),
+                    path: self.path.clone(),
+                    ggml_type: t.ggml_type.name(),
+                })?;
         let n = t.numel();
         if n % block_elems != 0 {
             return Err(self.err(format!(
@@ -310,13 +323,24 @@ impl GgufFile {
         let data = self
             .mmap
             .get(t.offset..t.offset.saturating_add(nbytes))
-            .ok_or_else(|| self.err(format!("tensor `{}` extends past the end of the file (truncated?)", t.name)))?;
+            .ok_or_else(|| {
+                self.err(format!(
+                    "tensor `{}` extends past the end of the file (truncated?)",
+                    t.name
+                ))
+            })?;
         let mut out = vec![0f32; n];
-        let blocks = data.chunks_exact(block_bytes).zip(out.chunks_exact_mut(block_elems));
+        let blocks = data
+            .chunks_exact(block_bytes)
+            .zip(out.chunks_exact_mut(block_elems));
         match t.ggml_type {
-            GgmlType::F32 => blocks.for_each(|(b, y)| y[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            GgmlType::F32 => {
+                blocks.for_each(|(b, y)| y[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            }
             GgmlType::F16 => blocks.for_each(|(b, y)| y[0] = f16_at(b, 0)),
-            GgmlType::BF16 => blocks.for_each(|(b, y)| y[0] = bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+            GgmlType::BF16 => {
+                blocks.for_each(|(b, y)| y[0] = bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            }
             GgmlType::Q4_0 => blocks.for_each(|(b, y)| {
                 let d = f16_at(b, 0);
                 for j in 0..16 {
@@ -445,7 +469,10 @@ impl GgufModel {
                 .and_then(Value::as_u64)
                 .map(|v| TokenIds::One(v as i64))
         };
-        let vocab_size = match file.get(&format!("{arch}.vocab_size")).and_then(Value::as_u64) {
+        let vocab_size = match file
+            .get(&format!("{arch}.vocab_size"))
+            .and_then(Value::as_u64)
+        {
             Some(v) => v as i64,
             None => file
                 .get("tokenizer.ggml.tokens")
@@ -464,7 +491,10 @@ impl GgufModel {
             "qwen2" => ("qwen2", None),
             _ => ("llama", Some(file.tensor("blk.0.attn_q.bias").is_some())),
         };
-        let rope_scaling = match file.get(&format!("{arch}.rope.scaling.type")).and_then(Value::as_str) {
+        let rope_scaling = match file
+            .get(&format!("{arch}.rope.scaling.type"))
+            .and_then(Value::as_str)
+        {
             None | Some("none") => None,
             Some("linear") => Some(crate::config::RopeParameters {
                 rope_type: Some("linear".into()),
@@ -472,7 +502,9 @@ impl GgufModel {
                 ..Default::default()
             }),
             Some(other) => {
-                return Err(file.err(format!("rope scaling `{other}` is not supported (supported: linear)")))
+                return Err(file.err(format!(
+                    "rope scaling `{other}` is not supported (supported: linear)"
+                )))
             }
         };
         let config = Config {
@@ -511,7 +543,10 @@ impl GgufModel {
             ..Default::default()
         };
         let mut names = HashMap::new();
-        names.insert("model.embed_tokens.weight".to_string(), "token_embd.weight".to_string());
+        names.insert(
+            "model.embed_tokens.weight".to_string(),
+            "token_embd.weight".to_string(),
+        );
         names.insert("model.norm.weight".into(), "output_norm.weight".into());
         names.insert("lm_head.weight".into(), "output.weight".into());
         for i in 0..config.num_hidden_layers {
@@ -531,7 +566,10 @@ impl GgufModel {
             }
             for (p, g) in [("q", "q"), ("k", "k"), ("v", "v")] {
                 for s in ["weight", "bias"] {
-                    names.insert(format!("{hf}.self_attn.{p}_proj.{s}"), format!("{gg}.attn_{g}.{s}"));
+                    names.insert(
+                        format!("{hf}.self_attn.{p}_proj.{s}"),
+                        format!("{gg}.attn_{g}.{s}"),
+                    );
                 }
             }
         }
@@ -549,9 +587,13 @@ impl GgufModel {
         if self.arch != "llama" {
             return None;
         }
-        if hf_name.ends_with("self_attn.q_proj.weight") || hf_name.ends_with("self_attn.q_proj.bias") {
+        if hf_name.ends_with("self_attn.q_proj.weight")
+            || hf_name.ends_with("self_attn.q_proj.bias")
+        {
             Some(self.config.num_attention_heads)
-        } else if hf_name.ends_with("self_attn.k_proj.weight") || hf_name.ends_with("self_attn.k_proj.bias") {
+        } else if hf_name.ends_with("self_attn.k_proj.weight")
+            || hf_name.ends_with("self_attn.k_proj.bias")
+        {
             Some(self.config.num_kv_heads())
         } else {
             None
@@ -564,10 +606,15 @@ impl GgufModel {
 
     /// The dequantized f32 CPU tensor for an HF name, in HF layout.
     pub fn load_f32(&self, hf_name: &str) -> Result<Tensor> {
-        let t = self.gguf_tensor(hf_name).ok_or_else(|| ModelError::MissingTensor {
-            name: format!("{hf_name} (GGUF `{}`)", self.names.get(hf_name).cloned().unwrap_or_default()),
-            path: self.file.path.clone(),
-        })?;
+        let t = self
+            .gguf_tensor(hf_name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: format!(
+                    "{hf_name} (GGUF `{}`)",
+                    self.names.get(hf_name).cloned().unwrap_or_default()
+                ),
+                path: self.file.path.clone(),
+            })?;
         let values = self.dequantize(t)?;
         let shape = t.shape();
         let mut x = Tensor::f_from_slice(&values)
@@ -637,12 +684,8 @@ impl GgufModel {
             }
         }
         let pre = g("pre").and_then(Value::as_str).unwrap_or("default");
-        let byte_level = |use_regex: bool| {
-            json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
-        };
-        let split = |pattern: &str| {
-            json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false})
-        };
+        let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
+        let split = |pattern: &str| json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false});
         let pre_tokenizer = match pre {
             "smollm" => json!({"type": "Sequence", "pretokenizers": [
                 {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
@@ -737,7 +780,8 @@ impl TensorSource for GgufModel {
     }
     fn load_into(&self, name: &str, dst: &mut Tensor) -> Result<()> {
         let x = self.load_f32(name)?;
-        dst.f_copy_(&x).ctx(|| format!("copying `{name}` from {}", self.file.path.display()))
+        dst.f_copy_(&x)
+            .ctx(|| format!("copying `{name}` from {}", self.file.path.display()))
     }
 }
 

@@ -87,7 +87,8 @@ impl ModelFiles {
 
     fn open_gguf(path: &Path) -> Result<Self> {
         let g = gguf::GgufModel::open(path)?;
-        let tokenizer = Tokenizer::from_json(&g.tokenizer_json()?, g.tokenizer_config_json(), path)?;
+        let tokenizer =
+            Tokenizer::from_json(&g.tokenizer_json()?, g.tokenizer_config_json(), path)?;
         let layout = Arc::new(ParamLayout::for_config(&g.config));
         Ok(ModelFiles {
             path: path.to_path_buf(),
@@ -137,7 +138,14 @@ pub fn build_model(config: Arc<Config>, weights: &Weights) -> Result<Model> {
 /// Writes a Hugging Face directory (`config.json`, `generation_config.json`, `model.safetensors`,
 /// `tokenizer.json`, `tokenizer_config.json`) that transformers' `from_pretrained` loads.
 /// Each file is written atomically.
-pub fn save_hf_dir(dir: &Path, config: &Config, generation: &GenerationConfig, tokenizer: &Tokenizer, weights: &Weights, kind: Kind) -> Result<()> {
+pub fn save_hf_dir(
+    dir: &Path,
+    config: &Config,
+    generation: &GenerationConfig,
+    tokenizer: &Tokenizer,
+    weights: &Weights,
+    kind: Kind,
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
     let mut cfg = config.clone();
     cfg.torch_dtype = Some(
@@ -148,7 +156,8 @@ pub fn save_hf_dir(dir: &Path, config: &Config, generation: &GenerationConfig, t
         }
         .into(),
     );
-    let mut cfg_json = serde_json::to_value(&cfg).map_err(|e| ModelError::Invalid(e.to_string()))?;
+    let mut cfg_json =
+        serde_json::to_value(&cfg).map_err(|e| ModelError::Invalid(e.to_string()))?;
     cfg_json["architectures"] = serde_json::json!([match cfg.arch() {
         config::Architecture::Llama => "LlamaForCausalLM",
         config::Architecture::Qwen2 => "Qwen2ForCausalLM",
@@ -169,7 +178,9 @@ pub fn save_hf_dir(dir: &Path, config: &Config, generation: &GenerationConfig, t
         .to_string(true)
         .map_err(|e| ModelError::Invalid(format!("serializing the tokenizer: {e}")))?;
     let tok_path = dir.join("tokenizer.json");
-    loader::atomic_write(&tok_path, |f| std::io::Write::write_all(f, tok_json.as_bytes()))?;
+    loader::atomic_write(&tok_path, |f| {
+        std::io::Write::write_all(f, tok_json.as_bytes())
+    })?;
     loader::write_json(&dir.join("tokenizer_config.json"), &tokenizer.config)?;
     Ok(())
 }
@@ -178,5 +189,12 @@ pub fn save_hf_dir(dir: &Path, config: &Config, generation: &GenerationConfig, t
 pub fn import_gguf(gguf_path: &Path, out: &Path, kind: Kind) -> Result<()> {
     let files = ModelFiles::open_gguf(gguf_path)?;
     let weights = files.load_weights(Kind::Float, Device::Cpu)?;
-    save_hf_dir(out, &files.config, &files.generation, &files.tokenizer, &weights, kind)
+    save_hf_dir(
+        out,
+        &files.config,
+        &files.generation,
+        &files.tokenizer,
+        &weights,
+        kind,
+    )
 }

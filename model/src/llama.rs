@@ -57,7 +57,13 @@ pub struct KvCache {
 
 impl KvCache {
     /// Allocates a zeroed cache for `cfg` on the device/dtype of `like`.
-    pub fn new(cfg: &Config, slots: i64, max_len: i64, kind: Kind, device: tch::Device) -> Result<Self> {
+    pub fn new(
+        cfg: &Config,
+        slots: i64,
+        max_len: i64,
+        kind: Kind,
+        device: tch::Device,
+    ) -> Result<Self> {
         let shape = [slots, cfg.num_kv_heads(), max_len, cfg.head_dim()];
         let mut k = Vec::new();
         let mut v = Vec::new();
@@ -65,7 +71,12 @@ impl KvCache {
             k.push(Tensor::f_zeros(shape, (kind, device)).map_err(|e| alloc_err(e, &shape))?);
             v.push(Tensor::f_zeros(shape, (kind, device)).map_err(|e| alloc_err(e, &shape))?);
         }
-        Ok(KvCache { k, v, slots, max_len })
+        Ok(KvCache {
+            k,
+            v,
+            slots,
+            max_len,
+        })
     }
 
     pub fn slots(&self) -> i64 {
@@ -127,9 +138,15 @@ impl Model {
             layout
                 .chunk_position(name)
                 .map(|i| chunks[i].shallow_clone())
-                .ok_or_else(|| ModelError::Invalid(format!("parameter chunk `{name}` missing from layout")))
+                .ok_or_else(|| {
+                    ModelError::Invalid(format!("parameter chunk `{name}` missing from layout"))
+                })
         };
-        let opt = |name: &str| layout.chunk_position(name).map(|i| chunks[i].shallow_clone());
+        let opt = |name: &str| {
+            layout
+                .chunk_position(name)
+                .map(|i| chunks[i].shallow_clone())
+        };
         let mut layers = Vec::new();
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -200,7 +217,13 @@ impl Model {
     }
 
     /// Projects to q, k (with rope) and v, each `(B, heads, T, head_dim)`.
-    fn qkv(&self, l: &Layer, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    fn qkv(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t) = (x.size()[0], x.size()[1]);
         let (nh, nkv, hd) = (self.n_heads, self.n_kv, self.head_dim);
         let qkv = x.f_linear(&l.qkv_w, l.qkv_b.as_ref())?; // (B, T, (nh + 2 nkv) hd)
@@ -227,16 +250,22 @@ impl Model {
 
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let (b, t) = (q.size()[0], q.size()[2]);
-        let out = Tensor::f_scaled_dot_product_attention(q, k, v, Some(mask), 0.0, false, None, true)?;
+        let out =
+            Tensor::f_scaled_dot_product_attention(q, k, v, Some(mask), 0.0, false, None, true)?;
         // (B, nh, T, hd) -> (B, T, nh * hd)
-        Ok(out.f_transpose(1, 2)?.f_reshape([b, t, self.n_heads * self.head_dim])?)
+        Ok(out
+            .f_transpose(1, 2)?
+            .f_reshape([b, t, self.n_heads * self.head_dim])?)
     }
 
     fn mlp_block(&self, l: &Layer, h: &Tensor) -> Result<Tensor> {
         let x = self.rms_norm(h, &l.post_attention_layernorm)?;
         let gu = x.f_linear::<Tensor>(&l.gate_up, None)?; // (B, T, 2 ff)
         let ff = gu.size()[2] / 2;
-        let act = gu.f_narrow(2, 0, ff)?.f_silu()?.f_mul(&gu.f_narrow(2, ff, ff)?)?;
+        let act = gu
+            .f_narrow(2, 0, ff)?
+            .f_silu()?
+            .f_mul(&gu.f_narrow(2, ff, ff)?)?;
         Ok(h.f_add(&act.f_linear::<Tensor>(&l.down, None)?)?)
     }
 
@@ -250,7 +279,12 @@ impl Model {
     /// `cumsum(mask) - 1`); `valid` `(B, T)` bool marks real tokens (None: all real). Attention is
     /// causal and ignores padded keys; padded queries attend to themselves only and their outputs
     /// are meaningless but finite.
-    pub fn forward(&self, ids: &Tensor, positions: &Tensor, valid: Option<&Tensor>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        valid: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let t = ids.size()[1];
         let device = ids.device();
         let causal = Tensor::f_ones([t, t], (Kind::Bool, device))?.f_tril(0)?; // (T, T)
@@ -258,7 +292,10 @@ impl Model {
             Some(valid) => {
                 let keys = valid.f_to_kind(Kind::Bool)?.f_unsqueeze(1)?; // (B, 1, T)
                 let eye = Tensor::f_eye(t, (Kind::Bool, device))?;
-                causal.f_logical_and(&keys)?.f_logical_or(&eye)?.f_unsqueeze(1)? // (B, 1, T, T)
+                causal
+                    .f_logical_and(&keys)?
+                    .f_logical_or(&eye)?
+                    .f_unsqueeze(1)? // (B, 1, T, T)
             }
             None => causal.f_view([1, 1, t, t])?,
         };
@@ -277,11 +314,18 @@ impl Model {
     /// Forward through a KV cache: writes the keys/values of the valid tokens of each row into
     /// its slot at positions `start[b]..start[b] + lens[b]` and attends over the slot's cached
     /// prefix plus the new tokens. Returns hidden states `(B, T, hidden)` after the final norm.
-    pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache, w: &CacheWrite) -> Result<Tensor> {
+    pub fn forward_cached(
+        &self,
+        ids: &Tensor,
+        cache: &mut KvCache,
+        w: &CacheWrite,
+    ) -> Result<Tensor> {
         let (b, t) = (ids.size()[0], ids.size()[1]);
         let device = ids.device();
         if w.lens.len() as i64 != b || w.start.len() as i64 != b || w.slots_host.len() as i64 != b {
-            return Err(ModelError::Invalid("forward_cached: slots/start/lens must have one entry per row".into()));
+            return Err(ModelError::Invalid(
+                "forward_cached: slots/start/lens must have one entry per row".into(),
+            ));
         }
         let key_len = w
             .start
@@ -299,16 +343,20 @@ impl Model {
         let start = Tensor::from_slice(w.start).f_to_device(device)?; // (B,)
         let steps = Tensor::f_arange(t, (Kind::Int64, device))?;
         let positions = start.f_unsqueeze(1)?.f_add(&steps.f_unsqueeze(0)?)?; // (B, T)
-        // Key j is visible to query t of row b iff j <= start[b] + t.
+                                                                              // Key j is visible to query t of row b iff j <= start[b] + t.
         let keys = Tensor::f_arange(key_len, (Kind::Int64, device))?;
         let mask = keys
             .f_view([1, 1, key_len])?
             .f_le_tensor(&positions.f_unsqueeze(2)?)?
             .f_unsqueeze(1)?; // (B, 1, T, key_len)
-        // Cache coordinates of the valid tokens.
+                              // Cache coordinates of the valid tokens.
         let all_valid = w.lens.iter().all(|&l| l == t);
         let (slot_idx, pos_idx, row_idx) = if all_valid {
-            let slot_idx = w.slots.f_unsqueeze(1)?.f_expand([b, t], false)?.f_reshape([-1])?;
+            let slot_idx = w
+                .slots
+                .f_unsqueeze(1)?
+                .f_expand([b, t], false)?
+                .f_reshape([-1])?;
             (slot_idx, positions.f_reshape([-1])?, None)
         } else {
             let mut rows = Vec::new();
@@ -335,12 +383,15 @@ impl Model {
             let x = self.rms_norm(&h, &l.input_layernorm)?;
             let (q, k, v) = self.qkv(l, &x, &cos, &sin)?;
             for (new, store) in [(&k, &mut cache.k[i]), (&v, &mut cache.v[i])] {
-                let flat = new.f_transpose(1, 2)?.f_reshape([b * t, self.n_kv, self.head_dim])?; // (B T, nkv, hd)
+                let flat = new
+                    .f_transpose(1, 2)?
+                    .f_reshape([b * t, self.n_kv, self.head_dim])?; // (B T, nkv, hd)
                 let vals = match &row_idx {
                     Some(rows) => flat.f_index_select(0, rows)?,
                     None => flat,
                 };
-                let _ = store.f_index_put_(&[Some(&slot_idx), None, Some(&pos_idx)], &vals, false)?;
+                let _ =
+                    store.f_index_put_(&[Some(&slot_idx), None, Some(&pos_idx)], &vals, false)?;
             }
             let (kc, vc) = if identity {
                 (
@@ -349,8 +400,12 @@ impl Model {
                 )
             } else {
                 (
-                    cache.k[i].f_narrow(2, 0, key_len)?.f_index_select(0, w.slots)?,
-                    cache.v[i].f_narrow(2, 0, key_len)?.f_index_select(0, w.slots)?,
+                    cache.k[i]
+                        .f_narrow(2, 0, key_len)?
+                        .f_index_select(0, w.slots)?,
+                    cache.v[i]
+                        .f_narrow(2, 0, key_len)?
+                        .f_index_select(0, w.slots)?,
                 )
             }; // (B, nkv, key_len, hd)
             let attn = self.attend(&q, &kc, &vc, &mask)?;
@@ -392,7 +447,9 @@ pub fn rope_inv_freq(cfg: &Config) -> Result<(Tensor, f64)> {
             let old = original_max_position_embeddings as f64;
             let low_freq_wavelen = old / low_freq_factor;
             let high_freq_wavelen = old / high_freq_factor;
-            let wavelen = inv_freq.f_reciprocal()?.f_mul_scalar(2.0 * std::f64::consts::PI)?;
+            let wavelen = inv_freq
+                .f_reciprocal()?
+                .f_mul_scalar(2.0 * std::f64::consts::PI)?;
             let scaled = inv_freq.f_div_scalar(factor)?;
             let llama = scaled.f_where_self(&wavelen.f_gt(low_freq_wavelen)?, &inv_freq)?;
             let smooth = wavelen

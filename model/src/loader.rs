@@ -29,14 +29,21 @@ pub trait TensorSource: Send + Sync {
 }
 
 /// Reads every parameter of `layout` from `src` into a new flat buffer on `device` in `kind`.
-pub fn load_weights(layout: Arc<ParamLayout>, src: &dyn TensorSource, kind: Kind, device: Device) -> Result<Weights> {
+pub fn load_weights(
+    layout: Arc<ParamLayout>,
+    src: &dyn TensorSource,
+    kind: Kind,
+    device: Device,
+) -> Result<Weights> {
     let _guard = tch::no_grad_guard();
     let weights = Weights::empty(layout.clone(), kind, device)?;
     for p in layout.params() {
-        let shape = src.shape(&p.name).ok_or_else(|| ModelError::MissingTensor {
-            name: p.name.clone(),
-            path: src.file_of(&p.name),
-        })?;
+        let shape = src
+            .shape(&p.name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: p.name.clone(),
+                path: src.file_of(&p.name),
+            })?;
         if shape != p.shape {
             return Err(ModelError::ShapeMismatch {
                 name: p.name.clone(),
@@ -140,10 +147,13 @@ impl SafetensorsSource {
 
     /// A CPU tensor over the mapped bytes of `name` (copied only when misaligned).
     fn host_tensor(&self, name: &str) -> Result<Tensor> {
-        let (shard, info) = self.tensors.get(name).ok_or_else(|| ModelError::MissingTensor {
-            name: name.to_string(),
-            path: self.origin.clone(),
-        })?;
+        let (shard, info) = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: name.to_string(),
+                path: self.origin.clone(),
+            })?;
         let shard = &self.shards[*shard];
         let kind = match info.dtype {
             Dtype::F32 => Kind::Float,
@@ -211,17 +221,28 @@ fn dtype_name(kind: Kind) -> Result<&'static str> {
         Kind::Int64 => "I64",
         Kind::Int => "I32",
         Kind::Uint8 => "U8",
-        other => return Err(ModelError::Invalid(format!("cannot write dtype {other:?} to safetensors"))),
+        other => {
+            return Err(ModelError::Invalid(format!(
+                "cannot write dtype {other:?} to safetensors"
+            )))
+        }
     })
 }
 
 /// Writes `tensors` to `path` in safetensors format, atomically: a temporary file in the same
 /// directory is written, fsynced and renamed over `path`, so a crash leaves either the old file or
 /// the new one, never a torn file.
-pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)], metadata: &BTreeMap<String, String>) -> Result<()> {
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
-        header.insert("__metadata__".into(), serde_json::to_value(metadata).unwrap_or_default());
+        header.insert(
+            "__metadata__".into(),
+            serde_json::to_value(metadata).unwrap_or_default(),
+        );
     }
     let mut offset = 0usize;
     let mut hosts = Vec::with_capacity(tensors.len());
@@ -242,7 +263,8 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)], metadata: &B
         offset += nbytes;
         hosts.push((host, nbytes));
     }
-    let mut header_bytes = serde_json::to_vec(&serde_json::Value::Object(header)).unwrap_or_default();
+    let mut header_bytes =
+        serde_json::to_vec(&serde_json::Value::Object(header)).unwrap_or_default();
     while header_bytes.len() % 8 != 0 {
         header_bytes.push(b' ');
     }
@@ -251,7 +273,8 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)], metadata: &B
         f.write_all(&header_bytes)?;
         for (host, nbytes) in &hosts {
             // SAFETY: `host` is a contiguous CPU tensor of exactly `nbytes` bytes.
-            let bytes = unsafe { std::slice::from_raw_parts(host.data_ptr() as *const u8, *nbytes) };
+            let bytes =
+                unsafe { std::slice::from_raw_parts(host.data_ptr() as *const u8, *nbytes) };
             f.write_all(bytes)?;
         }
         Ok(())
@@ -259,8 +282,14 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)], metadata: &B
 }
 
 /// Writes a file atomically: temp file in the same directory, fsync, rename, fsync the directory.
-pub fn atomic_write(path: &Path, write: impl FnOnce(&mut std::io::BufWriter<&std::fs::File>) -> std::io::Result<()>) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+pub fn atomic_write(
+    path: &Path,
+    write: impl FnOnce(&mut std::io::BufWriter<&std::fs::File>) -> std::io::Result<()>,
+) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let result = (|| -> std::io::Result<()> {
@@ -285,6 +314,7 @@ pub fn atomic_write(path: &Path, write: impl FnOnce(&mut std::io::BufWriter<&std
 
 /// Writes a JSON value atomically (pretty-printed).
 pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| ModelError::Invalid(e.to_string()))?;
+    let text =
+        serde_json::to_string_pretty(value).map_err(|e| ModelError::Invalid(e.to_string()))?;
     atomic_write(path, |f| f.write_all(text.as_bytes()))
 }

@@ -14,7 +14,14 @@ use crate::error::Result;
 /// `hidden` `(N, hidden)`, `lm_head` `(vocab, hidden)`, `targets` `(N,)` int64. Returns `(N,)`
 /// f32 log-probs and, if `entropy`, `(N,)` f32 entropies of the temperature-scaled distribution.
 /// Differentiable with respect to `hidden` and `lm_head`.
-pub fn token_logprobs(hidden: &Tensor, lm_head: &Tensor, targets: &Tensor, temperature: f64, chunk: i64, entropy: bool) -> Result<(Tensor, Option<Tensor>)> {
+pub fn token_logprobs(
+    hidden: &Tensor,
+    lm_head: &Tensor,
+    targets: &Tensor,
+    temperature: f64,
+    chunk: i64,
+    entropy: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
     let n = hidden.size()[0];
     let chunk = chunk.max(1);
     let mut lps = Vec::new();
@@ -23,7 +30,9 @@ pub fn token_logprobs(hidden: &Tensor, lm_head: &Tensor, targets: &Tensor, tempe
     while start < n {
         let len = chunk.min(n - start);
         let h = hidden.f_narrow(0, start, len)?;
-        let mut logits = h.f_linear::<Tensor>(lm_head, None)?.f_to_kind(Kind::Float)?; // (c, V)
+        let mut logits = h
+            .f_linear::<Tensor>(lm_head, None)?
+            .f_to_kind(Kind::Float)?; // (c, V)
         if temperature != 1.0 {
             logits = logits.f_div_scalar(temperature)?;
         }
@@ -33,13 +42,19 @@ pub fn token_logprobs(hidden: &Tensor, lm_head: &Tensor, targets: &Tensor, tempe
         lps.push(picked.f_sub(&lse)?);
         if entropy {
             let p = logits.f_sub(&lse.f_unsqueeze(1)?)?.f_exp()?;
-            let mean_logit = p.f_mul(&logits)?.f_sum_dim_intlist(&[-1i64][..], false, Kind::Float)?;
+            let mean_logit =
+                p.f_mul(&logits)?
+                    .f_sum_dim_intlist(&[-1i64][..], false, Kind::Float)?;
             ents.push(lse.f_sub(&mean_logit)?);
         }
         start += len;
     }
     let lp = Tensor::f_cat(&lps, 0)?;
-    let ent = if entropy { Some(Tensor::f_cat(&ents, 0)?) } else { None };
+    let ent = if entropy {
+        Some(Tensor::f_cat(&ents, 0)?)
+    } else {
+        None
+    };
     Ok((lp, ent))
 }
 

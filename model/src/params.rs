@@ -144,11 +144,19 @@ impl ParamLayout {
                 b.single(format!("{p}.self_attn.q_norm.weight"), vec![hd], true);
                 b.single(format!("{p}.self_attn.k_norm.weight"), vec![hd], true);
             }
-            b.single(format!("{p}.self_attn.o_proj.weight"), vec![h, nh * hd], false);
+            b.single(
+                format!("{p}.self_attn.o_proj.weight"),
+                vec![h, nh * hd],
+                false,
+            );
             if cfg.o_bias() {
                 b.single(format!("{p}.self_attn.o_proj.bias"), vec![h], true);
             }
-            b.single(format!("{p}.post_attention_layernorm.weight"), vec![h], true);
+            b.single(
+                format!("{p}.post_attention_layernorm.weight"),
+                vec![h],
+                true,
+            );
             b.chunk(
                 &format!("{p}.mlp.gate_up_proj.weight"),
                 &[
@@ -193,7 +201,10 @@ impl ParamLayout {
         parts
             .iter()
             .zip(&self.chunks)
-            .map(|(t, c)| t.f_view(c.shape.as_slice()).ctx(|| format!("view of {}", c.name)))
+            .map(|(t, c)| {
+                t.f_view(c.shape.as_slice())
+                    .ctx(|| format!("view of {}", c.name))
+            })
             .collect()
     }
 
@@ -275,13 +286,19 @@ mod tests {
     fn fused_chunks_are_contiguous_views_of_their_params() {
         let c = cfg(false, "qwen2");
         let l = ParamLayout::for_config(&c);
-        let qkv = &l.chunks()[l.chunk_position("model.layers.1.self_attn.qkv_proj.weight").unwrap()];
+        let qkv = &l.chunks()[l
+            .chunk_position("model.layers.1.self_attn.qkv_proj.weight")
+            .unwrap()];
         assert_eq!(qkv.shape, vec![(4 + 2 * 2) * 2, 8]);
         let q = l.param("model.layers.1.self_attn.q_proj.weight").unwrap();
         let v = l.param("model.layers.1.self_attn.v_proj.weight").unwrap();
         assert_eq!(q.offset, qkv.offset);
         assert_eq!(v.offset + v.numel, qkv.offset + qkv.numel);
-        assert!(l.param("model.layers.0.self_attn.k_proj.bias").unwrap().no_decay);
+        assert!(
+            l.param("model.layers.0.self_attn.k_proj.bias")
+                .unwrap()
+                .no_decay
+        );
         assert!(l.param("lm_head.weight").is_some());
         let sum: i64 = l.params().iter().map(|p| p.numel).sum();
         assert_eq!(sum, l.numel());
@@ -300,7 +317,10 @@ mod tests {
         let l = ParamLayout::for_config(&cfg(false, "llama"));
         let flat = Tensor::zeros([l.numel()], (Kind::Float, Device::Cpu)).set_requires_grad(true);
         let views = l.chunk_views(&flat).unwrap();
-        let loss = views.iter().map(|v| v.sum(Kind::Float)).fold(Tensor::from(0.0f32), |a, b| a + b);
+        let loss = views
+            .iter()
+            .map(|v| v.sum(Kind::Float))
+            .fold(Tensor::from(0.0f32), |a, b| a + b);
         loss.backward();
         let g = flat.grad();
         assert_eq!(g.size(), vec![l.numel()]);

@@ -31,7 +31,8 @@ impl Tokenizer {
         })?;
         let cfg_path = dir.join("tokenizer_config.json");
         let config = if cfg_path.exists() {
-            let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
+            let text =
+                std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
             serde_json::from_str(&text).map_err(|source| ModelError::Json {
                 path: cfg_path.clone(),
                 source,
@@ -39,16 +40,22 @@ impl Tokenizer {
         } else {
             Json::Object(Default::default())
         };
-        Ok(Tokenizer { inner, path, config })
+        Ok(Tokenizer {
+            inner,
+            path,
+            config,
+        })
     }
 
     /// Builds a tokenizer from in-memory `tokenizer.json` and `tokenizer_config.json` values.
     pub fn from_json(tokenizer: &Json, config: Json, origin: &Path) -> Result<Self> {
-        let bytes = serde_json::to_vec(tokenizer).map_err(|e| ModelError::Invalid(e.to_string()))?;
-        let inner = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| ModelError::Tokenizer {
-            path: origin.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        let bytes =
+            serde_json::to_vec(tokenizer).map_err(|e| ModelError::Invalid(e.to_string()))?;
+        let inner =
+            tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| ModelError::Tokenizer {
+                path: origin.to_path_buf(),
+                message: e.to_string(),
+            })?;
         Ok(Tokenizer {
             inner,
             path: origin.to_path_buf(),
@@ -66,7 +73,10 @@ impl Tokenizer {
     /// Token ids of `text`; `add_special_tokens` applies the post-processor (e.g. a BOS token),
     /// like `tokenizer(text)` in transformers.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, add_special_tokens).map_err(|e| self.err(e))?;
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| self.err(e))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -81,7 +91,10 @@ impl Tokenizer {
 
     /// Text of `ids`, like `tokenizer.decode` in transformers.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        let text = self.inner.decode(ids, skip_special_tokens).map_err(|e| self.err(e))?;
+        let text = self
+            .inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| self.err(e))?;
         if self
             .config
             .get("clean_up_tokenization_spaces")

@@ -22,8 +22,13 @@ fn open_and_load(dir: &Path) -> Result<(), ModelError> {
 #[test]
 fn missing_directory_and_files_are_named() {
     let tmp = tempdir();
-    let err = open_and_load(&tmp.path().join("nope")).unwrap_err().to_string();
-    assert!(err.contains("missing file") && err.contains("nope"), "{err}");
+    let err = open_and_load(&tmp.path().join("nope"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("missing file") && err.contains("nope"),
+        "{err}"
+    );
 
     let dir = tmp.path().join("m");
     copy_model("tiny-qwen2", &dir);
@@ -53,7 +58,10 @@ fn truncated_safetensors_names_the_file() {
         std::fs::write(&f, &bytes[..cut]).unwrap();
         let err = open_and_load(&dir).unwrap_err();
         let msg = err.to_string();
-        assert!(matches!(err, ModelError::Safetensors { .. }), "cut {cut}: {msg}");
+        assert!(
+            matches!(err, ModelError::Safetensors { .. }),
+            "cut {cut}: {msg}"
+        );
         assert!(msg.contains("model.safetensors"), "{msg}");
     }
     std::fs::write(&f, &bytes[..bytes.len() - 1]).unwrap();
@@ -68,14 +76,21 @@ fn shape_mismatch_names_tensor_file_and_shapes() {
     copy_model("tiny-llama3", &dir);
     // The config claims a wider MLP than the checkpoint has.
     let cfg_path = dir.join("config.json");
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     cfg["intermediate_size"] = 100.into();
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let err = open_and_load(&dir).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, ModelError::ShapeMismatch { .. }), "{msg}");
-    assert!(msg.contains("model.layers.0.mlp.gate_proj.weight") && msg.contains("model.safetensors"), "{msg}");
-    assert!(msg.contains("[100, 64]") && msg.contains("[128, 64]"), "{msg}");
+    assert!(
+        msg.contains("model.layers.0.mlp.gate_proj.weight") && msg.contains("model.safetensors"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("[100, 64]") && msg.contains("[128, 64]"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -85,11 +100,15 @@ fn missing_tensor_names_tensor_and_shard() {
     copy_model("tiny-llama3", &dir);
     // Claim more layers than the checkpoint holds.
     let cfg_path = dir.join("config.json");
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     cfg["num_hidden_layers"] = 3.into();
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let msg = open_and_load(&dir).unwrap_err().to_string();
-    assert!(msg.contains("model.layers.2.input_layernorm.weight") && msg.contains("not found"), "{msg}");
+    assert!(
+        msg.contains("model.layers.2.input_layernorm.weight") && msg.contains("not found"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -98,13 +117,20 @@ fn unknown_architecture_is_named_with_the_supported_list() {
     let dir = tmp.path().join("m");
     copy_model("tiny-qwen2", &dir);
     let cfg_path = dir.join("config.json");
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     cfg["model_type"] = "mamba".into();
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let err = open_and_load(&dir).unwrap_err();
     let msg = err.to_string();
-    assert!(matches!(err, ModelError::UnsupportedArchitecture { .. }), "{msg}");
-    assert!(msg.contains("mamba") && msg.contains("llama, qwen2, qwen3") && msg.contains("config.json"), "{msg}");
+    assert!(
+        matches!(err, ModelError::UnsupportedArchitecture { .. }),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("mamba") && msg.contains("llama, qwen2, qwen3") && msg.contains("config.json"),
+        "{msg}"
+    );
 }
 
 #[test]

@@ -32,7 +32,10 @@ fn unsupported_type_names_tensor_file_and_type() {
     let err = file.dequantize(t).unwrap_err();
     assert!(matches!(err, ModelError::UnsupportedGgufType { .. }));
     let msg = err.to_string();
-    assert!(msg.contains("t_Q5_0") && msg.contains("Q5_0") && msg.contains("quants.gguf"), "{msg}");
+    assert!(
+        msg.contains("t_Q5_0") && msg.contains("Q5_0") && msg.contains("quants.gguf"),
+        "{msg}"
+    );
 }
 
 #[test]

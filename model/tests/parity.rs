@@ -37,7 +37,9 @@ fn load(name: &str) -> Case {
 /// max |ours - reference| over the valid positions.
 fn valid_diff(ours: &Tensor, reference: &Tensor, mask: &Tensor) -> f64 {
     let valid = mask.to_kind(Kind::Bool).unsqueeze(-1);
-    let d = (ours - reference).abs().masked_fill(&valid.logical_not(), 0.0);
+    let d = (ours - reference)
+        .abs()
+        .masked_fill(&valid.logical_not(), 0.0);
     d.max().double_value(&[])
 }
 
@@ -50,7 +52,10 @@ fn full_forward(name: &str) {
     let d = valid_diff(&logits, &c.logits, &c.mask);
     eprintln!("{name}: full forward max |Δlogits| = {d:e}");
     assert!(d <= TOL, "{name}: max |Δlogits| = {d:e} > {TOL:e}");
-    assert!(logits.isfinite().all().int64_value(&[]) == 1, "{name}: non-finite logits at padding");
+    assert!(
+        logits.isfinite().all().int64_value(&[]) == 1,
+        "{name}: non-finite logits at padding"
+    );
 }
 
 /// Prefill the first `prefill` valid tokens of every row (batched, right-padded, each row in its own
@@ -103,7 +108,9 @@ fn cached_decode(name: &str, prefill: i64) {
     }
     // Move each row's cache to slot r (identity layout) to decode all rows as one batch.
     for r in 0..b {
-        cache.copy_prefix(2 * b - 1 - r, &[r], lens[r as usize]).unwrap();
+        cache
+            .copy_prefix(2 * b - 1 - r, &[r], lens[r as usize])
+            .unwrap();
     }
     let mut pos = lens.clone();
     let max_len = rows.iter().map(Vec::len).max().unwrap() as i64;
@@ -134,7 +141,11 @@ fn cached_decode(name: &str, prefill: i64) {
         for r in 0..b as usize {
             if pos[r] < rows[r].len() as i64 {
                 let d = max_abs_diff(&logits.get(r as i64).get(0), &ref_rows[r].get(pos[r]));
-                assert!(d <= TOL, "{name}: decode row {r} position {}: max |Δ| = {d:e}", pos[r]);
+                assert!(
+                    d <= TOL,
+                    "{name}: decode row {r} position {}: max |Δ| = {d:e}",
+                    pos[r]
+                );
             }
         }
         for p in pos.iter_mut() {
@@ -142,7 +153,10 @@ fn cached_decode(name: &str, prefill: i64) {
         }
         steps += 1;
     }
-    assert!(steps >= 4, "{name}: too few decode steps exercised ({steps})");
+    assert!(
+        steps >= 4,
+        "{name}: too few decode steps exercised ({steps})"
+    );
 }
 
 #[test]

@@ -18,7 +18,12 @@ fn imported_smollm2_matches_transformers() {
 
     // 1. Weights equal transformers' dequantization of the same GGUF (incl. Q/K un-permutation).
     let report: Value = serde_json::from_str(
-        reference(&["compare-gguf", gguf.to_str().unwrap(), dir.to_str().unwrap()]).trim(),
+        reference(&[
+            "compare-gguf",
+            gguf.to_str().unwrap(),
+            dir.to_str().unwrap(),
+        ])
+        .trim(),
     )
     .unwrap();
     assert_eq!(report["missing"], serde_json::json!([]), "{report}");
@@ -43,7 +48,13 @@ fn imported_smollm2_matches_transformers() {
             let text = tpl
                 .render(&[rlrun_model::ChatMessage::new("user", *p)], true)
                 .unwrap();
-            files.tokenizer.encode(&text, false).unwrap().into_iter().map(i64::from).collect()
+            files
+                .tokenizer
+                .encode(&text, false)
+                .unwrap()
+                .into_iter()
+                .map(i64::from)
+                .collect()
         })
         .collect();
     let t = seqs.iter().map(Vec::len).max().unwrap();
@@ -60,15 +71,26 @@ fn imported_smollm2_matches_transformers() {
     let pos = (mask.cumsum(-1, Kind::Int64) - 1).clamp_min(0);
     let inp = tmp.path().join("inputs.safetensors");
     Tensor::write_safetensors(
-        &[("input_ids", &ids), ("attention_mask", &mask), ("position_ids", &pos)],
+        &[
+            ("input_ids", &ids),
+            ("attention_mask", &mask),
+            ("position_ids", &pos),
+        ],
         &inp,
     )
     .unwrap();
     let out = tmp.path().join("logits.safetensors");
-    reference(&["logits", dir.to_str().unwrap(), inp.to_str().unwrap(), out.to_str().unwrap()]);
+    reference(&[
+        "logits",
+        dir.to_str().unwrap(),
+        inp.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
     let want = read_safetensors(&out)["logits"].shallow_clone();
     let _guard = tch::no_grad_guard();
-    let ours = model.logits(&model.forward(&ids, &pos, Some(&mask)).unwrap()).unwrap();
+    let ours = model
+        .logits(&model.forward(&ids, &pos, Some(&mask)).unwrap())
+        .unwrap();
     let valid = mask.to_kind(Kind::Bool).unsqueeze(-1);
     let d = (&ours - &want)
         .abs()
@@ -86,8 +108,13 @@ fn imported_smollm2_matches_transformers() {
 
     // 4. Tokenizer and chat template vs transformers on the imported directory.
     let cases_path = tmp.path().join("cases.json");
-    reference(&["smollm2-cases", dir.to_str().unwrap(), cases_path.to_str().unwrap()]);
-    let cases: Value = serde_json::from_str(&std::fs::read_to_string(&cases_path).unwrap()).unwrap();
+    reference(&[
+        "smollm2-cases",
+        dir.to_str().unwrap(),
+        cases_path.to_str().unwrap(),
+    ]);
+    let cases: Value =
+        serde_json::from_str(&std::fs::read_to_string(&cases_path).unwrap()).unwrap();
     let n = super_check_tokenizer_cases(&files.tokenizer, &cases);
     assert!(n >= 200, "only {n} strings");
     // transformers' own GGUF tokenizer ignores llama.cpp's `smollm` pre-tokenizer (digits split
@@ -100,9 +127,23 @@ fn imported_smollm2_matches_transformers() {
         if s.chars().any(char::is_numeric) {
             continue;
         }
-        let ours: Vec<u64> = g.tokenizer.encode(s, false).unwrap().into_iter().map(u64::from).collect();
-        let want: Vec<u64> = ids.as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
-        assert_eq!(ours, want, "GGUF tokenizer differs from transformers' on {s:?}");
+        let ours: Vec<u64> = g
+            .tokenizer
+            .encode(s, false)
+            .unwrap()
+            .into_iter()
+            .map(u64::from)
+            .collect();
+        let want: Vec<u64> = ids
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
+        assert_eq!(
+            ours, want,
+            "GGUF tokenizer differs from transformers' on {s:?}"
+        );
         agree += 1;
     }
     assert!(agree >= 50, "only {agree} digit-free strings compared");

@@ -4,7 +4,11 @@ use rlrun_model::{ChatTemplate, Tokenizer};
 use serde_json::Value;
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 /// Checks encode (with and without special tokens), decode, chat rendering and chat ids; returns
@@ -15,22 +19,42 @@ pub fn check(tok: &Tokenizer, cases: &Value) -> usize {
         let s = s.as_str().unwrap();
         let want = ids(&cases["ids"][i]);
         assert_eq!(tok.encode(s, true).unwrap(), want, "encode {s:?}");
-        assert_eq!(tok.encode(s, false).unwrap(), ids(&cases["ids_no_special"][i]), "encode (no special) {s:?}");
-        assert_eq!(tok.decode(&want, false).unwrap(), cases["decoded"][i].as_str().unwrap(), "decode {s:?}");
+        assert_eq!(
+            tok.encode(s, false).unwrap(),
+            ids(&cases["ids_no_special"][i]),
+            "encode (no special) {s:?}"
+        );
+        assert_eq!(
+            tok.decode(&want, false).unwrap(),
+            cases["decoded"][i].as_str().unwrap(),
+            "decode {s:?}"
+        );
         assert_eq!(
             tok.decode(&want, true).unwrap(),
             cases["decoded_skip_special"][i].as_str().unwrap(),
             "decode (skip special) {s:?}"
         );
     }
-    let tpl = ChatTemplate::from_tokenizer(tok).unwrap().expect("chat template");
+    let tpl = ChatTemplate::from_tokenizer(tok)
+        .unwrap()
+        .expect("chat template");
     let chats = cases["chats"].as_array().unwrap();
     assert!(chats.len() >= 20, "only {} conversations", chats.len());
     for c in chats {
         let agp = c["add_generation_prompt"].as_bool().unwrap();
         let text = tpl.render_json(&c["messages"], agp).unwrap();
-        assert_eq!(text, c["text"].as_str().unwrap(), "chat render {}", c["messages"]);
-        assert_eq!(tok.encode(&text, false).unwrap(), ids(&c["ids"]), "chat ids {}", c["messages"]);
+        assert_eq!(
+            text,
+            c["text"].as_str().unwrap(),
+            "chat render {}",
+            c["messages"]
+        );
+        assert_eq!(
+            tok.encode(&text, false).unwrap(),
+            ids(&c["ids"]),
+            "chat ids {}",
+            c["messages"]
+        );
     }
     strings.len()
 }

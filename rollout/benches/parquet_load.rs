@@ -60,7 +60,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let target = 2.0;
     println!(
         "target < {target} s: {}",
-        if times[times.len() / 2] < target { "met" } else { "NOT met" }
+        if times[times.len() / 2] < target {
+            "met"
+        } else {
+            "NOT met"
+        }
     );
     Ok(())
 }

@@ -12,7 +12,10 @@ impl RewardFn for Reversed {
     }
     fn score(&self, sample: &Sample, completion: &Completion<'_>) -> Reward {
         let answer = last_tagged(completion.text, "answer");
-        let want: Option<String> = sample.ground_truth.as_deref().map(|g| g.chars().rev().collect());
+        let want: Option<String> = sample
+            .ground_truth
+            .as_deref()
+            .map(|g| g.chars().rev().collect());
         let ok = answer.is_some() && answer == want.as_deref();
         Reward::binary(ok).with_metric("has_answer", f32::from(u8::from(answer.is_some())))
     }

@@ -21,9 +21,9 @@
 //!
 //! ## A custom reward
 //!
-//! Users extend rlrun mostly here. A reward is any `Send + Sync` type implementing [`RewardFn`]
-//! (this is `examples/custom_reward.rs`; run it with
-//! `cargo run -p rlrun-rollout --example custom_reward`):
+//! Users extend rlrun mostly here. A reward is any `Send + Sync` type implementing [`RewardFn`].
+//! This is the reward of `examples/custom_reward.rs` (run it with
+//! `cargo run -p rlrun-rollout --example custom_reward`), scored through a [`RewardRunner`]:
 //!
 //! ```
 //! use std::sync::Arc;

@@ -1,20 +1,6 @@
 //! Scoring a batch of completions in parallel, with panic and time-limit isolation.
 //!
-//! [`RewardRunner`] owns a pool of worker threads (plain `std` threads) fed from one job queue.
-//! Each call to [`RewardRunner::score_batch`] sends one job per completion and waits for the
-//! results on its own channel:
-//!
-//! - a call that **panics** is caught (`catch_unwind`) and scores the failure score (default 0);
-//!   the worker lives on. The panic message is logged (and printed by the process's panic hook);
-//! - a call that runs **longer than the time limit** (measured from when a worker picked it up)
-//!   scores the failure score; the runner stops waiting for it at once, marks its worker as
-//!   abandoned and starts a replacement, so the pool keeps its size. The abandoned thread cannot
-//!   be killed (Rust has no safe way to): it is leaked until the call returns, then it exits
-//!   without taking more work and its late result is discarded. [`RewardStats::leaked_threads`]
-//!   counts threads still stuck;
-//! - a **non-finite** value (NaN, ±inf) is replaced by the failure score too.
-//!
-//! None of these stops the batch or later batches; all are counted in [`RewardStats`].
+//! See [`RewardRunner`].
 
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -172,8 +158,23 @@ struct Pool {
     next_id: usize,
 }
 
-/// Scores batches of completions with one [`RewardFn`] on a thread pool; see the
-/// [module docs](self) for the isolation guarantees.
+/// Scores batches of completions with one [`RewardFn`] on a thread pool.
+///
+/// It owns a pool of worker threads (plain `std` threads) fed from one job queue.
+/// Each call to [`score_batch`](Self::score_batch) sends one job per completion and waits for the
+/// results on its own channel:
+///
+/// - a call that **panics** is caught (`catch_unwind`) and scores the failure score (default 0);
+///   the worker lives on. The panic message is logged (and printed by the process's panic hook);
+/// - a call that runs **longer than the time limit** (measured from when a worker picked it up)
+///   scores the failure score; the runner stops waiting for it at once, marks its worker as
+///   abandoned and starts a replacement, so the pool keeps its size. The abandoned thread cannot
+///   be killed (Rust has no safe way to): it is leaked until the call returns, then it exits
+///   without taking more work and its late result is discarded. [`RewardStats::leaked_threads`]
+///   counts threads still stuck;
+/// - a **non-finite** value (NaN, ±inf) is replaced by the failure score too.
+///
+/// None of these stops the batch or later batches; all are counted in [`RewardStats`].
 ///
 /// ```
 /// use std::sync::Arc;
@@ -362,8 +363,12 @@ impl RewardRunner {
                     results[index] = Some(match outcome {
                         Outcome::Scored(r) if r.value.is_finite() => r,
                         Outcome::Scored(r) => {
-                            tracing::warn!(reward = self.reward.name(), index, value = r.value,
-                                "reward returned a non-finite value; using the failure score");
+                            tracing::warn!(
+                                reward = self.reward.name(),
+                                index,
+                                value = r.value,
+                                "reward returned a non-finite value; using the failure score"
+                            );
                             stats.non_finite += 1;
                             stats.failures.push((index, Failure::NonFinite));
                             Reward::new(self.failure_score)
@@ -456,11 +461,7 @@ impl RewardRunner {
     }
 }
 
-fn worker_loop(
-    id: usize,
-    receiver: &Mutex<mpsc::Receiver<Task>>,
-    abandoned: &AtomicBool,
-) {
+fn worker_loop(id: usize, receiver: &Mutex<mpsc::Receiver<Task>>, abandoned: &AtomicBool) {
     loop {
         let task = {
             let rx = lock(receiver);

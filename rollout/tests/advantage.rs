@@ -67,7 +67,11 @@ fn rloo_golden() {
     assert_close(&out.advantages, &expand([t, -t, -t, t, 0.0, 0.0, 0.0]));
     // Unequal values: [1, 2, 6] → 1-4, 2-3.5, 6-1.5
     let out = Rloo::default()
-        .compute(&AdvantageInput::new(&[1.0, 2.0, 6.0], &[0, 0, 0], &[1, 1, 1]))
+        .compute(&AdvantageInput::new(
+            &[1.0, 2.0, 6.0],
+            &[0, 0, 0],
+            &[1, 1, 1],
+        ))
         .unwrap();
     assert_close(&out.advantages, &[vec![-3.0], vec![-1.5], vec![4.5]]);
 }
@@ -104,7 +108,11 @@ fn reinforce_pp_baseline_golden() {
     // Scores minus group mean: [0.5], [-0.5], [0, 0]; over 4 tokens mean 0, unbiased var 1/6.
     let k = 0.5 / (1.0f32 / 6.0).sqrt();
     let out = ReinforcePpBaseline::default()
-        .compute(&AdvantageInput::new(&[1.0, 0.0, 1.0], &[1, 1, 2], &[1, 1, 2]))
+        .compute(&AdvantageInput::new(
+            &[1.0, 0.0, 1.0],
+            &[1, 1, 2],
+            &[1, 1, 2],
+        ))
         .unwrap();
     assert_close(&out.advantages, &[vec![k], vec![-k], vec![0.0, 0.0]]);
 }
@@ -199,7 +207,10 @@ fn grpo_groups_sum_to_zero_with_unit_std() {
             .compute(&AdvantageInput::new(&rewards, &groups, &lengths))
             .unwrap();
         for idx in members(&groups).values() {
-            let a: Vec<f64> = idx.iter().map(|&i| f64::from(out.advantages[i][0])).collect();
+            let a: Vec<f64> = idx
+                .iter()
+                .map(|&i| f64::from(out.advantages[i][0]))
+                .collect();
             let r: Vec<f64> = idx.iter().map(|&i| f64::from(rewards[i])).collect();
             let n = a.len() as f64;
             let sum: f64 = a.iter().sum();
@@ -249,9 +260,14 @@ fn gae_lambda_one_gamma_one_is_returns_minus_values() {
     let mut f = move || (rng.next_u32() % 2000) as f32 / 1000.0 - 1.0;
     let lengths = [5usize, 1, 8, 3];
     let rewards: Vec<f32> = lengths.iter().map(|_| f()).collect();
-    let values: Vec<Vec<f32>> = lengths.iter().map(|&l| (0..l).map(|_| f()).collect()).collect();
-    let token_rewards: Vec<Vec<f32>> =
-        lengths.iter().map(|&l| (0..l).map(|_| 0.1 * f()).collect()).collect();
+    let values: Vec<Vec<f32>> = lengths
+        .iter()
+        .map(|&l| (0..l).map(|_| f()).collect())
+        .collect();
+    let token_rewards: Vec<Vec<f32>> = lengths
+        .iter()
+        .map(|&l| (0..l).map(|_| 0.1 * f()).collect())
+        .collect();
     let gae = Gae {
         gamma: 1.0,
         lambda: 1.0,
@@ -312,7 +328,10 @@ fn token_rewards_change_the_score_and_mask_zeroes_tokens() {
                 .with_response_mask(&mask),
         )
         .unwrap();
-    assert_close(&out.advantages, &[vec![-0.25, -0.25], vec![0.25, 0.0, 0.25]]);
+    assert_close(
+        &out.advantages,
+        &[vec![-0.25, -0.25], vec![0.25, 0.0, 0.25]],
+    );
 }
 
 #[test]
@@ -342,7 +361,10 @@ fn broadcast_over_lengths_and_mask() {
     let out = broadcast_to_tokens(&[2.0, -1.0, 3.0], &[3, 0, 2], None);
     assert_eq!(out, vec![vec![2.0; 3], vec![], vec![3.0; 2]]);
     let mask = vec![vec![false, true]];
-    assert_eq!(broadcast_to_tokens(&[4.0], &[2], Some(&mask)), vec![vec![0.0, 4.0]]);
+    assert_eq!(
+        broadcast_to_tokens(&[4.0], &[2], Some(&mask)),
+        vec![vec![0.0, 4.0]]
+    );
 }
 
 #[test]
@@ -358,7 +380,16 @@ fn dynamic_sampling_filter_and_refill() {
 
     let mut s = DynamicSampler::new(3, 3);
     assert_eq!(s.suggested_prompts(), 3);
-    let kept = s.add_round((0..4).map(|g| (g, if g % 2 == 0 { vec![1.0, 1.0] } else { vec![0.0, 1.0] })));
+    let kept = s.add_round((0..4).map(|g| {
+        (
+            g,
+            if g % 2 == 0 {
+                vec![1.0, 1.0]
+            } else {
+                vec![0.0, 1.0]
+            },
+        )
+    }));
     assert_eq!(kept, 2);
     assert!(!s.is_done());
     assert_eq!(s.groups_needed(), 1);

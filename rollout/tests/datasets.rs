@@ -27,7 +27,11 @@ fn parquet_verl_layout_with_malformed_rows() {
     assert_eq!(report.rows_read, 1000);
     assert_eq!(report.rows_kept, 990);
     assert_eq!(report.rows_skipped, 10);
-    assert!(report.first_skipped[0].starts_with("row 1: missing prompt"), "{:?}", report.first_skipped);
+    assert!(
+        report.first_skipped[0].starts_with("row 1: missing prompt"),
+        "{:?}",
+        report.first_skipped
+    );
     assert!(report.first_skipped[1].starts_with("row 101:"));
 
     let s = &ds.samples()[0]; // row index 1 (row 0 is malformed)
@@ -48,7 +52,11 @@ fn parquet_verl_layout_with_malformed_rows() {
         json!({"split": "train", "index": 1, "answer": answer, "question": question})
     );
     // Ids are dense indices over valid rows.
-    assert!(ds.samples().iter().enumerate().all(|(i, s)| s.id == i as u64));
+    assert!(ds
+        .samples()
+        .iter()
+        .enumerate()
+        .all(|(i, s)| s.id == i as u64));
 }
 
 #[test]
@@ -69,7 +77,11 @@ fn parquet_field_mapping_into_nested_structs() {
     let s = ds.get(3).unwrap();
     let (question, _, gt) = common::verl_parquet::row_text(3);
     assert_eq!(s.prompt, Prompt::Text(format!("Q: {question}\nA:")));
-    assert_eq!(s.ground_truth.as_deref(), Some("3"), "an int64 ground truth becomes its text");
+    assert_eq!(
+        s.ground_truth.as_deref(),
+        Some("3"),
+        "an int64 ground truth becomes its text"
+    );
     assert_eq!(s.data_source, "math");
     assert_eq!(s.extra, json!({"ground_truth": gt, "style": "rule"}));
 }
@@ -81,21 +93,40 @@ fn parquet_errors_name_the_file_and_columns() {
     common::verl_parquet::write_verl_parquet(&path, 10, None).unwrap();
     let mut cfg = FileDatasetConfig::new(&path);
     cfg.fields.prompt = "question".into();
-    let err = rlrun_rollout::data::load_parquet(&cfg).unwrap_err().to_string();
-    assert!(err.contains("p.parquet") && err.contains("`question` not found") && err.contains("reward_model"), "{err}");
+    let err = rlrun_rollout::data::load_parquet(&cfg)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("p.parquet")
+            && err.contains("`question` not found")
+            && err.contains("reward_model"),
+        "{err}"
+    );
 
     let all_bad = dir.path().join("bad.parquet");
     common::verl_parquet::write_verl_parquet(&all_bad, 10, Some(1)).unwrap();
     let err = rlrun_rollout::data::load_parquet(&FileDatasetConfig::new(&all_bad)).unwrap_err();
-    assert!(matches!(err, Error::NoValidRows { rows_read: 10, skipped: 10, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::NoValidRows {
+                rows_read: 10,
+                skipped: 10,
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("row 1: missing prompt"), "{err}");
 
     let not_parquet = dir.path().join("x.parquet");
     write(&not_parquet, "hello");
     let err = rlrun_rollout::data::load_parquet(&FileDatasetConfig::new(&not_parquet)).unwrap_err();
     assert!(err.to_string().contains("x.parquet"), "{err}");
-    let err = rlrun_rollout::data::load_parquet(&FileDatasetConfig::new(dir.path().join("missing.parquet")))
-        .unwrap_err();
+    let err = rlrun_rollout::data::load_parquet(&FileDatasetConfig::new(
+        dir.path().join("missing.parquet"),
+    ))
+    .unwrap_err();
     assert!(matches!(err, Error::Io { .. }) && err.to_string().contains("missing.parquet"));
 }
 
@@ -127,14 +158,20 @@ fn jsonl_verl_layout_skips_and_counts_malformed_lines() {
         .iter()
         .map(|s| s.split(':').next().unwrap_or(""))
         .collect();
-    assert_eq!(lines, ["line 2", "line 4", "line 5", "line 6", "line 7", "line 8"]);
+    assert_eq!(
+        lines,
+        ["line 2", "line 4", "line 5", "line 6", "line 7", "line 8"]
+    );
     assert!(report.first_skipped[0].contains("invalid JSON"));
     assert!(report.first_skipped[2].contains("missing prompt field `prompt`"));
 
     let s = ds.samples();
     assert_eq!(
         s[0].prompt,
-        Prompt::Messages(vec![ChatMessage::system("Be brief."), ChatMessage::user("2+2?")])
+        Prompt::Messages(vec![
+            ChatMessage::system("Be brief."),
+            ChatMessage::user("2+2?")
+        ])
     );
     assert_eq!(s[0].ground_truth.as_deref(), Some("4"));
     assert_eq!(s[0].extra, json!({"k": 1}));
@@ -156,7 +193,12 @@ fn jsonl_gzip_mapping_and_errors() {
         flate2::Compression::default(),
     );
     for i in 0..30 {
-        writeln!(enc, "{}", json!({"question": format!("q{i}"), "answer": i, "meta": {"i": i}})).unwrap();
+        writeln!(
+            enc,
+            "{}",
+            json!({"question": format!("q{i}"), "answer": i, "meta": {"i": i}})
+        )
+        .unwrap();
     }
     enc.finish().unwrap();
     let cfg: DatasetConfig = toml::from_str(&format!(
@@ -177,7 +219,10 @@ fn jsonl_gzip_mapping_and_errors() {
     write(&bad, "{}\n{\"prompt\": null}\n");
     let err = rlrun_rollout::data::load_jsonl(&FileDatasetConfig::new(&bad)).unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("bad.jsonl") && msg.contains("no valid rows") && msg.contains("line 1"), "{msg}");
+    assert!(
+        msg.contains("bad.jsonl") && msg.contains("no valid rows") && msg.contains("line 1"),
+        "{msg}"
+    );
     let empty = dir.path().join("empty.jsonl");
     write(&empty, "\n\n");
     assert!(matches!(
@@ -187,7 +232,9 @@ fn jsonl_gzip_mapping_and_errors() {
 }
 
 fn tiny(n: usize) -> Arc<dyn Dataset> {
-    let samples = (0..n).map(|i| Sample::new(0, Prompt::text(format!("q{i}")))).collect();
+    let samples = (0..n)
+        .map(|i| Sample::new(0, Prompt::text(format!("q{i}"))))
+        .collect();
     Arc::new(InMemoryDataset::new("tiny", samples))
 }
 
@@ -203,17 +250,31 @@ fn stream_epochs_are_seeded_permutations() {
     let mut c = PromptStream::new(ds.clone(), 8, true).unwrap();
     let e0 = ids(&a.next_batch(100));
     let e1 = ids(&a.next_batch(100));
-    assert_eq!(e0.iter().copied().collect::<BTreeSet<_>>().len(), 100, "each sample once");
+    assert_eq!(
+        e0.iter().copied().collect::<BTreeSet<_>>().len(),
+        100,
+        "each sample once"
+    );
     assert_eq!(e1.iter().copied().collect::<BTreeSet<_>>().len(), 100);
     assert_ne!(e0, e1, "reshuffled per epoch");
     assert_ne!(e0, (0..100).collect::<Vec<_>>());
-    assert_eq!(ids(&b.next_batch(200)), [e0.clone(), e1].concat(), "same seed, same order");
+    assert_eq!(
+        ids(&b.next_batch(200)),
+        [e0.clone(), e1].concat(),
+        "same seed, same order"
+    );
     assert_ne!(ids(&c.next_batch(100)), e0, "other seed, other order");
     assert_eq!(a.epoch(), 1);
     // The permutation is pinned: changing it would silently change resumed runs.
-    assert_eq!(&e0[..5], &rlrun_rollout::data::epoch_permutation(7, 0, 100)[..5]);
+    assert_eq!(
+        &e0[..5],
+        &rlrun_rollout::data::epoch_permutation(7, 0, 100)[..5]
+    );
     let mut plain = PromptStream::new(ds, 7, false).unwrap();
-    assert_eq!(ids(&plain.next_batch(150)), (0..100).chain(0..50).collect::<Vec<_>>());
+    assert_eq!(
+        ids(&plain.next_batch(150)),
+        (0..100).chain(0..50).collect::<Vec<_>>()
+    );
 }
 
 #[test]
@@ -236,14 +297,19 @@ fn stream_resumes_exactly_from_a_serialized_cursor() {
     // A cursor from a dataset of another size is refused.
     let mut other = PromptStream::new(tiny(36), 0, true).unwrap();
     assert!(other.restore(&cursor).is_err());
-    let past_end = Cursor { position: 99, ..cursor };
+    let past_end = Cursor {
+        position: 99,
+        ..cursor
+    };
     assert!(resumed.restore(&past_end).is_err());
     assert!(PromptStream::new(tiny(0), 0, true).is_err());
 }
 
 #[test]
 fn stream_over_generated_task_resumes_too() {
-    let ds = DatasetConfig::Countdown(CountdownTaskConfig::default()).build().unwrap();
+    let ds = DatasetConfig::Countdown(CountdownTaskConfig::default())
+        .build()
+        .unwrap();
     let mut run = PromptStream::new(ds.clone(), 5, true).unwrap();
     let first = run.next_batch(10);
     assert_eq!(ids(&first), (0..10).collect::<Vec<_>>());
@@ -275,20 +341,32 @@ fn arithmetic_task_is_deterministic_correct_and_configurable() {
     .unwrap();
     let task = ArithmeticTask::new(cfg.clone()).unwrap();
     let again = ArithmeticTask::new(cfg).unwrap();
-    let reward = RewardConfig::NumberMatch(Default::default()).build().unwrap();
+    let reward = RewardConfig::NumberMatch(Default::default())
+        .build()
+        .unwrap();
     let mut seen_div = false;
     for i in (0..500).rev() {
         let s = task.get(i).unwrap();
-        assert_eq!(s, again.get(i).unwrap(), "pure function of (seed, split, index)");
+        assert_eq!(
+            s,
+            again.get(i).unwrap(),
+            "pure function of (seed, split, index)"
+        );
         assert_eq!(s.id, i);
         let expression = s.extra["expression"].as_str().unwrap();
         seen_div |= expression.contains('/');
         let (value, numbers) = evaluate_expression(expression);
         assert_eq!(numbers.len(), 4);
-        assert_eq!(s.ground_truth.as_deref(), Some(value.to_string().as_str()), "{expression}");
+        assert_eq!(
+            s.ground_truth.as_deref(),
+            Some(value.to_string().as_str()),
+            "{expression}"
+        );
         assert_eq!(
             s.prompt,
-            Prompt::user(format!("What is {expression}? Put your final answer within \\boxed{{}}."))
+            Prompt::user(format!(
+                "What is {expression}? Put your final answer within \\boxed{{}}."
+            ))
         );
         let right = format!("\\boxed{{{value}}}");
         assert_eq!(reward.score(&s, &Completion::from_text(&right)).value, 1.0);
@@ -296,11 +374,16 @@ fn arithmetic_task_is_deterministic_correct_and_configurable() {
         assert_eq!(reward.score(&s, &Completion::from_text(&wrong)).value, 0.0);
     }
     assert!(seen_div);
-    let other_seed = ArithmeticTask::new(ArithmeticConfig { seed: 1, ..Default::default() }).unwrap();
+    let other_seed = ArithmeticTask::new(ArithmeticConfig {
+        seed: 1,
+        ..Default::default()
+    })
+    .unwrap();
     let default = ArithmeticTask::new(ArithmeticConfig::default()).unwrap();
     assert_ne!(other_seed.get(0), default.get(0));
     // Operand digits respect the config (no division: operands are shown as drawn).
-    let one_digit: ArithmeticConfig = toml::from_str("max_digits = 1\noperators = [\"mul\"]\nsize = 50\nchat = false").unwrap();
+    let one_digit: ArithmeticConfig =
+        toml::from_str("max_digits = 1\noperators = [\"mul\"]\nsize = 50\nchat = false").unwrap();
     let t = ArithmeticTask::new(one_digit).unwrap();
     assert_eq!(t.num_samples(), Some(50));
     assert!(t.get(50).is_none());
@@ -332,17 +415,30 @@ fn train_and_test_splits_never_overlap() {
             toml::from_str(&format!("{base}\nsplit = \"{split}\"\nseed = {seed}")).unwrap();
         let task = ArithmeticTask::new(cfg).unwrap();
         (0..2000)
-            .map(|i| task.get(i).unwrap().extra["expression"].as_str().unwrap().to_string())
+            .map(|i| {
+                task.get(i).unwrap().extra["expression"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
             .collect()
     };
     let train = problems("train", 0);
     let test = problems("test", 0);
     let test_other_seed = problems("test", 99);
     assert!(test.len() >= 3, "held-out set too small: {test:?}");
-    assert!(train.len() > 150, "train covers most of the space: {}", train.len());
+    assert!(
+        train.len() > 150,
+        "train covers most of the space: {}",
+        train.len()
+    );
     assert!(train.is_disjoint(&test));
     assert!(train.is_disjoint(&test_other_seed));
-    assert_eq!(train.len() + test.len(), 200, "the two sides partition the space");
+    assert_eq!(
+        train.len() + test.len(),
+        200,
+        "the two sides partition the space"
+    );
 
     let countdown = |split: Split| -> HashSet<String> {
         let task = CountdownTask::new(CountdownTaskConfig {
@@ -380,9 +476,17 @@ fn countdown_task_problems_are_solvable_and_scored() {
         let target: i128 = s.ground_truth.as_deref().unwrap().parse().unwrap();
         assert!((1..=1000).contains(&target));
         let solution = s.extra["solution"].as_str().unwrap();
-        assert!(evaluate_countdown(solution, &numbers, true).unwrap().equals(target), "{solution}");
+        assert!(
+            evaluate_countdown(solution, &numbers, true)
+                .unwrap()
+                .equals(target),
+            "{solution}"
+        );
         let text = format!("<think>...</think>\n<answer>{solution}</answer>");
         assert_eq!(reward.score(&s, &Completion::from_text(&text)).value, 1.0);
-        assert!(s.prompt.last_user_text().contains(&format!("equals {target}")));
+        assert!(s
+            .prompt
+            .last_user_text()
+            .contains(&format!("equals {target}")));
     }
 }

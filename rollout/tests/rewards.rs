@@ -68,15 +68,31 @@ fn adversarial_texts() -> Vec<String> {
         "\\text{\\text{\\text{".into(),
     ];
     // Deeply nested braces (balanced and not).
-    v.push(format!("\\boxed{{{}1{}}}", "{".repeat(5000), "}".repeat(5000)));
+    v.push(format!(
+        "\\boxed{{{}1{}}}",
+        "{".repeat(5000),
+        "}".repeat(5000)
+    ));
     v.push(format!("\\boxed{{{}", "{".repeat(20_000)));
-    v.push(format!("\\boxed{{{}1{}}}", "\\frac{".repeat(2000), "}{2}".repeat(2000)));
-    v.push(format!("<answer>{}1{}</answer>", "(".repeat(10_000), ")".repeat(10_000)));
+    v.push(format!(
+        "\\boxed{{{}1{}}}",
+        "\\frac{".repeat(2000),
+        "}{2}".repeat(2000)
+    ));
+    v.push(format!(
+        "<answer>{}1{}</answer>",
+        "(".repeat(10_000),
+        ")".repeat(10_000)
+    ));
     // Huge inputs.
     v.push("9".repeat(1_000_000));
     v.push("\\boxed{1} ".repeat(100_000));
     v.push("ü".repeat(500_000));
-    v.push(format!("<think>{}</think><answer>{}</answer>", "x".repeat(1_000_000), "1 + ".repeat(100_000)));
+    v.push(format!(
+        "<think>{}</think><answer>{}</answer>",
+        "x".repeat(1_000_000),
+        "1 + ".repeat(100_000)
+    ));
     v
 }
 
@@ -110,17 +126,29 @@ fn builtins_survive_adversarial_completions_and_ground_truths() {
         }
     }
     // Linear-time extraction: all of the above in well under a minute even unoptimized.
-    assert!(started.elapsed().as_secs() < 60, "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed().as_secs() < 60,
+        "took {:?}",
+        started.elapsed()
+    );
 }
 
 #[test]
 fn adversarial_strings_never_match_a_plain_answer() {
     let sample = Sample::new(0, Prompt::text("q")).with_ground_truth("42");
     for r in all_builtins().iter().filter(|r| {
-        matches!(r.name(), "gsm8k" | "number-match" | "math" | "exact-match" | "regex-match")
+        matches!(
+            r.name(),
+            "gsm8k" | "number-match" | "math" | "exact-match" | "regex-match"
+        )
     }) {
         for text in adversarial_texts() {
-            assert_eq!(r.score(&sample, &Completion::from_text(&text)).value, 0.0, "{}", r.name());
+            assert_eq!(
+                r.score(&sample, &Completion::from_text(&text)).value,
+                0.0,
+                "{}",
+                r.name()
+            );
         }
     }
 }
@@ -143,7 +171,10 @@ fn math_reward_handles_real_world_completion_shapes() {
     let reward = MathMatch::default();
     let s = |gt: &str| Sample::new(0, Prompt::text("q")).with_ground_truth(gt);
     let score = |gt: &str, text: &str| reward.score(&s(gt), &Completion::from_text(text)).value;
-    assert_eq!(score("\\frac{1}{2}", "so $x = \\boxed{\\dfrac{1}{2}}$."), 1.0);
+    assert_eq!(
+        score("\\frac{1}{2}", "so $x = \\boxed{\\dfrac{1}{2}}$."),
+        1.0
+    );
     assert_eq!(score("\\frac{1}{2}", "so $x = \\boxed{0.5}$."), 1.0);
     assert_eq!(score("\\frac{1}{2}", "\\boxed{1/2}"), 1.0);
     assert_eq!(score("\\frac{1}{2}", "the answer is 1/2"), 0.0, "no box");
@@ -154,7 +185,11 @@ fn math_reward_handles_real_world_completion_shapes() {
     assert_eq!(score("\\$18.90", "\\boxed{18.9}"), 1.0);
     assert_eq!(score("5\\sqrt{2}", "\\boxed{\\sqrt{50}}"), 1.0);
     assert_eq!(score("\\text{(C)}", "\\boxed{C}"), 1.0);
-    assert_eq!(score("2", "first \\boxed{2}, finally \\boxed{3}"), 0.0, "last box counts");
+    assert_eq!(
+        score("2", "first \\boxed{2}, finally \\boxed{3}"),
+        0.0,
+        "last box counts"
+    );
     // A full solution as ground truth uses its last box.
     assert_eq!(score("... hence \\boxed{7}.", "\\boxed{7}"), 1.0);
 }
@@ -193,8 +228,20 @@ fn countdown_parser_rejects_reuse_unknown_numbers_and_division_by_zero() {
     let e = evaluate_countdown("50 / (7 / 3 - 25 / 25)", &[50, 7, 3, 25, 25], true).unwrap();
     assert_eq!(e.value, (75, 2));
     // Anything that is not arithmetic on integer literals.
-    for bad in ["__import__('os')", "3 ** 7", "3.5 + 7", "x + 3", "3 + 7)", "(3 + 7", "3 7", "0x10"] {
-        assert!(evaluate_countdown(bad, &[3, 7, 16, 0], false).is_err(), "{bad}");
+    for bad in [
+        "__import__('os')",
+        "3 ** 7",
+        "3.5 + 7",
+        "x + 3",
+        "3 + 7)",
+        "(3 + 7",
+        "3 7",
+        "0x10",
+    ] {
+        assert!(
+            evaluate_countdown(bad, &[3, 7, 16, 0], false).is_err(),
+            "{bad}"
+        );
     }
 
     let reward = CountdownReward::new(Default::default()).unwrap();
@@ -217,7 +264,10 @@ fn config_shapes_parse_and_reject_unknowns() {
         ("name = \"rloo\"", "rloo"),
         ("name = \"reinforce-pp\"\ngamma = 0.99", "reinforce-pp"),
         ("name = \"reinforce-pp-baseline\"", "reinforce-pp-baseline"),
-        ("name = \"gae\"\ngamma = 1.0\nlambda = 0.95\nwhiten = false", "gae"),
+        (
+            "name = \"gae\"\ngamma = 1.0\nlambda = 0.95\nwhiten = false",
+            "gae",
+        ),
     ] {
         let cfg: AdvantageConfig = toml::from_str(text).unwrap_or_else(|e| panic!("{text}: {e}"));
         assert_eq!(cfg.build().unwrap().name(), name);
@@ -229,7 +279,10 @@ fn config_shapes_parse_and_reject_unknowns() {
         "name = \"rloo\"\nx = 1",
         "gamma = 1.0",
     ] {
-        assert!(toml::from_str::<AdvantageConfig>(bad).is_err(), "accepted {bad:?}");
+        assert!(
+            toml::from_str::<AdvantageConfig>(bad).is_err(),
+            "accepted {bad:?}"
+        );
     }
     let cfg: AdvantageConfig = toml::from_str("name = \"gae\"\nlambda = 1.5").unwrap();
     assert!(cfg.build().is_err(), "lambda out of range");
@@ -293,7 +346,10 @@ fn config_shapes_parse_and_reject_unknowns() {
         "name = \"math\"\nsubset = \"level5\"",
         "name = \"csv\"\npath = \"x\"",
     ] {
-        assert!(toml::from_str::<DatasetConfig>(bad).is_err(), "accepted {bad:?}");
+        assert!(
+            toml::from_str::<DatasetConfig>(bad).is_err(),
+            "accepted {bad:?}"
+        );
     }
 
     // Runner.

@@ -33,11 +33,18 @@ fn gsm8k_loader_reads_all_test_problems() {
     let ds = gsm8k();
     assert_eq!(ds.len(), 1319);
     let first = &ds.samples()[0];
-    assert!(first.prompt.last_user_text().starts_with("Janet’s ducks lay 16 eggs"));
+    assert!(first
+        .prompt
+        .last_user_text()
+        .starts_with("Janet’s ducks lay 16 eggs"));
     assert!(first.prompt.last_user_text().contains("\\boxed{}"));
     assert_eq!(first.ground_truth.as_deref(), Some("18"));
     assert_eq!(first.data_source, "gsm8k");
-    assert!(ds.samples().iter().enumerate().all(|(i, s)| s.id == i as u64));
+    assert!(ds
+        .samples()
+        .iter()
+        .enumerate()
+        .all(|(i, s)| s.id == i as u64));
 }
 
 #[test]
@@ -55,13 +62,21 @@ fn gsm8k_gold_solutions_score_one_and_perturbed_score_zero() {
         let n: i64 = gt.replace(',', "").parse().expect("integer answer");
         let marker = solution.rfind("####").expect("#### in gold");
         let bad = format!("{}#### {}", &solution[..marker], n + 1);
-        assert_eq!(reward.score(s, &Completion::from_text(&bad)).value, 0.0, "{bad}");
+        assert_eq!(
+            reward.score(s, &Completion::from_text(&bad)).value,
+            0.0,
+            "{bad}"
+        );
 
         // The same answer in other formats.
         let boxed = format!("So the total is \\boxed{{{n}}}.");
         assert_eq!(reward.score(s, &Completion::from_text(&boxed)).value, 1.0);
         let dollars = format!("She makes ${}.", with_commas(n));
-        assert_eq!(reward.score(s, &Completion::from_text(&dollars)).value, 1.0, "{dollars}");
+        assert_eq!(
+            reward.score(s, &Completion::from_text(&dollars)).value,
+            1.0,
+            "{dollars}"
+        );
         checked += 1;
     }
     assert_eq!(checked, 1319);
@@ -107,10 +122,16 @@ fn gsm8k_cot_continuations_score_with_last_number_rule() {
 fn math_loader_reads_all_subjects_and_math500() {
     let full = math(rlrun_rollout::data::MathSubset::Full);
     assert_eq!(full.len(), 5000);
-    let sources: std::collections::BTreeSet<&str> =
-        full.samples().iter().map(|s| s.data_source.as_str()).collect();
+    let sources: std::collections::BTreeSet<&str> = full
+        .samples()
+        .iter()
+        .map(|s| s.data_source.as_str())
+        .collect();
     assert_eq!(sources.len(), 7, "{sources:?}");
-    assert!(full.samples().iter().all(|s| s.ground_truth.as_deref().is_some_and(|g| !g.is_empty())));
+    assert!(full
+        .samples()
+        .iter()
+        .all(|s| s.ground_truth.as_deref().is_some_and(|g| !g.is_empty())));
     let m500 = math(rlrun_rollout::data::MathSubset::Math500);
     assert_eq!(m500.len(), 500);
 }
@@ -141,8 +162,15 @@ fn math_gold_solutions_score_one_and_perturbed_score_zero() {
         let wrong = perturb(gt);
         let boxed = last_boxed(solution).expect("boxed in gold");
         // Replace the content of the last box (not another occurrence of the same text).
-        let at = solution.rfind("\\boxed").or_else(|| solution.rfind("\\fbox")).expect("box");
-        let bad_solution = format!("{}{}", &solution[..at], solution[at..].replacen(boxed, &wrong, 1));
+        let at = solution
+            .rfind("\\boxed")
+            .or_else(|| solution.rfind("\\fbox"))
+            .expect("box");
+        let bad_solution = format!(
+            "{}{}",
+            &solution[..at],
+            solution[at..].replacen(boxed, &wrong, 1)
+        );
         assert_eq!(last_boxed(&bad_solution), Some(wrong.as_str()));
         let r = reward.score(s, &Completion::from_text(&bad_solution));
         assert_eq!(r.value, 0.0, "perturbed {wrong:?} must not match {gt:?}");
@@ -196,5 +224,10 @@ fn math_answers_match_their_minerva_normalized_forms() {
         assert!(!is_equivalent(&wrong, minerva), "{wrong:?} ≡ {minerva:?}?");
     }
     assert!(compared >= 400, "only {compared} differing forms compared");
-    assert!(failures.is_empty(), "{} of {compared} not equivalent:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {compared} not equivalent:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

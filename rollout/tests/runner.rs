@@ -90,7 +90,11 @@ fn a_panicking_reward_scores_the_failure_value_and_is_counted() {
     assert_eq!(stats.non_finite, 1);
     assert_eq!(
         stats.failures,
-        vec![(1, Failure::Panic), (3, Failure::Panic), (4, Failure::NonFinite)]
+        vec![
+            (1, Failure::Panic),
+            (3, Failure::Panic),
+            (4, Failure::NonFinite)
+        ]
     );
     // Metrics average only over successful calls.
     assert!((stats.metrics["value_seen"] - 0.75).abs() < 1e-6);
@@ -115,11 +119,17 @@ fn a_reward_that_sleeps_past_its_limit_does_not_block_the_batch() {
         "3",
     ]));
     let elapsed = started.elapsed();
-    assert!(elapsed < Duration::from_millis(2000), "batch took {elapsed:?}");
+    assert!(
+        elapsed < Duration::from_millis(2000),
+        "batch took {elapsed:?}"
+    );
     let values: Vec<f32> = rewards.iter().map(|r| r.value).collect();
     assert_eq!(values, [0.0, 0.0, 1.0, 2.0, 0.5, 3.0]);
     assert_eq!(stats.timeouts, 2);
-    assert_eq!(stats.failures, vec![(0, Failure::Timeout), (1, Failure::Timeout)]);
+    assert_eq!(
+        stats.failures,
+        vec![(0, Failure::Timeout), (1, Failure::Timeout)]
+    );
     assert_eq!(stats.leaked_threads, 2, "two threads are still stuck");
     // The pool was refilled: a later batch runs at full width, immediately.
     assert_eq!(runner.num_workers(), 2);
@@ -158,7 +168,9 @@ fn real_rewards_through_the_runner() {
     )
     .unwrap();
     let runner = RewardRunner::new(cfg.build().unwrap(), RewardRunnerConfig::default()).unwrap();
-    let sample = Arc::new(Sample::new(0, Prompt::user("1/2 as a fraction?")).with_ground_truth("\\frac{1}{2}"));
+    let sample = Arc::new(
+        Sample::new(0, Prompt::user("1/2 as a fraction?")).with_ground_truth("\\frac{1}{2}"),
+    );
     let texts = [
         "<think>half</think> \\boxed{\\dfrac12}",
         "\\boxed{0.5}",
@@ -181,10 +193,22 @@ fn real_rewards_through_the_runner() {
 fn invalid_runner_configs_are_rejected() {
     let reward: Arc<dyn RewardFn> = Arc::new(NumberMatch::gsm8k());
     for cfg in [
-        RewardRunnerConfig { num_threads: Some(0), ..Default::default() },
-        RewardRunnerConfig { timeout_secs: 0.0, ..Default::default() },
-        RewardRunnerConfig { timeout_secs: f64::INFINITY, ..Default::default() },
-        RewardRunnerConfig { failure_score: f32::NAN, ..Default::default() },
+        RewardRunnerConfig {
+            num_threads: Some(0),
+            ..Default::default()
+        },
+        RewardRunnerConfig {
+            timeout_secs: 0.0,
+            ..Default::default()
+        },
+        RewardRunnerConfig {
+            timeout_secs: f64::INFINITY,
+            ..Default::default()
+        },
+        RewardRunnerConfig {
+            failure_score: f32::NAN,
+            ..Default::default()
+        },
     ] {
         assert!(RewardRunner::new(reward.clone(), cfg).is_err());
     }

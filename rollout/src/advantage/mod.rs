@@ -156,7 +156,10 @@ impl<'a> AdvantageInput<'a> {
                 return err(message);
             }
         }
-        for (what, rows) in [("token_rewards", self.token_rewards), ("values", self.values)] {
+        for (what, rows) in [
+            ("token_rewards", self.token_rewards),
+            ("values", self.values),
+        ] {
             if let Some(rows) = rows {
                 for (i, row) in rows.iter().enumerate() {
                     if let Some(t) = row.iter().position(|x| !x.is_finite()) {

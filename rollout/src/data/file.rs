@@ -164,7 +164,8 @@ impl LoadReport {
         self.rows_skipped += 1;
         if self.first_skipped.len() < MAX_LOGGED_MALFORMED {
             tracing::warn!(file = %self.path.display(), at = %format!("{unit} {number}"), reason, "skipping malformed row");
-            self.first_skipped.push(format!("{unit} {number}: {reason}"));
+            self.first_skipped
+                .push(format!("{unit} {number}: {reason}"));
         }
     }
 
@@ -476,9 +477,7 @@ fn to_json(array: &dyn Array, row: usize) -> Value {
             .map_or(Value::Null, |s| Value::String(s.to_string())),
         DataType::List(_) => list_json(array.as_list::<i32>().value(row).as_ref()),
         DataType::LargeList(_) => list_json(array.as_list::<i64>().value(row).as_ref()),
-        DataType::FixedSizeList(_, _) => {
-            list_json(array.as_fixed_size_list().value(row).as_ref())
-        }
+        DataType::FixedSizeList(_, _) => list_json(array.as_fixed_size_list().value(row).as_ref()),
         DataType::Struct(fields) => {
             let s = array.as_struct();
             Value::Object(

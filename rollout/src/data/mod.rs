@@ -205,9 +205,9 @@ impl PromptStream {
     /// Fails on an empty finite dataset.
     pub fn new(dataset: Arc<dyn Dataset>, seed: u64, shuffle: bool) -> Result<Self> {
         if dataset.num_samples() == Some(0) {
-            return Err(Error::Cursor {
-                dataset: dataset.name().to_string(),
-                message: "the dataset is empty".into(),
+            return Err(Error::Config {
+                what: "prompt stream".into(),
+                message: format!("dataset `{}` is empty", dataset.name()),
             });
         }
         let mut stream = Self {

@@ -235,7 +235,11 @@ impl ArithmeticTask {
         let c = &self.config;
         let operand = |rng: &mut ChaCha8Rng, nonzero: bool| -> i128 {
             let digits = uniform(rng, u64::from(c.min_digits), u64::from(c.max_digits)) as u32;
-            let lo = if digits == 1 { u64::from(nonzero) } else { 10u64.pow(digits - 1) };
+            let lo = if digits == 1 {
+                u64::from(nonzero)
+            } else {
+                10u64.pow(digits - 1)
+            };
             let hi = 10u64.pow(digits) - 1;
             i128::from(uniform(rng, lo, hi))
         };
@@ -433,7 +437,9 @@ impl CountdownTask {
             return Err(err("max_target must be > 0".into()));
         }
         if !config.template.contains("{numbers}") || !config.template.contains("{target}") {
-            return Err(err("template must contain `{numbers}` and `{target}`".into()));
+            return Err(err(
+                "template must contain `{numbers}` and `{target}`".into()
+            ));
         }
         if config.size == Some(0) {
             return Err(err("size must be > 0 (omit it for unbounded)".into()));

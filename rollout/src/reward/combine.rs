@@ -124,9 +124,10 @@ mod tests {
         assert_eq!(r.metrics["format"], 1.0);
         assert_eq!(r.metrics["gsm8k/has_answer"], 1.0);
         assert!(WeightedSum::new(vec![]).is_err());
-        assert!(
-            WeightedSum::new(vec![WeightedTerm::new(f32::NAN, Arc::new(NumberMatch::gsm8k()))])
-                .is_err()
-        );
+        assert!(WeightedSum::new(vec![WeightedTerm::new(
+            f32::NAN,
+            Arc::new(NumberMatch::gsm8k())
+        )])
+        .is_err());
     }
 }

@@ -155,11 +155,10 @@ impl Rational {
     fn add(self, o: Self, sign: i128) -> std::result::Result<Self, CountdownError> {
         let of = CountdownError::Overflow;
         let left = self.n.checked_mul(o.d).ok_or(of.clone())?;
-        let right = o
-            .n
-            .checked_mul(self.d)
-            .and_then(|x| x.checked_mul(sign))
-            .ok_or(of.clone())?;
+        let right =
+            o.n.checked_mul(self.d)
+                .and_then(|x| x.checked_mul(sign))
+                .ok_or(of.clone())?;
         let n = left.checked_add(right).ok_or(of.clone())?;
         let d = self.d.checked_mul(o.d).ok_or(of)?;
         Self::new(n, d)
@@ -359,8 +358,7 @@ impl RewardFn for CountdownReward {
                 .with_metric("bad_ground_truth", 1.0)
                 .with_metric("correct", 0.0);
         };
-        let answer =
-            last_tagged(completion.text, "answer").or_else(|| last_boxed(completion.text));
+        let answer = last_tagged(completion.text, "answer").or_else(|| last_boxed(completion.text));
         reward = reward.with_metric("has_answer", f32::from(u8::from(answer.is_some())));
         let Some(answer) = answer else {
             return reward

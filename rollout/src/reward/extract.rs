@@ -167,8 +167,10 @@ pub fn first_number(text: &str) -> Option<f64> {
 /// `is -5` and `is - 5` are -5.
 fn signed_number(text: &str, m: regex::Match<'_>) -> Option<f64> {
     let before = &text[..m.start()];
-    let binary_context =
-        |s: &str| s.trim_end().ends_with(|c: char| c.is_ascii_digit() || c == ')');
+    let binary_context = |s: &str| {
+        s.trim_end()
+            .ends_with(|c: char| c.is_ascii_digit() || c == ')')
+    };
     let matched = m.as_str();
     if let Some(unsigned) = matched.strip_prefix('-') {
         let v = parse_number(unsigned)?;

@@ -125,9 +125,11 @@ fn equivalent_normalized(a: &str, b: &str, depth: usize) -> bool {
                 // A bare list is a set: match greedily in any order.
                 let mut used = vec![false; lb.items.len()];
                 la.items.iter().all(|x| {
-                    let hit = lb.items.iter().enumerate().position(|(j, y)| {
-                        !used[j] && equivalent_normalized(x, y, depth + 1)
-                    });
+                    let hit = lb
+                        .items
+                        .iter()
+                        .enumerate()
+                        .position(|(j, y)| !used[j] && equivalent_normalized(x, y, depth + 1));
                     hit.map(|j| used[j] = true).is_some()
                 })
             }
@@ -367,7 +369,12 @@ pub fn normalize_answer(answer: &str) -> String {
             s = s.replace(&spaced, &format!("{cmd}{{"));
         }
     }
-    for and in ["\\text{ and }", "\\text{and}", "\\text{ and}", "\\text{and }"] {
+    for and in [
+        "\\text{ and }",
+        "\\text{and}",
+        "\\text{ and}",
+        "\\text{and }",
+    ] {
         if s.contains(and) {
             s = s.replace(and, ",");
         }
@@ -382,13 +389,7 @@ pub fn normalize_answer(answer: &str) -> String {
     }
     strip_trailing_unit_words(&mut s);
     for cmd in [
-        "\\text",
-        "\\textbf",
-        "\\textrm",
-        "\\mathrm",
-        "\\mathbf",
-        "\\mbox",
-        "\\boxed",
+        "\\text", "\\textbf", "\\textrm", "\\mathrm", "\\mathbf", "\\mbox", "\\boxed",
     ] {
         if s.contains(cmd) {
             s = unwrap_command(&s, cmd);
@@ -562,7 +563,9 @@ impl Evaluator<'_> {
             Some(b'0'..=b'9' | b'(' | b'{' | b'.') => true,
             Some(b'\\') => {
                 let rest = &self.s[self.i..];
-                rest.starts_with(b"\\frac") || rest.starts_with(b"\\sqrt") || rest.starts_with(b"\\pi")
+                rest.starts_with(b"\\frac")
+                    || rest.starts_with(b"\\sqrt")
+                    || rest.starts_with(b"\\pi")
             }
             _ => false,
         }
@@ -686,7 +689,10 @@ mod tests {
             (r"8{,}880", "8880"),
             ("-6, -3, 2", "2,-3,-6"),
             (".5", "1/2"),
-            (r"\begin{bmatrix}1\\2\end{bmatrix}", r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}"),
+            (
+                r"\begin{bmatrix}1\\2\end{bmatrix}",
+                r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}",
+            ),
             (r"\frac{\sqrt6}3", r"\frac{\sqrt{6}}{3}"),
             (r"\pi/2", r"\frac{\pi}{2}"),
             ("(A)", r"\text{A}"),
@@ -731,7 +737,10 @@ mod tests {
 
     #[test]
     fn brace_arguments_nested() {
-        assert_eq!(normalize_answer(r"\frac{\frac12}{3}"), r"\frac{\frac{1}{2}}{3}");
+        assert_eq!(
+            normalize_answer(r"\frac{\frac12}{3}"),
+            r"\frac{\frac{1}{2}}{3}"
+        );
         assert_eq!(normalize_answer(r"\sqrt[3]2"), r"\sqrt[3]{2}");
     }
 }

@@ -43,7 +43,7 @@ pub use math::{MathMatch, MathMatchConfig};
 pub use number::{NumberFormat, NumberMatch, NumberMatchConfig};
 pub use text::{
     ExactMatch, ExactMatchConfig, Extract, FormatReward, FormatRewardConfig, RegexMatch,
-    RegexMatchConfig, RegexMode,
+    RegexMatchConfig, RegexMode, DEFAULT_FORMAT_PATTERN,
 };
 
 /// The result of scoring one completion.

@@ -130,8 +130,7 @@ impl RewardFn for NumberMatch {
                 .with_metric("correct", 0.0);
         };
         let predicted = self.config.format.extract(completion.text);
-        let correct = predicted
-            .is_some_and(|p| (p - gold).abs() <= self.config.tolerance);
+        let correct = predicted.is_some_and(|p| (p - gold).abs() <= self.config.tolerance);
         Reward::binary(correct)
             .with_metric("has_answer", f32::from(u8::from(predicted.is_some())))
             .with_metric("correct", f32::from(u8::from(correct)))

@@ -71,9 +71,7 @@ impl RewardFn for ExactMatch {
         let answer = self.config.extract.apply(completion.text).map(str::trim);
         let gold = sample.ground_truth.as_deref().map(str::trim);
         let correct = match (answer, gold) {
-            (Some(a), Some(g)) if self.config.ignore_case => {
-                a.to_lowercase() == g.to_lowercase()
-            }
+            (Some(a), Some(g)) if self.config.ignore_case => a.to_lowercase() == g.to_lowercase(),
             (Some(a), Some(g)) => a == g,
             _ => false,
         };

@@ -7,9 +7,7 @@ use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
 
-use arrow_array::builder::{
-    Int64Builder, ListBuilder, StringBuilder, StructBuilder,
-};
+use arrow_array::builder::{Int64Builder, ListBuilder, StringBuilder, StructBuilder};
 use arrow_array::{ArrayRef, RecordBatch};
 use arrow_schema::{DataType, Field, Fields};
 use parquet::arrow::ArrowWriter;
@@ -20,7 +18,10 @@ use parquet::file::properties::WriterProperties;
 pub fn row_text(i: usize) -> (String, String, String) {
     let (a, b) = (i % 977, (i * 7) % 1013);
     let question = format!("Natalia sold clips to {a} of her friends in April, and then she sold {b} clips in May. How many clips did Natalia sell altogether in April and May?");
-    let answer = format!("Natalia sold {a}+{b} = <<{a}+{b}={s}>>{s} clips altogether.\n#### {s}", s = a + b);
+    let answer = format!(
+        "Natalia sold {a}+{b} = <<{a}+{b}={s}>>{s} clips altogether.\n#### {s}",
+        s = a + b
+    );
     (question, answer, (a + b).to_string())
 }
 
@@ -68,20 +69,40 @@ pub fn write_verl_parquet(
                 prompt.append(false);
             } else {
                 let m = prompt.values();
-                m.field_builder::<StringBuilder>(0).expect("role").append_value("user");
+                m.field_builder::<StringBuilder>(0)
+                    .expect("role")
+                    .append_value("user");
                 m.field_builder::<StringBuilder>(1)
                     .expect("content")
                     .append_value(format!("{question} Let's think step by step and output the final answer after \"####\"."));
                 m.append(true);
                 prompt.append(true);
             }
-            reward_model.field_builder::<StringBuilder>(0).expect("gt").append_value(&gt);
-            reward_model.field_builder::<StringBuilder>(1).expect("style").append_value("rule");
+            reward_model
+                .field_builder::<StringBuilder>(0)
+                .expect("gt")
+                .append_value(&gt);
+            reward_model
+                .field_builder::<StringBuilder>(1)
+                .expect("style")
+                .append_value("rule");
             reward_model.append(true);
-            extra.field_builder::<StringBuilder>(0).expect("split").append_value("train");
-            extra.field_builder::<Int64Builder>(1).expect("index").append_value(i as i64);
-            extra.field_builder::<StringBuilder>(2).expect("answer").append_value(&answer);
-            extra.field_builder::<StringBuilder>(3).expect("question").append_value(&question);
+            extra
+                .field_builder::<StringBuilder>(0)
+                .expect("split")
+                .append_value("train");
+            extra
+                .field_builder::<Int64Builder>(1)
+                .expect("index")
+                .append_value(i as i64);
+            extra
+                .field_builder::<StringBuilder>(2)
+                .expect("answer")
+                .append_value(&answer);
+            extra
+                .field_builder::<StringBuilder>(3)
+                .expect("question")
+                .append_value(&question);
             extra.append(true);
         }
         let columns: Vec<(&str, ArrayRef)> = vec![
@@ -93,7 +114,11 @@ pub fn write_verl_parquet(
         ];
         let batch = RecordBatch::try_from_iter(columns)?;
         if writer.is_none() {
-            writer = Some(ArrowWriter::try_new(file.try_clone()?, batch.schema(), Some(props.clone()))?);
+            writer = Some(ArrowWriter::try_new(
+                file.try_clone()?,
+                batch.schema(),
+                Some(props.clone()),
+            )?);
         }
         if let Some(w) = writer.as_mut() {
             w.write(&batch)?;
