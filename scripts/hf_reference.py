@@ -334,6 +334,46 @@ def cmd_generate(model_dir, inp, out):
     json.dump({"completions": gen[:, t:].tolist()}, open(out, "w"))
 
 
+def cmd_adamw_check(model_dir, inp_json, grads_file, out):
+    """Gradient of a token-mean policy-gradient loss by autograd, then two AdamW steps (decay on
+    2-D weights, none on norms/biases, as two param groups) after `clip_grad_norm_`, driven by the
+    gradients rlrun computed (from GRADS_FILE: g1.<name>, g2.<name>)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    cfg = json.load(open(inp_json))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    model.train()
+    params = dict(model.named_parameters())
+    # 1. Autograd gradient of -sum(A * logp) / tokens, one unpadded sequence at a time.
+    ntok = sum(len(s["response"]) for s in cfg["sequences"])
+    model.zero_grad()
+    for s in cfg["sequences"]:
+        ids = torch.tensor([s["prompt"] + s["response"]])
+        logits = model(ids).logits[0].float()
+        p = len(s["prompt"])
+        lp = torch.log_softmax(logits[p - 1:-1], -1).gather(-1, torch.tensor(s["response"])[:, None]).squeeze(-1)
+        loss = -(torch.tensor(s["advantages"]) * lp).sum() / ntok
+        loss.backward()
+    out_t = {f"torch_grad.{n}": p.grad.detach().clone() for n, p in params.items()}
+    # 2. Two optimizer steps from rlrun's gradients.
+    g = load_file(grads_file)
+    decay = [p for n, p in params.items() if p.ndim >= 2]
+    no_decay = [p for n, p in params.items() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["eps"], foreach=False)
+    for step in (1, 2):
+        for n, p in params.items():
+            p.grad = g[f"g{step}.{n}"].clone()
+        out_t[f"pre_clip_norm{step}"] = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg["grad_clip"],
+                                                                        foreach=False).reshape(1)
+        opt.step()
+        for n, p in params.items():
+            out_t[f"step{step}.{n}"] = p.detach().clone()
+    save_file(out_t, out)
+
+
 @torch.no_grad()
 def cmd_compare_gguf(gguf, model_dir):
     from safetensors.torch import load_file
@@ -357,4 +397,4 @@ def cmd_compare_gguf(gguf, model_dir):
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
     {"fixtures": cmd_fixtures, "smollm2-cases": cmd_smollm2_cases, "logits": cmd_logits,
-     "compare-gguf": cmd_compare_gguf, "generate": cmd_generate}[cmd](*args)
+     "compare-gguf": cmd_compare_gguf, "generate": cmd_generate, "adamw-check": cmd_adamw_check}[cmd](*args)

@@ -1,9 +1,359 @@
-//! `rlrun bench`: benchmarks that run the peer in the same invocation and print ours / peer.
-use clap::Subcommand;
+//! `rlrun bench`: our figure and the peer's (transformers / PyTorch via `benches/peer.py`) measured
+//! in the same invocation on the same machine, printed with their ratio (ours / peer).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use rlrun_generator::{Engine, EngineConfig, Request, SamplingParams};
+use rlrun_model::{build_model, CacheWrite, ChatMessage, KvCache, ModelFiles};
+use serde_json::{json, Value};
+use tch::{Device, Kind, Tensor};
+
+use crate::{DeviceArg, DtypeArg};
 
 #[derive(Subcommand)]
-pub enum BenchCommand {}
+pub enum BenchCommand {
+    /// Prefill throughput (tokens/s): forward of a batch into a KV cache, last-position logits.
+    Forward {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 8)]
+        batch: i64,
+        #[arg(long, default_value_t = 256)]
+        seq: i64,
+        #[arg(long, default_value_t = 3)]
+        iters: usize,
+    },
+    /// Generation throughput (tokens/s): prompts × samples, fixed length, temperature 1.
+    Generate {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 32)]
+        prompts: usize,
+        #[arg(long, default_value_t = 8)]
+        n: usize,
+        #[arg(long, default_value_t = 128)]
+        max_new: usize,
+        /// Random prompts of this many tokens instead of chat prompts (for random-weight models).
+        #[arg(long)]
+        prompt_len: Option<usize>,
+    },
+}
+
+#[derive(Args)]
+pub struct Common {
+    /// Model directory (HF layout; the peer loads the same files).
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    dtype: DtypeArg,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
+    /// Skip the peer (ours only).
+    #[arg(long)]
+    no_peer: bool,
+    /// Write the result as JSON here too.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// Where the reference Python is: `$RLRUN_PYTHON`, `.venv/bin/python`, else `python3`.
+pub fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("RLRUN_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let venv = Path::new(".venv/bin/python");
+    if venv.exists() {
+        return venv.to_path_buf();
+    }
+    PathBuf::from("python3")
+}
+
+fn peer(args: &[String]) -> anyhow::Result<Value> {
+    let script = Path::new("benches/peer.py");
+    if !script.exists() {
+        bail!("benches/peer.py not found: run rlrun bench from the repository root");
+    }
+    let out = Command::new(python())
+        .arg(script)
+        .args(args)
+        .output()
+        .context("running the peer")?;
+    if !out.status.success() {
+        bail!("peer failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().last().unwrap_or("");
+    serde_json::from_str(line).with_context(|| format!("peer output: {text}"))
+}
+
+/// A one-line description of this machine.
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let gpu = if tch::Cuda::is_available() {
+        format!(", {} CUDA device(s)", tch::Cuda::device_count())
+    } else {
+        String::new()
+    };
+    format!(
+        "{cpu}, {cores} cores, torch threads {}{gpu}",
+        tch::get_num_threads()
+    )
+}
+
+fn report(
+    name: &str,
+    unit: &str,
+    ours: f64,
+    peer: Option<&Value>,
+    mut extra: Value,
+    json_path: Option<&Path>,
+) -> anyhow::Result<()> {
+    let peer_v = peer.and_then(|p| p["tokens_per_s"].as_f64());
+    println!("{name}");
+    println!("  machine: {}", machine());
+    println!("  rlrun: {ours:.1} {unit}");
+    if let Some(p) = peer_v {
+        println!(
+            "  peer:  {p:.1} {unit} ({})",
+            peer.and_then(|p| p["peer"].as_str()).unwrap_or("?")
+        );
+        println!("  ratio (rlrun / peer): {:.2}x", ours / p);
+    }
+    extra["bench"] = json!(name);
+    extra["machine"] = json!(machine());
+    extra["rlrun_tokens_per_s"] = json!(ours);
+    extra["peer_tokens_per_s"] = json!(peer_v);
+    extra["ratio"] = json!(peer_v.map(|p| ours / p));
+    if let Some(path) = json_path {
+        std::fs::write(path, serde_json::to_string_pretty(&extra)?)?;
+    }
+    Ok(())
+}
+
+fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
 
 pub fn run(what: BenchCommand) -> anyhow::Result<()> {
-    match what {}
+    match what {
+        BenchCommand::Forward {
+            common,
+            batch,
+            seq,
+            iters,
+        } => forward(&common, batch, seq, iters),
+        BenchCommand::Generate {
+            common,
+            prompts,
+            n,
+            max_new,
+            prompt_len,
+        } => generate(&common, prompts, n, max_new, prompt_len),
+    }
+}
+
+fn dtype_name(k: Kind) -> &'static str {
+    match k {
+        Kind::BFloat16 => "bfloat16",
+        Kind::Half => "float16",
+        _ => "float32",
+    }
+}
+
+fn forward(c: &Common, batch: i64, seq: i64, iters: usize) -> anyhow::Result<()> {
+    let device = c.device.device();
+    let kind = c.dtype.kind();
+    let files = ModelFiles::open(&c.model)?;
+    let weights = files.load_weights(kind, device)?;
+    let model = build_model(files.config.clone(), &weights)?;
+    let _g = tch::no_grad_guard();
+    tch::manual_seed(0);
+    let ids = Tensor::randint(files.config.vocab_size, [batch, seq], (Kind::Int64, device));
+    let mut cache = KvCache::new(&files.config, batch, seq, kind, device)?;
+    let slots_host: Vec<i64> = (0..batch).collect();
+    let slots = Tensor::from_slice(&slots_host).to_device(device);
+    let start = vec![0i64; batch as usize];
+    let lens = vec![seq; batch as usize];
+    let mut once = || -> anyhow::Result<()> {
+        let h = model.forward_cached(
+            &ids,
+            &mut cache,
+            &CacheWrite {
+                slots: &slots,
+                slots_host: &slots_host,
+                start: &start,
+                lens: &lens,
+            },
+        )?;
+        let _ = model.logits(&h.narrow(1, seq - 1, 1))?;
+        Ok(())
+    };
+    once()?;
+    sync(device);
+    let t = Instant::now();
+    for _ in 0..iters {
+        once()?;
+    }
+    sync(device);
+    let dt = t.elapsed().as_secs_f64() / iters as f64;
+    let ours = (batch * seq) as f64 / dt;
+    let peer_v = if c.no_peer {
+        None
+    } else {
+        Some(peer(&[
+            "forward".into(),
+            c.model.display().to_string(),
+            format!("--batch={batch}"),
+            format!("--seq={seq}"),
+            format!("--iters={iters}"),
+            format!("--dtype={}", dtype_name(kind)),
+            format!("--device={}", if device.is_cuda() { "cuda" } else { "cpu" }),
+        ])?)
+    };
+    report(
+        &format!(
+            "prefill, batch {batch} x {seq} tokens, {:?} on {device:?}",
+            kind
+        ),
+        "tokens/s",
+        ours,
+        peer_v.as_ref(),
+        json!({"batch": batch, "seq": seq, "seconds": dt, "peer": peer_v}),
+        c.json.as_deref(),
+    )
+}
+
+fn generate(
+    c: &Common,
+    n_prompts: usize,
+    n: usize,
+    max_new: usize,
+    prompt_len: Option<usize>,
+) -> anyhow::Result<()> {
+    let device = c.device.device();
+    let kind = c.dtype.kind();
+    let files = ModelFiles::open(&c.model)?;
+    let prompts: Vec<Vec<i64>> = match prompt_len {
+        Some(len) => {
+            tch::manual_seed(1);
+            let ids = Tensor::randint(
+                files.config.vocab_size,
+                [n_prompts as i64, len as i64],
+                (Kind::Int64, Device::Cpu),
+            );
+            (0..n_prompts as i64)
+                .map(|i| Vec::<i64>::try_from(ids.get(i)).unwrap_or_default())
+                .collect()
+        }
+        None => {
+            let tpl = files
+                .chat_template()?
+                .context("model has no chat template")?;
+            (0..n_prompts)
+                .map(|i| {
+                    let q = format!(
+                        "What is {} + {}? Think step by step, then give the answer.",
+                        17 + 7 * i,
+                        38 + 13 * i
+                    );
+                    let text = tpl.render(&[ChatMessage::new("user", q)], true)?;
+                    Ok(files
+                        .tokenizer
+                        .encode(&text, false)?
+                        .into_iter()
+                        .map(i64::from)
+                        .collect())
+                })
+                .collect::<anyhow::Result<_>>()?
+        }
+    };
+    let max_prompt = prompts.iter().map(Vec::len).max().unwrap_or(1);
+    let weights = files.load_weights(kind, device)?;
+    let mut engine = Engine::new(
+        files.config.clone(),
+        weights,
+        files.eos_ids(),
+        None,
+        EngineConfig {
+            max_slots: n_prompts * n,
+            max_len: max_prompt + max_new + 1,
+            max_prefill_tokens: 1 << 20,
+            ..Default::default()
+        },
+    )?;
+    let params = SamplingParams {
+        n,
+        temperature: 1.0,
+        max_tokens: max_new,
+        stop_token_ids: Some(vec![]),
+        seed: Some(0),
+        ..Default::default()
+    };
+    // Warm-up on one short request.
+    engine.submit(Request {
+        id: u64::MAX,
+        prompt: prompts[0].clone(),
+        params: SamplingParams {
+            n: 1,
+            max_tokens: 2,
+            ..params.clone()
+        },
+    })?;
+    engine.run_to_completion()?;
+    sync(device);
+    let t = Instant::now();
+    for (i, p) in prompts.iter().enumerate() {
+        engine.submit(Request {
+            id: i as u64,
+            prompt: p.clone(),
+            params: params.clone(),
+        })?;
+    }
+    let done = engine.run_to_completion()?;
+    sync(device);
+    let dt = t.elapsed().as_secs_f64();
+    let tokens: usize = done.iter().map(|c| c.token_ids.len()).sum();
+    let ours = tokens as f64 / dt;
+    let peer_v = if c.no_peer {
+        None
+    } else {
+        let tmp =
+            std::env::temp_dir().join(format!("rlrun-bench-prompts-{}.json", std::process::id()));
+        std::fs::write(&tmp, json!({ "prompts": prompts }).to_string())?;
+        let v = peer(&[
+            "generate".into(),
+            c.model.display().to_string(),
+            format!("--prompts={}", tmp.display()),
+            format!("--n={n}"),
+            format!("--max-new={max_new}"),
+            format!("--dtype={}", dtype_name(kind)),
+            format!("--device={}", if device.is_cuda() { "cuda" } else { "cpu" }),
+        ]);
+        let _ = std::fs::remove_file(&tmp);
+        Some(v?)
+    };
+    report(
+        &format!("generation, {n_prompts} prompts x {n} samples, {max_new} new tokens, temperature 1, {:?} on {device:?}", kind),
+        "tokens/s",
+        ours,
+        peer_v.as_ref(),
+        json!({"prompts": n_prompts, "n": n, "max_new": max_new, "tokens": tokens, "seconds": dt, "peer": peer_v}),
+        c.json.as_deref(),
+    )
 }

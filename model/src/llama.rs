@@ -248,10 +248,11 @@ impl Model {
         Ok((q, k, v.f_transpose(1, 2)?))
     }
 
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    /// Attention with an explicit boolean mask, or causal when `mask` is None.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, t) = (q.size()[0], q.size()[2]);
-        let out =
-            Tensor::f_scaled_dot_product_attention(q, k, v, Some(mask), 0.0, false, None, true)?;
+        let causal = mask.is_none();
+        let out = Tensor::f_scaled_dot_product_attention(q, k, v, mask, 0.0, causal, None, true)?;
         // (B, nh, T, hd) -> (B, T, nh * hd)
         Ok(out
             .f_transpose(1, 2)?
@@ -278,7 +279,8 @@ impl Model {
     /// `ids` `(B, T)` int64; `positions` `(B, T)` rotary positions (for left padding pass
     /// `cumsum(mask) - 1`); `valid` `(B, T)` bool marks real tokens (None: all real). Attention is
     /// causal and ignores padded keys; padded queries attend to themselves only and their outputs
-    /// are meaningless but finite.
+    /// are meaningless but finite. Without `valid` (no padding, or right padding whose pad
+    /// positions are ignored) attention is plain causal SDPA.
     pub fn forward(
         &self,
         ids: &Tensor,
@@ -287,24 +289,26 @@ impl Model {
     ) -> Result<Tensor> {
         let t = ids.size()[1];
         let device = ids.device();
-        let causal = Tensor::f_ones([t, t], (Kind::Bool, device))?.f_tril(0)?; // (T, T)
         let mask = match valid {
             Some(valid) => {
+                let causal = Tensor::f_ones([t, t], (Kind::Bool, device))?.f_tril(0)?; // (T, T)
                 let keys = valid.f_to_kind(Kind::Bool)?.f_unsqueeze(1)?; // (B, 1, T)
                 let eye = Tensor::f_eye(t, (Kind::Bool, device))?;
-                causal
-                    .f_logical_and(&keys)?
-                    .f_logical_or(&eye)?
-                    .f_unsqueeze(1)? // (B, 1, T, T)
+                Some(
+                    causal
+                        .f_logical_and(&keys)?
+                        .f_logical_or(&eye)?
+                        .f_unsqueeze(1)?,
+                ) // (B, 1, T, T)
             }
-            None => causal.f_view([1, 1, t, t])?,
+            None => None,
         };
         let (cos, sin) = self.rope(positions)?;
         let mut h = Tensor::f_embedding(&self.embed, ids, -1, false, false)?; // (B, T, hidden)
         for l in &self.layers {
             let x = self.rms_norm(&h, &l.input_layernorm)?;
             let (q, k, v) = self.qkv(l, &x, &cos, &sin)?;
-            let attn = self.attend(&q, &k, &v, &mask)?;
+            let attn = self.attend(&q, &k, &v, mask.as_ref())?;
             h = h.f_add(&self.o_proj(l, &attn)?)?;
             h = self.mlp_block(l, &h)?;
         }
@@ -343,13 +347,19 @@ impl Model {
         let start = Tensor::from_slice(w.start).f_to_device(device)?; // (B,)
         let steps = Tensor::f_arange(t, (Kind::Int64, device))?;
         let positions = start.f_unsqueeze(1)?.f_add(&steps.f_unsqueeze(0)?)?; // (B, T)
-                                                                              // Key j is visible to query t of row b iff j <= start[b] + t.
-        let keys = Tensor::f_arange(key_len, (Kind::Int64, device))?;
-        let mask = keys
-            .f_view([1, 1, key_len])?
-            .f_le_tensor(&positions.f_unsqueeze(2)?)?
-            .f_unsqueeze(1)?; // (B, 1, T, key_len)
-                              // Cache coordinates of the valid tokens.
+                                                                              // A prefill from position 0 attends only to its own tokens.
+        let fresh = w.start.iter().all(|&s| s == 0);
+        // Otherwise key j is visible to query t of row b iff j <= start[b] + t.
+        let mask = if fresh {
+            None
+        } else {
+            let keys = Tensor::f_arange(key_len, (Kind::Int64, device))?;
+            let visible = keys
+                .f_view([1, 1, key_len])?
+                .f_le_tensor(&positions.f_unsqueeze(2)?)?;
+            Some(visible.f_unsqueeze(1)?) // (B, 1, T, key_len)
+        };
+        // Cache coordinates of the valid tokens.
         let all_valid = w.lens.iter().all(|&l| l == t);
         let (slot_idx, pos_idx, row_idx) = if all_valid {
             let slot_idx = w
@@ -393,22 +403,28 @@ impl Model {
                 let _ =
                     store.f_index_put_(&[Some(&slot_idx), None, Some(&pos_idx)], &vals, false)?;
             }
-            let (kc, vc) = if identity {
-                (
-                    cache.k[i].f_narrow(0, 0, b)?.f_narrow(2, 0, key_len)?,
-                    cache.v[i].f_narrow(0, 0, b)?.f_narrow(2, 0, key_len)?,
-                )
+            let attn = if fresh {
+                // Nothing cached before these tokens: causal attention over them alone (right
+                // padding only follows the valid tokens, so causality keeps pads out).
+                self.attend(&q, &k, &v, None)?
             } else {
-                (
-                    cache.k[i]
-                        .f_narrow(2, 0, key_len)?
-                        .f_index_select(0, w.slots)?,
-                    cache.v[i]
-                        .f_narrow(2, 0, key_len)?
-                        .f_index_select(0, w.slots)?,
-                )
-            }; // (B, nkv, key_len, hd)
-            let attn = self.attend(&q, &kc, &vc, &mask)?;
+                let (kc, vc) = if identity {
+                    (
+                        cache.k[i].f_narrow(0, 0, b)?.f_narrow(2, 0, key_len)?,
+                        cache.v[i].f_narrow(0, 0, b)?.f_narrow(2, 0, key_len)?,
+                    )
+                } else {
+                    (
+                        cache.k[i]
+                            .f_narrow(2, 0, key_len)?
+                            .f_index_select(0, w.slots)?,
+                        cache.v[i]
+                            .f_narrow(2, 0, key_len)?
+                            .f_index_select(0, w.slots)?,
+                    )
+                }; // (B, nkv, key_len, hd)
+                self.attend(&q, &kc, &vc, mask.as_ref())?
+            };
             h = h.f_add(&self.o_proj(l, &attn)?)?;
             h = self.mlp_block(l, &h)?;
         }

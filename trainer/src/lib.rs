@@ -1,0 +1,18 @@
+//! `rlrun-trainer`: policy losses, optimization and checkpoints.
+//!
+//! - [`loss`]: the `PolicyLoss` trait, PPO / GSPO / PG, aggregation modes, KL estimators.
+//! - [`optim`]: AdamW over flat buffers, LR schedules, gradient clipping.
+//! - [`batch`]: training sequences and their packing into micro-batches.
+//! - [`trainer`]: the [`Trainer`] (policy, reference model, critic; steps; checkpoints).
+
+pub mod batch;
+pub mod error;
+pub mod kl;
+pub mod loss;
+pub mod optim;
+pub mod trainer;
+
+pub use batch::{TrainBatch, TrainSequence};
+pub use error::{Result, TrainError};
+pub use optim::{AdamW, OptimConfig, Schedule};
+pub use trainer::{CriticConfig, StepMetrics, Trainer, TrainerConfig};

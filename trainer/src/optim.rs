@@ -1,0 +1,255 @@
+//! AdamW over flat parameter buffers, LR schedules and gradient clipping.
+//!
+//! The update is `torch.optim.AdamW`'s single-tensor algorithm (PyTorch's `_single_tensor_adamw`,
+//! non-amsgrad) applied to whole flat buffers: a handful of element-wise kernels per step instead
+//! of ~10 per parameter tensor. Weight decay is masked: norms and biases (see
+//! `ParamSpec::no_decay`) are excluded, like two torch param groups.
+
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+
+use crate::error::{Result, TrainError};
+
+/// Optimizer settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimConfig {
+    pub lr: f64,
+    pub betas: (f64, f64),
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Max global gradient norm (None: no clipping). The pre-clip norm is always reported.
+    pub grad_clip: Option<f64>,
+    pub schedule: Schedule,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        OptimConfig {
+            lr: 1e-6,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            weight_decay: 0.01,
+            grad_clip: Some(1.0),
+            schedule: Schedule::Constant { warmup_steps: 0 },
+        }
+    }
+}
+
+/// Learning-rate schedule, as a multiplier of `lr` per optimizer step (1-based).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "name", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Schedule {
+    /// Linear warmup from 0 over `warmup_steps`, then constant.
+    Constant {
+        #[serde(default)]
+        warmup_steps: u64,
+    },
+    /// Linear warmup, then linear decay to `min_ratio` at `total_steps`.
+    Linear {
+        #[serde(default)]
+        warmup_steps: u64,
+        total_steps: u64,
+        #[serde(default)]
+        min_ratio: f64,
+    },
+    /// Linear warmup, then cosine decay to `min_ratio` at `total_steps`.
+    Cosine {
+        #[serde(default)]
+        warmup_steps: u64,
+        total_steps: u64,
+        #[serde(default)]
+        min_ratio: f64,
+    },
+}
+
+impl Schedule {
+    /// LR multiplier at optimizer step `step` (1-based).
+    pub fn factor(&self, step: u64) -> f64 {
+        let warm = |w: u64| {
+            if w > 0 && step <= w {
+                Some(step as f64 / w as f64)
+            } else {
+                None
+            }
+        };
+        match *self {
+            Schedule::Constant { warmup_steps } => warm(warmup_steps).unwrap_or(1.0),
+            Schedule::Linear {
+                warmup_steps,
+                total_steps,
+                min_ratio,
+            } => warm(warmup_steps).unwrap_or_else(|| {
+                let span = total_steps.saturating_sub(warmup_steps).max(1) as f64;
+                let p = ((step - warmup_steps.min(step)) as f64 / span).min(1.0);
+                min_ratio + (1.0 - min_ratio) * (1.0 - p)
+            }),
+            Schedule::Cosine {
+                warmup_steps,
+                total_steps,
+                min_ratio,
+            } => warm(warmup_steps).unwrap_or_else(|| {
+                let span = total_steps.saturating_sub(warmup_steps).max(1) as f64;
+                let p = ((step - warmup_steps.min(step)) as f64 / span).min(1.0);
+                min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + (std::f64::consts::PI * p).cos())
+            }),
+        }
+    }
+}
+
+/// One flat parameter buffer with its gradient, moments and decay mask.
+pub struct ParamGroup {
+    /// f32 master parameters (updated in place).
+    pub params: Tensor,
+    /// Bool mask: true where weight decay applies (None: everywhere).
+    pub decay: Option<Tensor>,
+    pub exp_avg: Tensor,
+    pub exp_avg_sq: Tensor,
+}
+
+impl ParamGroup {
+    pub fn new(params: Tensor, decay: Option<Tensor>) -> Result<Self> {
+        let exp_avg = params.f_zeros_like()?;
+        let exp_avg_sq = params.f_zeros_like()?;
+        Ok(ParamGroup {
+            params,
+            decay,
+            exp_avg,
+            exp_avg_sq,
+        })
+    }
+}
+
+/// AdamW over [`ParamGroup`]s.
+pub struct AdamW {
+    pub cfg: OptimConfig,
+    /// Optimizer steps taken.
+    pub step: u64,
+}
+
+/// What a step did.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct StepInfo {
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    pub lr: f64,
+    /// Whether the step was skipped because the gradient was not finite.
+    pub skipped: bool,
+}
+
+impl AdamW {
+    pub fn new(cfg: OptimConfig) -> Self {
+        AdamW { cfg, step: 0 }
+    }
+
+    /// The LR of the next step.
+    pub fn next_lr(&self) -> f64 {
+        self.cfg.lr * self.cfg.schedule.factor(self.step + 1)
+    }
+
+    /// Clips the gradients (global norm over all groups, like `clip_grad_norm_`) and applies one
+    /// AdamW step. `grads[i]` is the f32 gradient of `groups[i]` (modified in place by clipping).
+    /// A non-finite gradient norm skips the step (reported), leaving parameters and moments as they were.
+    pub fn step(
+        &mut self,
+        groups: &mut [&mut ParamGroup],
+        grads: &mut [Tensor],
+    ) -> Result<StepInfo> {
+        let _guard = tch::no_grad_guard();
+        if groups.len() != grads.len() {
+            return Err(TrainError::Invalid(
+                "one gradient per parameter group".into(),
+            ));
+        }
+        let norms: Vec<Tensor> = grads
+            .iter()
+            .map(|g| g.f_norm())
+            .collect::<std::result::Result<_, _>>()?;
+        let total = Tensor::f_stack(&norms, 0)?.f_norm()?;
+        let grad_norm = total.f_double_value(&[])?;
+        let lr = self.next_lr();
+        if !grad_norm.is_finite() {
+            return Ok(StepInfo {
+                grad_norm,
+                lr,
+                skipped: true,
+            });
+        }
+        if let Some(max_norm) = self.cfg.grad_clip {
+            // torch: clip_coef = max_norm / (total_norm + 1e-6), clamped to 1.
+            let coef = total
+                .f_add_scalar(1e-6)?
+                .f_reciprocal()?
+                .f_mul_scalar(max_norm)?
+                .f_clamp_max(1.0)?;
+            for g in grads.iter_mut() {
+                let _ = g.f_mul_(&coef)?;
+            }
+        }
+        self.step += 1;
+        let (b1, b2) = self.cfg.betas;
+        let step = self.step as i32;
+        let bias1 = 1.0 - b1.powi(step);
+        let bias2_sqrt = (1.0 - b2.powi(step)).sqrt();
+        let step_size = lr / bias1;
+        let decay = 1.0 - lr * self.cfg.weight_decay;
+        for (g, grad) in groups.iter_mut().zip(grads.iter()) {
+            if self.cfg.weight_decay != 0.0 {
+                match &g.decay {
+                    None => {
+                        let _ = g.params.f_mul_scalar_(decay)?;
+                    }
+                    Some(mask) => {
+                        let factor = g.params.f_ones_like()?.f_masked_fill(mask, decay)?;
+                        let _ = g.params.f_mul_(&factor)?;
+                    }
+                }
+            }
+            let _ = g.exp_avg.f_lerp_(grad, 1.0 - b1)?;
+            let _ = g
+                .exp_avg_sq
+                .f_mul_scalar_(b2)?
+                .f_add_(&grad.f_mul_scalar(1.0 - b2)?.f_mul(grad)?)?;
+            let denom = g
+                .exp_avg_sq
+                .f_sqrt()?
+                .f_div_scalar(bias2_sqrt)?
+                .f_add_scalar(self.cfg.eps)?;
+            let _ = g
+                .params
+                .f_add_(&g.exp_avg.f_div(&denom)?.f_mul_scalar(-step_size)?)?;
+        }
+        Ok(StepInfo {
+            grad_norm,
+            lr,
+            skipped: false,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedules() {
+        let c = Schedule::Cosine {
+            warmup_steps: 2,
+            total_steps: 12,
+            min_ratio: 0.1,
+        };
+        assert_eq!(c.factor(1), 0.5);
+        assert_eq!(c.factor(2), 1.0);
+        assert!((c.factor(7) - 0.55).abs() < 1e-12);
+        assert!((c.factor(12) - 0.1).abs() < 1e-12);
+        assert!((c.factor(50) - 0.1).abs() < 1e-12);
+        let l = Schedule::Linear {
+            warmup_steps: 0,
+            total_steps: 10,
+            min_ratio: 0.0,
+        };
+        assert!((l.factor(5) - 0.5).abs() < 1e-12);
+        assert_eq!(Schedule::Constant { warmup_steps: 4 }.factor(1), 0.25);
+        assert_eq!(Schedule::Constant { warmup_steps: 0 }.factor(1), 1.0);
+    }
+}
