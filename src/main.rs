@@ -1,6 +1,9 @@
 //! `rlrun`: reinforcement-learning post-training for LLMs.
 //!
 //! ```text
+//! rlrun <recipe.toml> [--set key=value]...   train
+//! rlrun check <recipe.toml> [--set ...]      validate and print the resolved recipe
+//! rlrun resume <run-dir>                     continue a run from its last checkpoint
 //! rlrun model import <file.gguf> <dir>   convert a GGUF model to a Hugging Face directory
 //! rlrun model info <path>                print a model's config and parameter count
 //! rlrun chat <model> "<message>"         greedy chat completion (a quick check of a model)
@@ -16,19 +19,45 @@ use clap::{Parser, Subcommand, ValueEnum};
 mod bench;
 mod cli_model;
 
+use rlrun::{Recipe, Run};
+
 #[derive(Parser)]
 #[command(
     name = "rlrun",
     version,
-    about = "Reinforcement-learning post-training for LLMs on libtorch"
+    about = "Reinforcement-learning post-training for LLMs on libtorch",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
 )]
 struct Cli {
+    /// A recipe to train (see recipes/).
+    recipe: Option<PathBuf>,
+    /// Override a recipe value: --set trainer.lr=1e-6 (TOML value; strings need no quotes).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Validate a recipe and print it resolved (defaults filled in, overrides applied).
+    Check {
+        recipe: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
+    /// Continue a run from its latest checkpoint.
+    Resume { run_dir: PathBuf },
+    /// Evaluate a recipe's model on its held-out set (greedy), printing a few completions.
+    Eval {
+        recipe: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Completions to print.
+        #[arg(long, default_value_t = 5)]
+        show: usize,
+    },
     /// Model utilities.
     #[command(subcommand)]
     Model(ModelCommand),
@@ -96,8 +125,57 @@ impl DeviceArg {
     }
 }
 
+fn train(mut run: Run) -> anyhow::Result<()> {
+    rlrun::controller::install_ctrl_c();
+    eprintln!("run directory: {}", run.run_dir.display());
+    let summary = run.train(true)?;
+    let pct = |e: &Option<rlrun::EvalResult>| e.as_ref().map(|e| format!("{:.1}% of {}", 100.0 * e.accuracy, e.problems));
+    if let Some(b) = pct(&summary.before) {
+        println!("held-out accuracy before training: {b}");
+    }
+    if let Some(a) = pct(&summary.after) {
+        println!("held-out accuracy after training:  {a}");
+    }
+    if summary.interrupted {
+        println!("interrupted at step {}: checkpoint written; continue with `rlrun resume {}`", summary.steps, run.run_dir.display());
+    }
+    println!("steps: {}, wall time: {:.0}s", summary.steps, summary.seconds);
+    println!("logs: {}/metrics.jsonl, TensorBoard: tensorboard --logdir {}/tensorboard", run.run_dir.display(), run.run_dir.display());
+    println!("checkpoint: {}", summary.checkpoint.display());
+    Ok(())
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
+    let Some(command) = cli.command else {
+        let recipe = cli.recipe.context("give a recipe (e.g. rlrun recipes/quickstart.toml) or a subcommand; see --help")?;
+        let recipe = Recipe::load(&recipe, &cli.set)?;
+        return train(Run::create(recipe)?);
+    };
+    match command {
+        Command::Check { recipe, set } => {
+            let r = Recipe::load(&recipe, &set)?;
+            println!("# {} is valid; resolved:", recipe.display());
+            print!("{}", r.resolved);
+            Ok(())
+        }
+        Command::Resume { run_dir } => train(Run::resume(&run_dir)?),
+        Command::Eval { recipe, set, show } => {
+            let mut run = Run::create(Recipe::load(&recipe, &set)?)?;
+            let e = run.evaluate()?;
+            for (p, c, r) in run.last_eval_samples().iter().take(show) {
+                println!("--- reward {r}\n{p}{c}");
+            }
+            println!(
+                "held-out accuracy: {:.1}% of {} (mean reward {:.3}, mean length {:.1} tokens, {:.1}s){}",
+                100.0 * e.accuracy,
+                e.problems,
+                e.mean_reward,
+                e.mean_response_len,
+                e.seconds,
+                e.pass_at_k.map(|p| format!(", pass@k {:.1}%", 100.0 * p)).unwrap_or_default()
+            );
+            Ok(())
+        }
         Command::Model(ModelCommand::Import { gguf, out, dtype }) => {
             rlrun_model::import_gguf(&gguf, &out, dtype.kind())
                 .with_context(|| format!("importing {}", gguf.display()))?;

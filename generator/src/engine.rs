@@ -17,6 +17,10 @@ use tch::{Kind, Tensor};
 use crate::error::{GenError, Result};
 use crate::sampling::{sample, uniform, RowParams, SamplingParams};
 
+/// Positions per slot the KV cache starts with; it grows in steps of [`CACHE_LEN_STEP`].
+const INITIAL_CACHE_LEN: usize = 128;
+const CACHE_LEN_STEP: usize = 64;
+
 /// One generation request: a tokenized prompt and how to sample it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Request {
@@ -190,13 +194,9 @@ impl Engine {
             ));
         }
         let model = rlrun_model::build_model(config.clone(), &weights)?;
-        let cache = KvCache::new(
-            &config,
-            cfg.max_slots as i64,
-            cfg.max_len as i64,
-            weights.kind(),
-            weights.device(),
-        )?;
+        // The cache starts short and grows to what admitted requests need (up to max_len).
+        let initial = cfg.max_len.min(INITIAL_CACHE_LEN) as i64;
+        let cache = KvCache::new(&config, cfg.max_slots as i64, initial, weights.kind(), weights.device())?;
         let mut stats = EngineStats {
             slots: cfg.max_slots,
             kv_cache_bytes: cache.bytes(),
@@ -447,7 +447,7 @@ impl Engine {
         s.queue_depth = self.queue.iter().map(|p| p.samples.len()).sum();
         s.active = self.slots.iter().flatten().count();
         let used: i64 = self.slots.iter().flatten().map(|q| q.pos + 1).sum();
-        s.kv_utilization = used as f64 / (self.cfg.max_slots * self.cfg.max_len) as f64;
+        s.kv_utilization = used as f64 / (self.cfg.max_slots as f64 * self.cache.max_len() as f64);
         s.tokens_per_s = if s.busy_s > 0.0 {
             s.generated_tokens as f64 / s.busy_s
         } else {
@@ -477,6 +477,16 @@ impl Engine {
         if groups.is_empty() {
             return Ok(());
         }
+        // Room for the longest prompt plus its completion (capped by the context length).
+        let need = groups
+            .iter()
+            .map(|(p, _)| p.req.prompt.len() + p.req.params.max_tokens)
+            .max()
+            .unwrap_or(0)
+            .min(self.cfg.max_len);
+        let need = need.div_ceil(CACHE_LEN_STEP) * CACHE_LEN_STEP;
+        self.cache.ensure_len(need.min(self.cfg.max_len) as i64)?;
+        self.stats.kv_cache_bytes = self.cache.bytes();
         let device = self.weights.device();
         let g = groups.len() as i64;
         let t = groups
@@ -662,7 +672,7 @@ impl Engine {
                 }
             }
         }
-        if seq.tokens.len() >= seq.req.params.max_tokens || seq.pos + 1 >= self.cfg.max_len as i64 {
+        if seq.tokens.len() >= seq.req.params.max_tokens || seq.pos + 1 >= self.cache.max_len() {
             return Some(FinishReason::Length);
         }
         None

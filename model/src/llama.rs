@@ -94,6 +94,22 @@ impl KvCache {
             .sum()
     }
 
+    /// Grows every slot to hold at least `len` positions (content kept; new positions zero).
+    pub fn ensure_len(&mut self, len: i64) -> Result<()> {
+        if len <= self.max_len {
+            return Ok(());
+        }
+        for cache in self.k.iter_mut().chain(self.v.iter_mut()) {
+            let mut shape = cache.size();
+            shape[2] = len;
+            let grown = Tensor::f_zeros(shape.as_slice(), (cache.kind(), cache.device())).map_err(|e| alloc_err(e, &shape))?;
+            let _ = grown.f_narrow(2, 0, self.max_len)?.f_copy_(cache)?;
+            *cache = grown;
+        }
+        self.max_len = len;
+        Ok(())
+    }
+
     /// Copies the first `len` positions of slot `src` into each slot of `dst` (shared prompts).
     pub fn copy_prefix(&mut self, src: i64, dst: &[i64], len: i64) -> Result<()> {
         if dst.is_empty() || len == 0 {

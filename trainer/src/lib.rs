@@ -5,6 +5,7 @@
 //! - [`batch`]: training sequences and their packing into micro-batches.
 //! - [`trainer`]: the [`Trainer`] (policy, reference model, critic; steps; checkpoints).
 
+pub mod actor;
 pub mod batch;
 pub mod error;
 pub mod kl;
@@ -12,7 +13,8 @@ pub mod loss;
 pub mod optim;
 pub mod trainer;
 
+pub use actor::{LocalTrainer, TrainerActor};
 pub use batch::{TrainBatch, TrainSequence};
 pub use error::{Result, TrainError};
 pub use optim::{AdamW, OptimConfig, Schedule};
-pub use trainer::{CriticConfig, StepMetrics, Trainer, TrainerConfig};
+pub use trainer::{CriticConfig, SeqValues, StepMetrics, Trainer, TrainerConfig};

@@ -1,0 +1,81 @@
+//! The Trainer actor interface the controller uses, and its in-process implementation.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use tch::Tensor;
+
+use crate::batch::{TrainBatch, TrainSequence};
+use crate::error::{Result, TrainError};
+use crate::trainer::{SeqValues, StepMetrics, Trainer};
+
+/// What the controller needs from a trainer, wherever it runs.
+pub trait TrainerActor: Send + Sync {
+    /// One update on a rollout batch.
+    fn train_step(&self, batch: TrainBatch) -> Result<StepMetrics>;
+    /// Log-probs of response tokens under the current policy.
+    fn compute_logprobs(&self, seqs: &[TrainSequence]) -> Result<SeqValues>;
+    /// Log-probs under the frozen reference model.
+    fn compute_ref_logprobs(&self, seqs: &[TrainSequence]) -> Result<SeqValues>;
+    /// Critic values per response token.
+    fn compute_values(&self, seqs: &[TrainSequence]) -> Result<SeqValues>;
+    /// The policy's flat weight buffer (compute dtype) to send to generators, and its version.
+    fn sync_weights(&self) -> Result<(u64, Tensor)>;
+    /// The f32 master weights (flat), e.g. for export.
+    fn master_weights(&self) -> Result<Tensor>;
+    fn version(&self) -> Result<u64>;
+    /// Writes the trainer's state (weights, optimizer, counters) into an existing directory.
+    fn save(&self, dir: &Path) -> Result<()>;
+    /// Restores what `save` wrote.
+    fn load(&self, dir: &Path) -> Result<()>;
+}
+
+/// A trainer in this process.
+pub struct LocalTrainer {
+    inner: Mutex<Trainer>,
+}
+
+impl LocalTrainer {
+    pub fn new(trainer: Trainer) -> Self {
+        LocalTrainer {
+            inner: Mutex::new(trainer),
+        }
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Trainer>> {
+        self.inner
+            .lock()
+            .map_err(|_| TrainError::Invalid("the trainer panicked in an earlier call".into()))
+    }
+}
+
+impl TrainerActor for LocalTrainer {
+    fn train_step(&self, batch: TrainBatch) -> Result<StepMetrics> {
+        self.lock()?.train_step(&batch)
+    }
+    fn compute_logprobs(&self, seqs: &[TrainSequence]) -> Result<SeqValues> {
+        self.lock()?.compute_logprobs(seqs)
+    }
+    fn compute_ref_logprobs(&self, seqs: &[TrainSequence]) -> Result<SeqValues> {
+        self.lock()?.compute_ref_logprobs(seqs)
+    }
+    fn compute_values(&self, seqs: &[TrainSequence]) -> Result<SeqValues> {
+        self.lock()?.compute_values(seqs)
+    }
+    fn sync_weights(&self) -> Result<(u64, Tensor)> {
+        let t = self.lock()?;
+        Ok((t.version(), t.sync_buffer()?))
+    }
+    fn master_weights(&self) -> Result<Tensor> {
+        Ok(self.lock()?.weights().flat.shallow_clone())
+    }
+    fn version(&self) -> Result<u64> {
+        Ok(self.lock()?.version())
+    }
+    fn save(&self, dir: &Path) -> Result<()> {
+        self.lock()?.save(dir)
+    }
+    fn load(&self, dir: &Path) -> Result<()> {
+        self.lock()?.load(dir)
+    }
+}
