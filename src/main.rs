@@ -129,7 +129,10 @@ fn train(mut run: Run) -> anyhow::Result<()> {
     rlrun::controller::install_ctrl_c();
     eprintln!("run directory: {}", run.run_dir.display());
     let summary = run.train(true)?;
-    let pct = |e: &Option<rlrun::EvalResult>| e.as_ref().map(|e| format!("{:.1}% of {}", 100.0 * e.accuracy, e.problems));
+    let pct = |e: &Option<rlrun::EvalResult>| {
+        e.as_ref()
+            .map(|e| format!("{:.1}% of {}", 100.0 * e.accuracy, e.problems))
+    };
     if let Some(b) = pct(&summary.before) {
         println!("held-out accuracy before training: {b}");
     }
@@ -137,17 +140,30 @@ fn train(mut run: Run) -> anyhow::Result<()> {
         println!("held-out accuracy after training:  {a}");
     }
     if summary.interrupted {
-        println!("interrupted at step {}: checkpoint written; continue with `rlrun resume {}`", summary.steps, run.run_dir.display());
+        println!(
+            "interrupted at step {}: checkpoint written; continue with `rlrun resume {}`",
+            summary.steps,
+            run.run_dir.display()
+        );
     }
-    println!("steps: {}, wall time: {:.0}s", summary.steps, summary.seconds);
-    println!("logs: {}/metrics.jsonl, TensorBoard: tensorboard --logdir {}/tensorboard", run.run_dir.display(), run.run_dir.display());
+    println!(
+        "steps: {}, wall time: {:.0}s",
+        summary.steps, summary.seconds
+    );
+    println!(
+        "logs: {}/metrics.jsonl, TensorBoard: tensorboard --logdir {}/tensorboard",
+        run.run_dir.display(),
+        run.run_dir.display()
+    );
     println!("checkpoint: {}", summary.checkpoint.display());
     Ok(())
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let Some(command) = cli.command else {
-        let recipe = cli.recipe.context("give a recipe (e.g. rlrun recipes/quickstart.toml) or a subcommand; see --help")?;
+        let recipe = cli.recipe.context(
+            "give a recipe (e.g. rlrun recipes/quickstart.toml) or a subcommand; see --help",
+        )?;
         let recipe = Recipe::load(&recipe, &cli.set)?;
         return train(Run::create(recipe)?);
     };
@@ -194,6 +210,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    rlrun::tune_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("RLRUN_LOG")

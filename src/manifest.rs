@@ -31,7 +31,12 @@ fn files_of(path: &Path) -> Vec<PathBuf> {
         return vec![path.to_path_buf()];
     }
     let mut v: Vec<PathBuf> = std::fs::read_dir(path)
-        .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| p.is_file()).collect())
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_file())
+                .collect()
+        })
         .unwrap_or_default();
     v.sort();
     v

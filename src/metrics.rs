@@ -23,7 +23,11 @@ impl MetricsSink {
         if !resuming {
             std::fs::write(&jsonl, "")?;
         }
-        let tb = if tensorboard { Some(EventWriter::create(&run_dir.join("tensorboard"))?) } else { None };
+        let tb = if tensorboard {
+            Some(EventWriter::create(&run_dir.join("tensorboard"))?)
+        } else {
+            None
+        };
         Ok(MetricsSink { jsonl, tb })
     }
 
@@ -48,13 +52,22 @@ impl MetricsSink {
     }
 
     fn append(&self, value: &serde_json::Value) -> Result<()> {
-        let mut f = std::fs::OpenOptions::new().append(true).create(true).open(&self.jsonl)?;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&self.jsonl)?;
         writeln!(f, "{value}")?;
         Ok(())
     }
 
     /// One training step: scalars, histograms and sample texts.
-    pub fn step(&mut self, step: u64, m: &BTreeMap<String, f64>, hists: &[(&str, Vec<f64>)], samples: &[String]) -> Result<()> {
+    pub fn step(
+        &mut self,
+        step: u64,
+        m: &BTreeMap<String, f64>,
+        hists: &[(&str, Vec<f64>)],
+        samples: &[String],
+    ) -> Result<()> {
         let mut line = serde_json::json!({ "step": step, "kind": "train" });
         for (k, v) in m {
             line[k] = serde_json::json!(if v.is_finite() { Some(*v) } else { None });

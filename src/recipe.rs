@@ -463,12 +463,21 @@ impl Spans {
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let col = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
+    let col = before
+        .rsplit('\n')
+        .next()
+        .map(|l| l.chars().count())
+        .unwrap_or(0)
+        + 1;
     (line, col)
 }
 
 /// Applies `key.path=value` overrides to TOML text.
-pub fn apply_overrides(text: &str, overrides: &[String], file: &str) -> Result<String, RecipeError> {
+pub fn apply_overrides(
+    text: &str,
+    overrides: &[String],
+    file: &str,
+) -> Result<String, RecipeError> {
     let mut doc: toml_edit::DocumentMut = text.parse().map_err(|e: toml_edit::TomlError| {
         let (line, column) = e.span().map(|s| line_col(text, s.start)).unzip();
         RecipeError {
@@ -539,7 +548,11 @@ impl Recipe {
     }
 
     /// Parses and validates recipe text (`source` names it in errors and anchors relative paths).
-    pub fn from_str(text: &str, source: &Path, overrides: &[String]) -> Result<Recipe, RecipeError> {
+    pub fn from_str(
+        text: &str,
+        source: &Path,
+        overrides: &[String],
+    ) -> Result<Recipe, RecipeError> {
         let file = source.display().to_string();
         let text = if overrides.is_empty() {
             text.to_string()
@@ -586,7 +599,8 @@ impl Recipe {
         };
         let model_path = resolve_path(&config.model.path, source);
         validate(&config, &model_path, &err)?;
-        let resolved = toml::to_string_pretty(&config).map_err(|e| err("", format!("cannot serialize the recipe: {e}")))?;
+        let resolved = toml::to_string_pretty(&config)
+            .map_err(|e| err("", format!("cannot serialize the recipe: {e}")))?;
         Ok(Recipe {
             config,
             source: source.to_path_buf(),
@@ -608,12 +622,19 @@ pub fn resolve_path(p: &str, recipe: &Path) -> PathBuf {
     }
 }
 
-fn validate(c: &RecipeConfig, model_path: &Path, err: &dyn Fn(&str, String) -> RecipeError) -> Result<(), RecipeError> {
+fn validate(
+    c: &RecipeConfig,
+    model_path: &Path,
+    err: &dyn Fn(&str, String) -> RecipeError,
+) -> Result<(), RecipeError> {
     if c.steps == 0 {
         return Err(err("steps", "must be at least 1".into()));
     }
     if !model_path.exists() {
-        return Err(err("model.path", format!("no such file or directory: {}", model_path.display())));
+        return Err(err(
+            "model.path",
+            format!("no such file or directory: {}", model_path.display()),
+        ));
     }
     if c.data.prompts_per_step == 0 {
         return Err(err("data.prompts_per_step", "must be at least 1".into()));
@@ -629,20 +650,32 @@ fn validate(c: &RecipeConfig, model_path: &Path, err: &dyn Fn(&str, String) -> R
         ));
     }
     if !(r.top_p > 0.0 && r.top_p <= 1.0) {
-        return Err(err("rollout.top_p", format!("must be in (0, 1], got {}", r.top_p)));
+        return Err(err(
+            "rollout.top_p",
+            format!("must be in (0, 1], got {}", r.top_p),
+        ));
     }
     if r.top_k < 0 {
-        return Err(err("rollout.top_k", format!("must be >= 0 (0 disables), got {}", r.top_k)));
+        return Err(err(
+            "rollout.top_k",
+            format!("must be >= 0 (0 disables), got {}", r.top_k),
+        ));
     }
     if !(0.0..=1.0).contains(&r.min_p) {
-        return Err(err("rollout.min_p", format!("must be in [0, 1], got {}", r.min_p)));
+        return Err(err(
+            "rollout.min_p",
+            format!("must be in [0, 1], got {}", r.min_p),
+        ));
     }
     if r.max_tokens == 0 {
         return Err(err("rollout.max_tokens", "must be at least 1".into()));
     }
     if let Some(s) = r.max_slots {
         if s < r.n {
-            return Err(err("rollout.max_slots", format!("must be at least rollout.n ({}), got {s}", r.n)));
+            return Err(err(
+                "rollout.max_slots",
+                format!("must be at least rollout.n ({}), got {s}", r.n),
+            ));
         }
     }
     let a = &c.algorithm;
@@ -650,29 +683,55 @@ fn validate(c: &RecipeConfig, model_path: &Path, err: &dyn Fn(&str, String) -> R
         .ok()
         .and_then(|v| v.get("name").and_then(|n| n.as_str()).map(str::to_string))
         .unwrap_or_default();
-    let grouped = matches!(adv_name.as_str(), "grpo" | "dr-grpo" | "rloo" | "reinforce-pp-baseline");
+    let grouped = matches!(
+        adv_name.as_str(),
+        "grpo" | "dr-grpo" | "rloo" | "reinforce-pp-baseline"
+    );
     if grouped && r.n < 2 {
-        return Err(err("rollout.n", format!("advantage `{adv_name}` compares samples of a prompt: needs rollout.n >= 2, got {}", r.n)));
+        return Err(err(
+            "rollout.n",
+            format!(
+                "advantage `{adv_name}` compares samples of a prompt: needs rollout.n >= 2, got {}",
+                r.n
+            ),
+        ));
     }
     let is_gae = matches!(a.advantage, AdvantageConfig::Gae(_));
     if is_gae && c.trainer.critic.is_none() {
-        return Err(err("algorithm.advantage", "`gae` needs a critic: add a [trainer.critic] section".into()));
+        return Err(err(
+            "algorithm.advantage",
+            "`gae` needs a critic: add a [trainer.critic] section".into(),
+        ));
     }
     if !is_gae && c.trainer.critic.is_some() {
-        return Err(err("trainer.critic", format!("a critic is only used by `gae`, but the advantage is `{adv_name}`")));
+        return Err(err(
+            "trainer.critic",
+            format!("a critic is only used by `gae`, but the advantage is `{adv_name}`"),
+        ));
     }
-    a.loss.validate().map_err(|e| err("algorithm.loss", e.to_string()))?;
+    a.loss
+        .validate()
+        .map_err(|e| err("algorithm.loss", e.to_string()))?;
     if let Some(k) = &a.kl_in_reward {
         if !(k.coef >= 0.0 && k.coef.is_finite()) {
-            return Err(err("algorithm.kl_in_reward.coef", format!("must be >= 0, got {}", k.coef)));
+            return Err(err(
+                "algorithm.kl_in_reward.coef",
+                format!("must be >= 0, got {}", k.coef),
+            ));
         }
         if a.loss.kl.is_some() {
-            return Err(err("algorithm.kl_in_reward", "KL is already a loss term (algorithm.loss.kl): use one or the other".into()));
+            return Err(err(
+                "algorithm.kl_in_reward",
+                "KL is already a loss term (algorithm.loss.kl): use one or the other".into(),
+            ));
         }
     }
     if let Some(d) = &a.dynamic_sampling {
         if d.max_rounds == 0 {
-            return Err(err("algorithm.dynamic_sampling.max_rounds", "must be at least 1".into()));
+            return Err(err(
+                "algorithm.dynamic_sampling.max_rounds",
+                "must be at least 1".into(),
+            ));
         }
         if !grouped {
             return Err(err("algorithm.dynamic_sampling", format!("needs a group advantage (grpo, dr-grpo, rloo, reinforce-pp-baseline), not `{adv_name}`")));
@@ -683,34 +742,62 @@ fn validate(c: &RecipeConfig, model_path: &Path, err: &dyn Fn(&str, String) -> R
         return Err(err("trainer.lr", format!("must be > 0, got {}", t.lr)));
     }
     if t.weight_decay < 0.0 {
-        return Err(err("trainer.weight_decay", format!("must be >= 0, got {}", t.weight_decay)));
+        return Err(err(
+            "trainer.weight_decay",
+            format!("must be >= 0, got {}", t.weight_decay),
+        ));
     }
     if t.grad_clip < 0.0 {
-        return Err(err("trainer.grad_clip", format!("must be >= 0 (0 disables), got {}", t.grad_clip)));
+        return Err(err(
+            "trainer.grad_clip",
+            format!("must be >= 0 (0 disables), got {}", t.grad_clip),
+        ));
     }
-    for (k, v) in [("trainer.ppo_epochs", t.ppo_epochs), ("trainer.mini_batches", t.mini_batches), ("trainer.micro_batch_tokens", t.micro_batch_tokens)] {
+    for (k, v) in [
+        ("trainer.ppo_epochs", t.ppo_epochs),
+        ("trainer.mini_batches", t.mini_batches),
+        ("trainer.micro_batch_tokens", t.micro_batch_tokens),
+    ] {
         if v == 0 {
             return Err(err(k, "must be at least 1".into()));
         }
     }
     let batch = c.data.prompts_per_step * r.n;
     if t.mini_batches > batch {
-        return Err(err("trainer.mini_batches", format!("{} mini-batches for {batch} sequences per step", t.mini_batches)));
+        return Err(err(
+            "trainer.mini_batches",
+            format!(
+                "{} mini-batches for {batch} sequences per step",
+                t.mini_batches
+            ),
+        ));
     }
     if c.sync.every == 0 {
         return Err(err("sync.every", "must be at least 1".into()));
     }
-    if r.max_staleness > 0 && c.placement.generator_processes == 0 && c.placement.generator_addresses.is_empty() {
+    if r.max_staleness > 0
+        && c.placement.generator_processes == 0
+        && c.placement.generator_addresses.is_empty()
+    {
         return Err(err("rollout.max_staleness", "asynchronous rollouts need generators in their own processes (placement.generator_processes)".into()));
     }
     if !["auto", "in-process", "shm", "cuda-ipc", "nccl"].contains(&c.sync.backend.as_str()) {
-        return Err(err("sync.backend", format!("unknown backend `{}` (auto, in-process, shm, cuda-ipc, nccl)", c.sync.backend)));
+        return Err(err(
+            "sync.backend",
+            format!(
+                "unknown backend `{}` (auto, in-process, shm, cuda-ipc, nccl)",
+                c.sync.backend
+            ),
+        ));
     }
     if c.checkpoint.keep == 0 {
         return Err(err("checkpoint.keep", "must be at least 1".into()));
     }
     if c.data.eval.is_none() && (c.eval.every > 0) {
-        return Err(err("eval.every", "needs an evaluation set: add data.eval".into()));
+        return Err(err(
+            "eval.every",
+            "needs an evaluation set: add data.eval".into(),
+        ));
     }
     c.data
         .train
@@ -720,7 +807,9 @@ fn validate(c: &RecipeConfig, model_path: &Path, err: &dyn Fn(&str, String) -> R
         e.build().map_err(|e| err("data.eval", e.to_string()))?;
     }
     c.reward.build().map_err(|e| err("reward", e.to_string()))?;
-    a.advantage.build().map_err(|e| err("algorithm.advantage", e.to_string()))?;
+    a.advantage
+        .build()
+        .map_err(|e| err("algorithm.advantage", e.to_string()))?;
     Ok(())
 }
 
@@ -751,7 +840,16 @@ mod tests {
 
     #[test]
     fn overrides_set_nested_values_and_strings() {
-        let t = apply_overrides("[trainer]\nlr = 1.0\n", &["trainer.lr=1e-6".into(), "rollout.n=4".into(), "name=abc".into()], "r").unwrap();
+        let t = apply_overrides(
+            "[trainer]\nlr = 1.0\n",
+            &[
+                "trainer.lr=1e-6".into(),
+                "rollout.n=4".into(),
+                "name=abc".into(),
+            ],
+            "r",
+        )
+        .unwrap();
         let v: toml::Value = toml::from_str(&t).unwrap();
         assert_eq!(v["trainer"]["lr"].as_float(), Some(1e-6));
         assert_eq!(v["rollout"]["n"].as_integer(), Some(4));

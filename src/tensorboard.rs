@@ -188,7 +188,9 @@ impl EventWriter {
             let i = (((v - min) / width) as usize).min(n - 1);
             bucket[i] += 1.0;
         }
-        let bucket_limit: Vec<f64> = (1..=n).map(|i| if i == n { max } else { min + width * i as f64 }).collect();
+        let bucket_limit: Vec<f64> = (1..=n)
+            .map(|i| if i == n { max } else { min + width * i as f64 })
+            .collect();
         self.summary(
             step,
             SummaryValue {
@@ -215,7 +217,9 @@ impl EventWriter {
                 tag: tag.into(),
                 tensor: Some(TensorProto {
                     dtype: 7,
-                    tensor_shape: Some(TensorShapeProto { dim: vec![Dim { size: 1 }] }),
+                    tensor_shape: Some(TensorShapeProto {
+                        dim: vec![Dim { size: 1 }],
+                    }),
                     string_val: vec![text.as_bytes().to_vec()],
                 }),
                 metadata: Some(SummaryMetadata {

@@ -196,7 +196,13 @@ impl Engine {
         let model = rlrun_model::build_model(config.clone(), &weights)?;
         // The cache starts short and grows to what admitted requests need (up to max_len).
         let initial = cfg.max_len.min(INITIAL_CACHE_LEN) as i64;
-        let cache = KvCache::new(&config, cfg.max_slots as i64, initial, weights.kind(), weights.device())?;
+        let cache = KvCache::new(
+            &config,
+            cfg.max_slots as i64,
+            initial,
+            weights.kind(),
+            weights.device(),
+        )?;
         let mut stats = EngineStats {
             slots: cfg.max_slots,
             kv_cache_bytes: cache.bytes(),

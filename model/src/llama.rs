@@ -102,7 +102,8 @@ impl KvCache {
         for cache in self.k.iter_mut().chain(self.v.iter_mut()) {
             let mut shape = cache.size();
             shape[2] = len;
-            let grown = Tensor::f_zeros(shape.as_slice(), (cache.kind(), cache.device())).map_err(|e| alloc_err(e, &shape))?;
+            let grown = Tensor::f_zeros(shape.as_slice(), (cache.kind(), cache.device()))
+                .map_err(|e| alloc_err(e, &shape))?;
             let _ = grown.f_narrow(2, 0, self.max_len)?.f_copy_(cache)?;
             *cache = grown;
         }
@@ -445,6 +446,73 @@ impl Model {
             h = self.mlp_block(l, &h)?;
         }
         self.rms_norm(&h, &self.norm)
+    }
+
+    /// Forward of prompts shared by groups of continuations, for training on GRPO groups: each
+    /// prompt runs once and every continuation attends to its group's prompt keys/values, so a
+    /// group of `n` samples costs one prompt plus `n` responses instead of `n` full sequences.
+    /// Numerically it is the full forward of each prompt + continuation (same positions, same
+    /// masks), and gradients flow through the shared prompt to every continuation.
+    ///
+    /// `prompts` `(G, P)` right-padded with `prompt_lens[g]` valid tokens; `conts` `(N, R)`
+    /// right-padded continuation tokens, row `i` continuing prompt `groups[i]`. Returns the final
+    /// hidden states of both, `(G, P, hidden)` and `(N, R, hidden)`.
+    pub fn forward_grouped(
+        &self,
+        prompts: &Tensor,
+        prompt_lens: &[i64],
+        conts: &Tensor,
+        groups: &[i64],
+    ) -> Result<(Tensor, Tensor)> {
+        let (g, p) = (prompts.size()[0], prompts.size()[1]);
+        let (n, r) = (conts.size()[0], conts.size()[1]);
+        let device = prompts.device();
+        if prompt_lens.len() as i64 != g
+            || groups.len() as i64 != n
+            || groups.iter().any(|&x| x < 0 || x >= g)
+        {
+            return Err(ModelError::Invalid(
+                "forward_grouped: one length per prompt and a valid group per continuation".into(),
+            ));
+        }
+        let pos_p = Tensor::f_arange(p, (Kind::Int64, device))?
+            .f_unsqueeze(0)?
+            .f_expand([g, p], false)?;
+        let starts: Vec<i64> = groups.iter().map(|&x| prompt_lens[x as usize]).collect();
+        let starts = Tensor::from_slice(&starts).f_to_device(device)?; // (N,)
+        let pos_c = starts
+            .f_unsqueeze(1)?
+            .f_add(&Tensor::f_arange(r, (Kind::Int64, device))?.f_unsqueeze(0)?)?; // (N, R)
+        let (cos_p, sin_p) = self.rope(&pos_p)?;
+        let (cos_c, sin_c) = self.rope(&pos_c)?;
+        let gidx = Tensor::from_slice(groups).f_to_device(device)?;
+        // Continuation row i sees its prompt's valid keys and its own earlier tokens.
+        let prompt_keys = Tensor::f_arange(p, (Kind::Int64, device))?
+            .f_view([1, 1, p])?
+            .f_lt_tensor(&starts.f_view([n, 1, 1])?)?
+            .f_expand([n, r, p], false)?; // (N, R, P)
+        let own = Tensor::f_ones([r, r], (Kind::Bool, device))?
+            .f_tril(0)?
+            .f_expand([n, r, r], false)?; // (N, R, R)
+        let mask = Tensor::f_cat(&[prompt_keys, own], 2)?.f_unsqueeze(1)?; // (N, 1, R, P + R)
+        let mut hp = Tensor::f_embedding(&self.embed, prompts, -1, false, false)?; // (G, P, H)
+        let mut hc = Tensor::f_embedding(&self.embed, conts, -1, false, false)?; // (N, R, H)
+        for l in &self.layers {
+            let xp = self.rms_norm(&hp, &l.input_layernorm)?;
+            let (qp, kp, vp) = self.qkv(l, &xp, &cos_p, &sin_p)?; // (G, heads, P, hd)
+            let ap = self.attend(&qp, &kp, &vp, None)?;
+            let xc = self.rms_norm(&hc, &l.input_layernorm)?;
+            let (qc, kc, vc) = self.qkv(l, &xc, &cos_c, &sin_c)?; // (N, heads, R, hd)
+            let keys = Tensor::f_cat(&[kp.f_index_select(0, &gidx)?, kc], 2)?; // (N, nkv, P + R, hd)
+            let values = Tensor::f_cat(&[vp.f_index_select(0, &gidx)?, vc], 2)?;
+            let ac = self.attend(&qc, &keys, &values, Some(&mask))?;
+            hp = self.mlp_block(l, &hp.f_add(&self.o_proj(l, &ap)?)?)?;
+            hc = self.mlp_block(l, &hc.f_add(&self.o_proj(l, &ac)?)?)?;
+        }
+        Ok((
+            self.rms_norm(&hp, &self.norm)?,
+            self.rms_norm(&hc, &self.norm)?,
+        ))
     }
 
     /// Logits `(..., vocab)` of hidden states, in the model dtype.

@@ -215,13 +215,16 @@ impl ParamLayout {
             .ctx(|| format!("view of {}", spec.name))
     }
 
-    /// A 0/1 mask over the flat buffer: 1 where weight decay applies.
-    pub fn decay_mask(&self, kind: Kind, device: Device) -> Result<Tensor> {
-        let mask = Tensor::f_ones([self.numel], (kind, device))?;
-        for p in self.params.iter().filter(|p| p.no_decay) {
-            let _ = mask.f_narrow(0, p.offset, p.numel)?.f_fill_(0.0)?;
+    /// Contiguous element ranges `(offset, len)` that get weight decay (all but norms and biases).
+    pub fn decay_ranges(&self) -> Vec<(i64, i64)> {
+        let mut out: Vec<(i64, i64)> = Vec::new();
+        for p in self.params.iter().filter(|p| !p.no_decay) {
+            match out.last_mut() {
+                Some((off, len)) if *off + *len == p.offset => *len += p.numel,
+                _ => out.push((p.offset, p.numel)),
+            }
         }
-        Ok(mask)
+        out
     }
 }
 

@@ -199,3 +199,69 @@ fn bf16_and_f16_loading_convert_on_the_fly() {
         assert!(d > 0.0, "{kind:?} should round");
     }
 }
+
+/// The shared-prompt forward used in training equals the full forward of each prompt +
+/// continuation: prompts of different lengths, groups of different sizes, ragged continuations.
+#[test]
+fn grouped_forward_equals_full_forward() {
+    let _guard = tch::no_grad_guard();
+    for name in ["tiny-llama3", "tiny-qwen3"] {
+        let c = load(name);
+        let prompts: Vec<Vec<i64>> = vec![
+            vec![5, 9, 33, 2, 17],
+            vec![101, 4],
+            vec![8, 7, 7, 15, 3, 12, 40],
+        ];
+        let conts: Vec<(usize, Vec<i64>)> = vec![
+            (0, vec![11, 12, 13]),
+            (0, vec![21]),
+            (1, vec![31, 32, 33, 34]),
+            (2, vec![41, 42]),
+            (0, vec![51, 52, 53, 54]),
+        ];
+        let p = prompts.iter().map(Vec::len).max().unwrap();
+        let r = conts.iter().map(|(_, c)| c.len()).max().unwrap();
+        let mut pt = vec![0i64; prompts.len() * p];
+        for (i, x) in prompts.iter().enumerate() {
+            pt[i * p..i * p + x.len()].copy_from_slice(x);
+        }
+        let mut ct = vec![0i64; conts.len() * r];
+        for (i, (_, x)) in conts.iter().enumerate() {
+            ct[i * r..i * r + x.len()].copy_from_slice(x);
+        }
+        let lens: Vec<i64> = prompts.iter().map(|x| x.len() as i64).collect();
+        let groups: Vec<i64> = conts.iter().map(|(g, _)| *g as i64).collect();
+        let (hp, hc) = c
+            .model
+            .forward_grouped(
+                &Tensor::from_slice(&pt).view([prompts.len() as i64, p as i64]),
+                &lens,
+                &Tensor::from_slice(&ct).view([conts.len() as i64, r as i64]),
+                &groups,
+            )
+            .unwrap();
+        for (i, (g, cont)) in conts.iter().enumerate() {
+            let full: Vec<i64> = prompts[*g].iter().chain(cont).copied().collect();
+            let t = full.len() as i64;
+            let h = c
+                .model
+                .forward(
+                    &Tensor::from_slice(&full).view([1, t]),
+                    &Tensor::arange(t, (Kind::Int64, Device::Cpu)).view([1, t]),
+                    None,
+                )
+                .unwrap()
+                .squeeze_dim(0);
+            let plen = prompts[*g].len() as i64;
+            let dp = max_abs_diff(&hp.get(*g as i64).narrow(0, 0, plen), &h.narrow(0, 0, plen));
+            let dc = max_abs_diff(
+                &hc.get(i as i64).narrow(0, 0, cont.len() as i64),
+                &h.narrow(0, plen, cont.len() as i64),
+            );
+            assert!(
+                dp <= 1e-5 && dc <= 1e-5,
+                "{name} continuation {i}: prompt {dp:e}, continuation {dc:e}"
+            );
+        }
+    }
+}

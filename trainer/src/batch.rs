@@ -1,7 +1,7 @@
 //! Training batches: sequences with per-token advantages, and their packing into micro-batches.
 
 use serde::{Deserialize, Serialize};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use crate::error::{Result, TrainError};
 
@@ -69,27 +69,44 @@ impl TrainBatch {
     }
 }
 
-/// Splits `indices` into micro-batches whose padded size (count × longest sequence) stays within
-/// `token_budget`, packing sequences of similar length together (sorted by length).
+/// Splits `indices` into micro-batches of about `token_budget` computed tokens. Sequences that
+/// share a prompt (a GRPO group) stay together when they fit, because a micro-batch runs each
+/// distinct prompt once (see [`MicroBatch`]); a micro-batch's cost is its distinct prompts' tokens
+/// plus its responses' tokens.
 pub fn pack_micro_batches(
     seqs: &[TrainSequence],
     indices: &[usize],
     token_budget: usize,
 ) -> Vec<Vec<usize>> {
-    let mut order: Vec<usize> = indices.to_vec();
-    let len = |i: usize| seqs[i].prompt.len() + seqs[i].response.len();
-    order.sort_by_key(|&i| std::cmp::Reverse(len(i)));
+    // Groups of identical prompts, in first-appearance order.
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut by_prompt: std::collections::HashMap<&[i64], usize> = std::collections::HashMap::new();
+    for &i in indices {
+        let g = *by_prompt
+            .entry(seqs[i].prompt.as_slice())
+            .or_insert_with(|| {
+                groups.push(Vec::new());
+                groups.len() - 1
+            });
+        groups[g].push(i);
+    }
     let mut out: Vec<Vec<usize>> = Vec::new();
     let mut cur: Vec<usize> = Vec::new();
-    let mut cur_max = 0;
-    for i in order {
-        let m = cur_max.max(len(i));
-        if !cur.is_empty() && m * (cur.len() + 1) > token_budget {
-            out.push(std::mem::take(&mut cur));
-            cur_max = 0;
+    let mut cost = 0;
+    for g in groups {
+        let plen = seqs[g[0]].prompt.len();
+        let mut part_cost = plen;
+        for i in g.iter().copied() {
+            let r = seqs[i].response.len();
+            if !cur.is_empty() && cost + part_cost + r > token_budget {
+                out.push(std::mem::take(&mut cur));
+                cost = 0;
+                part_cost = plen;
+            }
+            cur.push(i);
+            part_cost += r;
         }
-        cur_max = cur_max.max(len(i));
-        cur.push(i);
+        cost += part_cost;
     }
     if !cur.is_empty() {
         out.push(cur);
@@ -97,13 +114,19 @@ pub fn pack_micro_batches(
     out
 }
 
-/// Device tensors of one micro-batch: right-padded ids, and where the response tokens are.
+/// Device tensors of one micro-batch in grouped layout: each distinct prompt once, and the
+/// responses as continuations of their prompt (see `Model::forward_grouped`).
 pub struct MicroBatch {
-    /// (N, T) token ids, right-padded with 0.
-    pub ids: Tensor,
-    /// (N, T) positions 0..T.
-    pub positions: Tensor,
-    /// (M,) rows of the flattened (N*T) hidden states that predict the M response tokens.
+    /// (G, P) distinct prompts, right-padded with 0.
+    pub prompts: Tensor,
+    pub prompt_lens: Vec<i64>,
+    /// (N, R) response tokens, right-padded with 0 (fed as continuation inputs).
+    pub conts: Tensor,
+    /// Prompt (row of `prompts`) of each response.
+    pub groups: Vec<i64>,
+    /// (M,) rows of `cat(prompt_hidden (G*P), cont_hidden (N*R))` that predict the M response
+    /// tokens: a response's first token from its prompt's last position, token j from
+    /// continuation position j - 1.
     pub rows: Tensor,
     /// (M,) the response tokens.
     pub targets: Tensor,
@@ -119,22 +142,40 @@ pub struct MicroBatch {
 impl MicroBatch {
     pub fn new(seqs: &[&TrainSequence], device: Device) -> Result<Self> {
         let n = seqs.len() as i64;
-        let t = seqs
+        let mut prompt_rows: Vec<&[i64]> = Vec::new();
+        let mut index: std::collections::HashMap<&[i64], i64> = std::collections::HashMap::new();
+        let groups: Vec<i64> = seqs
             .iter()
-            .map(|s| s.prompt.len() + s.response.len())
-            .max()
-            .unwrap_or(1) as i64;
+            .map(|s| {
+                *index.entry(s.prompt.as_slice()).or_insert_with(|| {
+                    prompt_rows.push(s.prompt.as_slice());
+                    prompt_rows.len() as i64 - 1
+                })
+            })
+            .collect();
+        let g = prompt_rows.len() as i64;
+        let p = prompt_rows.iter().map(|x| x.len()).max().unwrap_or(1) as i64;
         let l = seqs.iter().map(|s| s.response.len()).max().unwrap_or(1) as i64;
-        let mut ids = vec![0i64; (n * t) as usize];
+        let mut prompts = vec![0i64; (g * p) as usize];
+        let mut prompt_lens = Vec::with_capacity(g as usize);
+        for (k, pr) in prompt_rows.iter().enumerate() {
+            prompts[k * p as usize..k * p as usize + pr.len()].copy_from_slice(pr);
+            prompt_lens.push(pr.len() as i64);
+        }
+        let mut conts = vec![0i64; (n * l) as usize];
         let mut mask = vec![0f32; (n * l) as usize];
         let (mut rows, mut targets, mut dest) = (Vec::new(), Vec::new(), Vec::new());
+        let cont_base = g * p;
         for (i, s) in seqs.iter().enumerate() {
-            let base = i * t as usize;
-            let p = s.prompt.len();
-            ids[base..base + p].copy_from_slice(&s.prompt);
-            ids[base + p..base + p + s.response.len()].copy_from_slice(&s.response);
+            let gi = groups[i];
+            conts[i * l as usize..i * l as usize + s.response.len()].copy_from_slice(&s.response);
             for (j, &tok) in s.response.iter().enumerate() {
-                rows.push((base + p - 1 + j) as i64);
+                let row = if j == 0 {
+                    gi * p + prompt_lens[gi as usize] - 1
+                } else {
+                    cont_base + i as i64 * l + j as i64 - 1
+                };
+                rows.push(row);
                 targets.push(tok);
                 dest.push(i as i64 * l + j as i64);
                 mask[i * l as usize + j] = 1.0;
@@ -142,10 +183,10 @@ impl MicroBatch {
         }
         let dev = |v: Tensor| v.f_to_device(device);
         Ok(MicroBatch {
-            ids: dev(Tensor::from_slice(&ids).f_view([n, t])?)?,
-            positions: dev(Tensor::f_arange(t, (Kind::Int64, Device::Cpu))?
-                .f_unsqueeze(0)?
-                .f_expand([n, t], false)?)?,
+            prompts: dev(Tensor::from_slice(&prompts).f_view([g, p])?)?,
+            prompt_lens,
+            conts: dev(Tensor::from_slice(&conts).f_view([n, l])?)?,
+            groups,
             rows: dev(Tensor::from_slice(&rows))?,
             targets: dev(Tensor::from_slice(&targets))?,
             dest: dev(Tensor::from_slice(&dest))?,
@@ -153,6 +194,15 @@ impl MicroBatch {
             n,
             l,
         })
+    }
+
+    /// Final hidden states `(M, hidden)` of the rows that predict the response tokens.
+    pub fn hidden_rows(&self, model: &rlrun_model::Model) -> Result<Tensor> {
+        let (hp, hc) =
+            model.forward_grouped(&self.prompts, &self.prompt_lens, &self.conts, &self.groups)?;
+        let h = hp.size()[2];
+        let all = Tensor::f_cat(&[hp.f_reshape([-1, h])?, hc.f_reshape([-1, h])?], 0)?;
+        Ok(all.f_index_select(0, &self.rows)?)
     }
 
     /// Scatters (M,) per-token values into an (N, L) padded tensor (differentiable).
@@ -227,13 +277,24 @@ mod tests {
             response: vec![4],
             ..seq(0, 0)
         };
-        let mb = MicroBatch::new(&[&a, &b], Device::Cpu).unwrap();
+        let c = TrainSequence {
+            response: vec![6],
+            ..a.clone()
+        };
+        let mb = MicroBatch::new(&[&a, &b, &c], Device::Cpu).unwrap();
+        // Two distinct prompts (a and c share one) padded to 3: rows 0..6 are prompt positions;
+        // continuations start at row 6 with 3 positions each.
+        assert_eq!(mb.groups, vec![0, 1, 0]);
+        assert_eq!(mb.prompt_lens, vec![2, 3]);
         assert_eq!(
             Vec::<i64>::try_from(&mb.rows).unwrap(),
-            vec![1, 2, 3, 5 + 2]
+            vec![1, 6, 7, 3 + 2, 1]
         );
-        assert_eq!(Vec::<i64>::try_from(&mb.targets).unwrap(), vec![7, 8, 9, 4]);
-        assert_eq!(Vec::<i64>::try_from(&mb.dest).unwrap(), vec![0, 1, 2, 3]);
-        assert_eq!(mb.mask.size(), vec![2, 3]);
+        assert_eq!(
+            Vec::<i64>::try_from(&mb.targets).unwrap(),
+            vec![7, 8, 9, 4, 6]
+        );
+        assert_eq!(Vec::<i64>::try_from(&mb.dest).unwrap(), vec![0, 1, 2, 3, 6]);
+        assert_eq!(mb.mask.size(), vec![3, 3]);
     }
 }

@@ -97,25 +97,29 @@ impl Schedule {
     }
 }
 
-/// One flat parameter buffer with its gradient, moments and decay mask.
+/// One flat parameter buffer with its moments and where weight decay applies.
 pub struct ParamGroup {
     /// f32 master parameters (updated in place).
     pub params: Tensor,
-    /// Bool mask: true where weight decay applies (None: everywhere).
-    pub decay: Option<Tensor>,
+    /// Element ranges `(offset, len)` that get weight decay (None: the whole buffer).
+    pub decay: Option<Vec<(i64, i64)>>,
     pub exp_avg: Tensor,
     pub exp_avg_sq: Tensor,
+    /// Work buffer of the update (no allocation per step).
+    scratch: Tensor,
 }
 
 impl ParamGroup {
-    pub fn new(params: Tensor, decay: Option<Tensor>) -> Result<Self> {
+    pub fn new(params: Tensor, decay: Option<Vec<(i64, i64)>>) -> Result<Self> {
         let exp_avg = params.f_zeros_like()?;
         let exp_avg_sq = params.f_zeros_like()?;
+        let scratch = params.f_zeros_like()?;
         Ok(ParamGroup {
             params,
             decay,
             exp_avg,
             exp_avg_sq,
+            scratch,
         })
     }
 }
@@ -194,30 +198,35 @@ impl AdamW {
         let step_size = lr / bias1;
         let decay = 1.0 - lr * self.cfg.weight_decay;
         for (g, grad) in groups.iter_mut().zip(grads.iter()) {
+            // In place, in torch's order of operations (see `_single_tensor_adamw`).
             if self.cfg.weight_decay != 0.0 {
                 match &g.decay {
                     None => {
                         let _ = g.params.f_mul_scalar_(decay)?;
                     }
-                    Some(mask) => {
-                        let factor = g.params.f_ones_like()?.f_masked_fill(mask, decay)?;
-                        let _ = g.params.f_mul_(&factor)?;
+                    Some(ranges) => {
+                        for &(off, len) in ranges {
+                            let _ = g.params.f_narrow(0, off, len)?.f_mul_scalar_(decay)?;
+                        }
                     }
                 }
             }
             let _ = g.exp_avg.f_lerp_(grad, 1.0 - b1)?;
+            // exp_avg_sq = exp_avg_sq * b2 + ((1 - b2) * grad) * grad
+            let _ = grad.f_mul_scalar_out(&g.scratch, 1.0 - b2)?;
             let _ = g
                 .exp_avg_sq
                 .f_mul_scalar_(b2)?
-                .f_add_(&grad.f_mul_scalar(1.0 - b2)?.f_mul(grad)?)?;
-            let denom = g
-                .exp_avg_sq
-                .f_sqrt()?
-                .f_div_scalar(bias2_sqrt)?
-                .f_add_scalar(self.cfg.eps)?;
+                .f_addcmul_(&g.scratch, grad)?;
+            // denom = sqrt(exp_avg_sq) / sqrt(bias2) + eps; params += -step_size * (exp_avg / denom)
+            let _ = g.exp_avg_sq.f_sqrt_out(&g.scratch)?;
             let _ = g
-                .params
-                .f_add_(&g.exp_avg.f_div(&denom)?.f_mul_scalar(-step_size)?)?;
+                .scratch
+                .f_div_scalar_(bias2_sqrt)?
+                .f_add_scalar_(self.cfg.eps)?;
+            let _ = g.exp_avg.f_div_out(&g.scratch, &g.scratch)?;
+            let _ = g.scratch.f_mul_scalar_(-step_size)?;
+            let _ = g.params.f_add_(&g.scratch)?;
         }
         Ok(StepInfo {
             grad_norm,

@@ -93,7 +93,7 @@ impl FlatModel {
     fn new(config: Arc<Config>, weights: &Weights, compute_kind: Kind) -> Result<Self> {
         let _g = tch::no_grad_guard();
         let master = weights.flat.f_to_kind(Kind::Float)?.f_detach_copy()?;
-        let decay = weights.layout.decay_mask(Kind::Bool, master.device())?;
+        let decay = weights.layout.decay_ranges();
         let separate = compute_kind != Kind::Float;
         let compute = if separate {
             master.f_to_kind(compute_kind)?.f_set_requires_grad(true)?
@@ -122,12 +122,18 @@ impl FlatModel {
         Ok(Model::new(self.config.clone(), &self.layout, &chunks)?)
     }
 
+    /// The accumulated gradient as f32 (the buffer itself when the compute dtype is f32: it is
+    /// zeroed before the next accumulation, so no copy is needed).
     fn take_grad(&self) -> Result<Tensor> {
         let g = self.compute.f_grad()?;
         if !g.defined() {
             return Ok(self.group.params.f_zeros_like()?);
         }
-        Ok(g.f_to_kind(Kind::Float)?.f_detach_copy()?)
+        if self.separate {
+            Ok(g.f_to_kind(Kind::Float)?)
+        } else {
+            Ok(g.f_detach()?)
+        }
     }
 
     fn zero_grad(&mut self) -> Result<()> {
@@ -301,9 +307,7 @@ impl Trainer {
         mb: &MicroBatch,
         entropy: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let h = model.forward(&mb.ids, &mb.positions, None)?; // (N, T, H)
-        let hidden = h.size()[2];
-        let rows = h.f_reshape([-1, hidden])?.f_index_select(0, &mb.rows)?; // (M, H)
+        let rows = mb.hidden_rows(model)?; // (M, H)
         let (lp, ent) = token_logprobs(
             &rows,
             model.lm_head_weight(),
@@ -410,6 +414,7 @@ impl Trainer {
         let mut critic_infos: Vec<StepInfo> = Vec::new();
         let t_train = Instant::now();
         let mut tokens_processed = 0usize;
+        let (mut fwd_bwd_s, mut optim_s) = (0.0, 0.0);
         let order: Vec<usize> = (0..n).collect();
         let per_mb = n.div_ceil(self.cfg.mini_batches);
         for _epoch in 0..self.cfg.ppo_epochs {
@@ -418,9 +423,13 @@ impl Trainer {
                     old: old.as_ref(),
                     reference: reference.as_ref(),
                 };
+                let t = Instant::now();
                 tokens_processed += self.accumulate(batch, mb_indices, &ctx, &mut acc)?;
+                fwd_bwd_s += t.elapsed().as_secs_f64();
+                let t = Instant::now();
                 let grad = self.policy.take_grad()?;
                 infos.push(self.apply_gradients(grad)?);
+                optim_s += t.elapsed().as_secs_f64();
                 if let Some(c) = self.critic.as_mut() {
                     let head_grad = c.head.params.f_grad()?;
                     let head_grad = if head_grad.defined() {
@@ -463,6 +472,8 @@ impl Trainer {
             );
         }
         metrics.insert("time/train_s".into(), train_s);
+        metrics.insert("time/forward_backward_s".into(), fwd_bwd_s);
+        metrics.insert("time/optimizer_s".into(), optim_s);
         metrics.insert(
             "time/trainer_step_s".into(),
             t_start.elapsed().as_secs_f64(),
@@ -540,7 +551,7 @@ impl Trainer {
             reference: reference.as_ref(),
         };
         self.accumulate(batch, &all, &refs, &mut MetricAcc::default())?;
-        let g = self.policy.take_grad()?;
+        let g = self.policy.take_grad()?.f_detach_copy()?;
         self.policy.zero_grad()?;
         Ok(g)
     }
@@ -812,12 +823,8 @@ impl Trainer {
 
 /// Values `(N, L)` of a critic body + head at the response positions.
 fn critic_values(model: &Model, head: &Tensor, mb: &MicroBatch) -> Result<Tensor> {
-    let h = model.forward(&mb.ids, &mb.positions, None)?;
-    let hidden = h.size()[2];
-    let rows = h
-        .f_reshape([-1, hidden])?
-        .f_index_select(0, &mb.rows)?
-        .f_to_kind(Kind::Float)?; // (M, H)
+    let rows = mb.hidden_rows(model)?.f_to_kind(Kind::Float)?; // (M, H)
+    let hidden = rows.size()[1];
     let w = head.f_narrow(0, 0, hidden)?;
     let b = head.f_narrow(0, hidden, 1)?;
     let v = rows.f_matmul(&w)?.f_add(&b)?; // (M,)

@@ -19,16 +19,19 @@ fn weights(f: &ModelFiles) -> Weights {
     f.load_weights(Kind::Float, Device::Cpu).unwrap()
 }
 
-/// A deterministic batch: sequences of different lengths, advantages of both signs.
+/// A deterministic batch: sequences of different lengths, advantages of both signs; consecutive
+/// pairs share their prompt (like GRPO groups), so the trainer's shared-prompt path is exercised.
 fn batch(n: usize, vocab: i64) -> TrainBatch {
     let mut seqs = Vec::new();
     for i in 0..n {
-        let p = 3 + (i * 5) % 7;
-        let r = 2 + (i * 3) % 6;
-        let tok = |j: usize| 3 + ((i * 31 + j * 17) as i64 % (vocab - 3));
+        let g = i / 2;
+        let p = 3 + (g * 5) % 7;
+        let r = 1 + (i * 3) % 6;
+        let ptok = |j: usize| 3 + ((g * 31 + j * 17) as i64 % (vocab - 3));
+        let rtok = |j: usize| 3 + ((i * 29 + j * 13) as i64 % (vocab - 3));
         seqs.push(TrainSequence {
-            prompt: (0..p).map(tok).collect(),
-            response: (p..p + r).map(tok).collect(),
+            prompt: (0..p).map(ptok).collect(),
+            response: (0..r).map(rtok).collect(),
             advantages: (0..r)
                 .map(|j| {
                     if (i + j) % 3 == 0 {
@@ -132,8 +135,9 @@ fn gradients_and_adamw_steps_match_pytorch() {
     // Pre-clip norms and the parameters after each step.
     for (info, step) in [(info1, 1), (info2, 2)] {
         let want = r[&format!("pre_clip_norm{step}")].double_value(&[0]);
+        // f32 sums over all elements, in another order than torch's: ~1e-6 relative apart.
         assert!(
-            (info.grad_norm - want).abs() <= 1e-6 * want.max(1.0),
+            (info.grad_norm - want).abs() <= 1e-5 * want.max(1.0),
             "step {step}: norm {} vs {want}",
             info.grad_norm
         );
