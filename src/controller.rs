@@ -593,8 +593,56 @@ impl Run {
         } else {
             all_groups
         };
+        // Reward statistics over everything generated this step (before any filtering).
+        let n_all = all_rewards.len().max(1) as f64;
+        let mean = all_rewards.iter().map(|&r| r as f64).sum::<f64>() / n_all;
+        let std = (all_rewards
+            .iter()
+            .map(|&r| (r as f64 - mean).powi(2))
+            .sum::<f64>()
+            / n_all)
+            .sqrt();
+        m.insert("reward/mean".into(), mean);
+        m.insert("reward/std".into(), std);
+        m.insert(
+            "reward/accuracy".into(),
+            all_rewards
+                .iter()
+                .filter(|&&r| r >= c.eval.correct_threshold)
+                .count() as f64
+                / n_all,
+        );
+        for s in &reward_stats {
+            for (k, v) in s.to_metrics("reward") {
+                if k != "reward/mean" {
+                    *m.entry(k).or_insert(0.0) += v / reward_stats.len() as f64;
+                }
+            }
+        }
+        m.insert("prompts/skipped_too_long".into(), skipped as f64);
+        m.insert("time/generate_s".into(), gen_s);
+        m.insert("time/reward_s".into(), reward_s);
+        m.insert(
+            "perf/generate_tokens_per_s".into(),
+            gen_tokens as f64 / gen_s.max(1e-9),
+        );
         if kept.is_empty() {
-            bail!("step {step}: no usable prompt groups (all skipped or filtered); check data.max_prompt_tokens and the reward");
+            if c.algorithm.dynamic_sampling.is_none() {
+                bail!(
+                    "step {step}: no usable prompts (all longer than data.max_prompt_tokens = {})",
+                    c.data.max_prompt_tokens
+                );
+            }
+            // DAPO: no informative group within max_rounds, so there is no gradient signal.
+            tracing::warn!("step {step}: every group had equal rewards after {round} rounds; no update this step");
+            m.insert("dynamic_sampling/skipped_update".into(), 1.0);
+            m.insert("time/step_s".into(), t_step.elapsed().as_secs_f64());
+            self.step = step;
+            self.last_rollouts.clear();
+            let rewards_hist = all_rewards.iter().map(|&r| r as f64).collect();
+            self.sink.step(step, &m, &[("reward", rewards_hist)], &[])?;
+            self.history.push(m.clone());
+            return Ok(m);
         }
 
         // Build training sequences.
@@ -631,8 +679,14 @@ impl Run {
             let (mut kl_sum, mut kl_n) = (0.0f64, 0usize);
             for (s, r) in seqs.iter_mut().zip(&refs) {
                 let lp = Tensor::from_slice(s.behavior_logprobs.as_deref().unwrap_or(&[]));
-                let kl =
-                    Vec::<f32>::try_from(kl_penalty(&lp, &Tensor::from_slice(r), k.estimator)?)?;
+                let kl = Vec::<f32>::try_from(
+                    kl_penalty(
+                        &lp.f_unsqueeze(0)?,
+                        &Tensor::from_slice(r).f_unsqueeze(0)?,
+                        k.estimator,
+                    )?
+                    .f_squeeze_dim(0)?,
+                )?;
                 kl_sum += kl.iter().map(|&x| x as f64).sum::<f64>();
                 kl_n += kl.len();
                 tr.push(kl.iter().map(|x| -(k.coef as f32) * x).collect());
@@ -681,30 +735,6 @@ impl Run {
 
         // Step metrics.
         let n = rewards.len() as f64;
-        let mean = rewards.iter().map(|&r| r as f64).sum::<f64>() / n;
-        let std = (rewards
-            .iter()
-            .map(|&r| (r as f64 - mean).powi(2))
-            .sum::<f64>()
-            / n)
-            .sqrt();
-        m.insert("reward/mean".into(), mean);
-        m.insert("reward/std".into(), std);
-        m.insert(
-            "reward/accuracy".into(),
-            rewards
-                .iter()
-                .filter(|&&r| r >= c.eval.correct_threshold)
-                .count() as f64
-                / n,
-        );
-        for s in &reward_stats {
-            for (k, v) in s.to_metrics("reward") {
-                if k != "reward/mean" {
-                    *m.entry(k).or_insert(0.0) += v / reward_stats.len() as f64;
-                }
-            }
-        }
         m.insert(
             "response_length/mean".into(),
             lengths.iter().sum::<usize>() as f64 / n,
@@ -712,13 +742,6 @@ impl Run {
         m.insert(
             "response_length/max".into(),
             *lengths.iter().max().unwrap_or(&0) as f64,
-        );
-        m.insert("prompts/skipped_too_long".into(), skipped as f64);
-        m.insert("time/generate_s".into(), gen_s);
-        m.insert("time/reward_s".into(), reward_s);
-        m.insert(
-            "perf/generate_tokens_per_s".into(),
-            gen_tokens as f64 / gen_s.max(1e-9),
         );
         let version = self.trainer.version()?;
         let staleness = versions

@@ -1,0 +1,260 @@
+//! Malformed recipes give one-line errors naming the key path and its line, and unknown keys get
+//! a suggestion.
+
+mod common;
+
+use common::*;
+
+const BASE: &str = r#"# test recipe
+name = "t"
+steps = 2
+
+[model]
+path = "MODEL"
+
+[data]
+train = { name = "arithmetic", min_digits = 1, max_digits = 1 }
+prompts_per_step = 2
+
+[rollout]
+n = 2
+max_tokens = 4
+
+[reward]
+name = "number-match"
+
+[algorithm]
+advantage = { name = "grpo" }
+
+[algorithm.loss]
+name = "ppo"
+
+[trainer]
+lr = 1e-5
+"#;
+
+/// Applies `edit` to the base recipe, runs `rlrun check`, returns the error line.
+fn check_error(edit: impl Fn(String) -> String) -> String {
+    let tmp = rlrun_testkit::tempdir();
+    let model = rlrun_testkit::fixtures().join("tiny-qwen2");
+    let text = edit(BASE.replace("MODEL", &model.display().to_string()));
+    let path = tmp.path().join("bad.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = rlrun(&["check".into(), path.display().to_string()]);
+    assert!(!out.status.success(), "expected a failure");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one-line error expected, got:\n{stderr}");
+    lines[0].to_string()
+}
+
+fn line_of(needle: &str) -> usize {
+    BASE.lines()
+        .position(|l| l.contains(needle))
+        .expect("needle in base")
+        + 1
+}
+
+fn assert_has(err: &str, parts: &[&str]) {
+    for p in parts {
+        assert!(err.contains(p), "`{p}` missing from: {err}");
+    }
+}
+
+#[test]
+fn base_recipe_is_valid() {
+    let tmp = rlrun_testkit::tempdir();
+    let model = rlrun_testkit::fixtures().join("tiny-qwen2");
+    let path = tmp.path().join("ok.toml");
+    std::fs::write(&path, BASE.replace("MODEL", &model.display().to_string())).unwrap();
+    let out = rlrun(&["check".into(), path.display().to_string()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn unknown_top_level_key_suggests_the_nearest() {
+    let e = check_error(|t| t.replace("steps = 2", "stepz = 2"));
+    assert_has(
+        &e,
+        &[
+            "unknown field `stepz`",
+            "did you mean `steps`?",
+            &format!(":{}:", line_of("steps = 2")),
+        ],
+    );
+}
+
+#[test]
+fn unknown_nested_key_names_its_table_and_line() {
+    let e = check_error(|t| t.replace("lr = 1e-5", "lrr = 1e-5"));
+    assert_has(
+        &e,
+        &[
+            "trainer",
+            "unknown field `lrr`",
+            "did you mean `lr`?",
+            &format!(":{}:", line_of("lr = 1e-5")),
+        ],
+    );
+}
+
+#[test]
+fn unknown_loss_option_is_rejected() {
+    let e = check_error(|t| t.replace("name = \"ppo\"", "name = \"ppo\"\nclip_lo = 0.1"));
+    assert_has(&e, &["algorithm.loss", "clip_lo"]);
+}
+
+#[test]
+fn wrong_type_names_key_and_expected_type() {
+    let e = check_error(|t| t.replace("steps = 2", "steps = \"ten\""));
+    assert_has(
+        &e,
+        &["`steps`", "string", &format!(":{}:", line_of("steps = 2"))],
+    );
+}
+
+#[test]
+fn negative_batch_size_is_rejected() {
+    let e = check_error(|t| t.replace("prompts_per_step = 2", "prompts_per_step = -4"));
+    assert_has(
+        &e,
+        &[
+            "data.prompts_per_step",
+            &format!(":{}:", line_of("prompts_per_step")),
+        ],
+    );
+    let e = check_error(|t| t.replace("prompts_per_step = 2", "prompts_per_step = 0"));
+    assert_has(
+        &e,
+        &[
+            "`data.prompts_per_step`",
+            "at least 1",
+            &format!(":{}:", line_of("prompts_per_step")),
+        ],
+    );
+}
+
+#[test]
+fn missing_model_path_is_named() {
+    let e = check_error(|t| {
+        let start = t.find("path = \"").unwrap();
+        let end = t[start..].find('\n').unwrap() + start;
+        format!("{}path = \"no/such/model\"{}", &t[..start], &t[end..])
+    });
+    assert_has(
+        &e,
+        &[
+            "`model.path`",
+            "no such file or directory",
+            "no/such/model",
+            &format!(":{}:", line_of("path = ")),
+        ],
+    );
+}
+
+#[test]
+fn gae_without_a_critic_is_incompatible() {
+    let e = check_error(|t| {
+        t.replace(
+            "advantage = { name = \"grpo\" }",
+            "advantage = { name = \"gae\" }",
+        )
+    });
+    assert_has(
+        &e,
+        &[
+            "`algorithm.advantage`",
+            "needs a critic",
+            &format!(":{}:", line_of("advantage = ")),
+        ],
+    );
+}
+
+#[test]
+fn grpo_needs_groups() {
+    let e = check_error(|t| t.replace("n = 2", "n = 1"));
+    assert_has(
+        &e,
+        &[
+            "`rollout.n`",
+            "needs rollout.n >= 2",
+            &format!(":{}:", line_of("n = 2")),
+        ],
+    );
+}
+
+#[test]
+fn zero_temperature_is_rejected_for_training() {
+    let e = check_error(|t| t.replace("n = 2", "n = 2\ntemperature = 0.0"));
+    assert_has(&e, &["`rollout.temperature`", "must be > 0"]);
+}
+
+#[test]
+fn unknown_reward_name_lists_choices() {
+    let e = check_error(|t| t.replace("name = \"number-match\"", "name = \"numbr-match\""));
+    assert_has(&e, &["reward", "numbr-match", "number-match"]);
+}
+
+#[test]
+fn kl_in_loss_and_reward_at_once_is_incompatible() {
+    let e = check_error(|t| {
+        t.replace("name = \"ppo\"", "name = \"ppo\"\nkl = { coef = 0.1 }")
+            .replace(
+                "advantage = { name = \"grpo\" }",
+                "advantage = { name = \"grpo\" }\nkl_in_reward = { coef = 0.1 }",
+            )
+    });
+    assert_has(&e, &["algorithm.kl_in_reward", "one or the other"]);
+}
+
+#[test]
+fn negative_learning_rate_is_rejected() {
+    let e = check_error(|t| t.replace("lr = 1e-5", "lr = -1e-5"));
+    assert_has(
+        &e,
+        &[
+            "`trainer.lr`",
+            "must be > 0",
+            &format!(":{}:", line_of("lr = 1e-5")),
+        ],
+    );
+}
+
+#[test]
+fn toml_syntax_error_has_line_and_column() {
+    let e = check_error(|t| t.replace("lr = 1e-5", "lr = = 1e-5"));
+    assert_has(&e, &[&format!(":{}:", line_of("lr = 1e-5"))]);
+}
+
+#[test]
+fn bad_override_is_reported_against_its_key() {
+    let tmp = rlrun_testkit::tempdir();
+    let model = rlrun_testkit::fixtures().join("tiny-qwen2");
+    let path = tmp.path().join("ok.toml");
+    std::fs::write(&path, BASE.replace("MODEL", &model.display().to_string())).unwrap();
+    let out = rlrun(&[
+        "check".into(),
+        path.display().to_string(),
+        "--set".into(),
+        "trainer.lr=-3".into(),
+    ]);
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert_has(&e, &["`trainer.lr`", "must be > 0"]);
+    // And a good override shows in the resolved recipe.
+    let out = rlrun(&[
+        "check".into(),
+        path.display().to_string(),
+        "--set".into(),
+        "trainer.lr=3e-6".into(),
+        "--set".into(),
+        "rollout.n=4".into(),
+    ]);
+    assert!(out.status.success());
+    let r = String::from_utf8_lossy(&out.stdout);
+    assert!(r.contains("lr = 0.000003") && r.contains("n = 4"), "{r}");
+}
