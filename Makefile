@@ -67,6 +67,17 @@ quickstart: build models/SmolLM2-135M-Instruct/model.safetensors
 	@echo "== quickstart: GRPO on SmolLM2-135M-Instruct (recipes/quickstart.toml)"
 	$(BIN) recipes/quickstart.toml
 
+# What scripts/device-check.sh needs on a GPU machine, under the 64 MiB a device call carries:
+# target/device (stripped binary, tiny fixtures, the second part of the SmolLM2 GGUF) and
+# target/device-a (its first part, carried by an earlier call into /tmp/rlrun-device).
+device-build: build fixtures
+	rm -rf target/device target/device-a && mkdir -p target/device/fixtures target/device-a
+	cp $(BIN) target/device/rlrun && strip target/device/rlrun
+	cp -r $(FIXTURES)/tiny-* target/device/fixtures/
+	split -b 60000000 -d "$(SMOLLM2_GGUF)" target/device/smollm2.gguf.part
+	mv target/device/smollm2.gguf.part00 target/device-a/
+	du -sh target/device target/device-a
+
 fmt:
 	cargo fmt --all
 

@@ -345,6 +345,13 @@ fn generate(
     let dt = t.elapsed().as_secs_f64();
     let tokens: usize = done.iter().map(|c| c.token_ids.len()).sum();
     let ours = tokens as f64 / dt;
+    let stats = engine.stats();
+    if !stats.profile.is_empty() {
+        println!(
+            "  rlrun decode phases (s, summed over {} steps): {:?}",
+            stats.decode_steps, stats.profile
+        );
+    }
     let peer_v = if c.no_peer {
         None
     } else {

@@ -18,6 +18,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 mod bench;
 mod cli_model;
+mod selftest;
 
 use rlrun::{Recipe, Run};
 
@@ -70,6 +71,18 @@ enum Command {
         max_tokens: usize,
         #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
         device: DeviceArg,
+    },
+    /// Checks of the GPU code paths (run by scripts/device-check.sh on a CUDA machine).
+    Selftest {
+        /// Directory of the test fixtures (tiny models with transformers references).
+        #[arg(long, default_value = ".fixtures")]
+        fixtures: PathBuf,
+        /// SmolLM2-135M-Instruct directory, for the log-prob mismatch and trainer checks.
+        #[arg(long)]
+        smollm2: Option<PathBuf>,
+        /// Write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// Benchmarks that measure the peer (transformers / PyTorch) in the same run and print ratios.
     Bench {
@@ -206,6 +219,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             device,
         } => cli_model::chat(&model, &message, max_tokens, device.device()),
         Command::Bench { what } => bench::run(what),
+        Command::Selftest {
+            fixtures,
+            smollm2,
+            json,
+        } => selftest::cuda(&fixtures, smollm2.as_deref(), json.as_deref()),
     }
 }
 
@@ -218,7 +236,17 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    // On CUDA, f32 matmuls (the logits projection of bf16 models, computed in f32) use TF32
+    // tensor cores: exact for bf16-valued inputs, and ~8x faster than plain f32. Not for the
+    // selftest, whose f32 parity check wants full-precision f32. Set the variable to 0 to opt out.
+    if !matches!(cli.command, Some(Command::Selftest { .. }))
+        && std::env::var_os("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE").is_none()
+    {
+        // SAFETY: single-threaded at this point (before any torch or tokio threads start).
+        unsafe { std::env::set_var("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "1") };
+    }
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

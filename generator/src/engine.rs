@@ -134,6 +134,48 @@ pub struct EngineStats {
     pub tokens_per_s: f64,
     pub busy_s: f64,
     pub policy_version: u64,
+    /// Seconds per decode phase, summed over steps, when `RLRUN_PROFILE=1` (each phase is
+    /// synchronized on CUDA, which itself costs time: for diagnosis only).
+    pub profile: std::collections::BTreeMap<String, f64>,
+}
+
+/// Optional per-phase timing of the decode step (`RLRUN_PROFILE=1`).
+struct Profiler {
+    device: tch::Device,
+    last: std::cell::Cell<Instant>,
+    on: bool,
+}
+
+impl Profiler {
+    fn new(device: tch::Device) -> Self {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let on = *ON.get_or_init(|| std::env::var("RLRUN_PROFILE").is_ok_and(|v| v == "1"));
+        let p = Profiler {
+            device,
+            last: std::cell::Cell::new(Instant::now()),
+            on,
+        };
+        p.sync();
+        p.last.set(Instant::now());
+        p
+    }
+
+    fn sync(&self) {
+        if let (true, tch::Device::Cuda(i)) = (self.on, self.device) {
+            tch::Cuda::synchronize(i as i64);
+        }
+    }
+
+    fn mark(&self, stats: &mut EngineStats, phase: &str) {
+        if !self.on {
+            return;
+        }
+        self.sync();
+        let now = Instant::now();
+        *stats.profile.entry(phase.to_string()).or_insert(0.0) +=
+            (now - self.last.get()).as_secs_f64();
+        self.last.set(now);
+    }
 }
 
 struct ReqState {
@@ -590,6 +632,8 @@ impl Engine {
                 params.push(row_params(&seq.req, seq.sample, seq.tokens.len() as u64));
             }
         }
+        let profile = Profiler::new(device);
+        rlrun_model::profile::start(device);
         let ident: Vec<i64> = (0..b as i64).collect();
         let ident_t = Tensor::from_slice(&ident).f_to_device(device)?;
         let hidden = self.model.forward_cached(
@@ -608,9 +652,16 @@ impl Engine {
         if active_rows.len() < b {
             h = h.f_index_select(0, &Tensor::from_slice(&active_rows).f_to_device(device)?)?;
         }
+        profile.mark(&mut self.stats, "decode/forward_s");
         let logits = self.model.logits(&h)?;
+        profile.mark(&mut self.stats, "decode/logits_s");
         let (tokens, lps) = sample(&logits, &params)?;
+        profile.mark(&mut self.stats, "decode/sample_s");
         let (tokens, lps) = to_host(&tokens, &lps)?;
+        profile.mark(&mut self.stats, "decode/to_host_s");
+        for (k, v) in rlrun_model::profile::take() {
+            *self.stats.profile.entry(k).or_insert(0.0) += v;
+        }
         self.stats.decode_steps += 1;
         for (k, &row) in active_rows.iter().enumerate() {
             let slot = row as usize;

@@ -19,6 +19,7 @@ pub mod llama;
 pub mod loader;
 pub mod logprobs;
 pub mod params;
+pub mod profile;
 pub mod tokenizer;
 
 use std::collections::BTreeMap;

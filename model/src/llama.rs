@@ -266,14 +266,64 @@ impl Model {
     }
 
     /// Attention with an explicit boolean mask, or causal when `mask` is None.
+    ///
+    /// Grouped-query attention takes one of three routes: a few queries against a cache
+    /// (decoding) use grouped matmuls that read each key/value head once for all the query heads
+    /// sharing it; on CUDA, longer inputs expand the key/value heads so SDPA's fused kernels
+    /// apply (flash for causal, memory-efficient with a mask); on the CPU, SDPA's `enable_gqa`.
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, t) = (q.size()[0], q.size()[2]);
-        let causal = mask.is_none();
-        let out = Tensor::f_scaled_dot_product_attention(q, k, v, mask, 0.0, causal, None, true)?;
+        let out = match mask {
+            Some(mask) if t <= DECODE_QUERIES => self.attend_grouped(q, k, v, mask)?,
+            _ => {
+                let causal = mask.is_none();
+                if self.n_kv != self.n_heads && q.device().is_cuda() && !native_gqa() {
+                    let (k, v) = (self.expand_kv(k)?, self.expand_kv(v)?);
+                    Tensor::f_scaled_dot_product_attention(
+                        q, &k, &v, mask, 0.0, causal, None, false,
+                    )?
+                } else {
+                    Tensor::f_scaled_dot_product_attention(q, k, v, mask, 0.0, causal, None, true)?
+                }
+            }
+        };
         // (B, nh, T, hd) -> (B, T, nh * hd)
         Ok(out
             .f_transpose(1, 2)?
             .f_reshape([b, t, self.n_heads * self.head_dim])?)
+    }
+
+    /// (B, nkv, L, hd) -> (B, nh, L, hd), each key/value head repeated for its query group.
+    fn expand_kv(&self, x: &Tensor) -> Result<Tensor> {
+        let s = x.size();
+        let rep = self.n_heads / self.n_kv;
+        Ok(x.f_unsqueeze(2)?
+            .f_expand([s[0], self.n_kv, rep, s[2], s[3]], false)?
+            .f_reshape([s[0], self.n_heads, s[2], s[3]])?)
+    }
+
+    /// Softmax attention as grouped matmuls: q (B, nh, T, hd) viewed as (B, nkv, rep*T, hd)
+    /// against k, v (B, nkv, L, hd) (strided views of the cache are fine); mask (B, 1, T, L).
+    /// Scores and softmax in f32.
+    fn attend_grouped(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (b, t, hd) = (q.size()[0], q.size()[2], self.head_dim);
+        let rep = self.n_heads / self.n_kv;
+        let l = k.size()[2];
+        let qg = q.f_reshape([b, self.n_kv, rep * t, hd])?; // (B, nkv, rep*T, hd)
+        let scores = qg
+            .f_matmul(&k.f_transpose(2, 3)?)?
+            .f_to_kind(Kind::Float)?
+            .f_mul_scalar(1.0 / (hd as f64).sqrt())?; // (B, nkv, rep*T, L)
+        let keep = mask
+            .f_view([b, 1, 1, t, l])?
+            .f_expand([b, self.n_kv, rep, t, l], false)?
+            .f_reshape([b, self.n_kv, rep * t, l])?;
+        let probs = scores
+            .f_masked_fill(&keep.f_logical_not()?, f64::NEG_INFINITY)?
+            .f_softmax(-1, Kind::Float)?
+            .f_to_kind(v.kind())?;
+        let out = probs.f_matmul(v)?; // (B, nkv, rep*T, hd)
+        Ok(out.f_reshape([b, self.n_heads, t, hd])?)
     }
 
     fn mlp_block(&self, l: &Layer, h: &Tensor) -> Result<Tensor> {
@@ -406,9 +456,11 @@ impl Model {
         let identity = w.slots_host.iter().enumerate().all(|(i, &s)| s == i as i64);
         let (cos, sin) = self.rope(&positions)?;
         let mut h = Tensor::f_embedding(&self.embed, ids, -1, false, false)?;
+        crate::profile::mark(device, "forward/setup");
         for (i, l) in self.layers.iter().enumerate() {
             let x = self.rms_norm(&h, &l.input_layernorm)?;
             let (q, k, v) = self.qkv(l, &x, &cos, &sin)?;
+            crate::profile::mark(device, "forward/qkv_rope");
             for (new, store) in [(&k, &mut cache.k[i]), (&v, &mut cache.v[i])] {
                 let flat = new
                     .f_transpose(1, 2)?
@@ -420,6 +472,7 @@ impl Model {
                 let _ =
                     store.f_index_put_(&[Some(&slot_idx), None, Some(&pos_idx)], &vals, false)?;
             }
+            crate::profile::mark(device, "forward/cache_write");
             let attn = if fresh {
                 // Nothing cached before these tokens: causal attention over them alone (right
                 // padding only follows the valid tokens, so causality keeps pads out).
@@ -442,8 +495,10 @@ impl Model {
                 }; // (B, nkv, key_len, hd)
                 self.attend(&q, &kc, &vc, mask.as_ref())?
             };
+            crate::profile::mark(device, "forward/attention");
             h = h.f_add(&self.o_proj(l, &attn)?)?;
             h = self.mlp_block(l, &h)?;
+            crate::profile::mark(device, "forward/o_proj_mlp");
         }
         self.rms_norm(&h, &self.norm)
     }
@@ -516,9 +571,25 @@ impl Model {
     }
 
     /// Logits `(..., vocab)` of hidden states, in the model dtype.
+    /// Logits `(..., vocab)` in f32. With bf16/f16 weights the projection is computed in f32
+    /// (hidden states and weights upcast): logits rounded to bf16 would be off by up to a
+    /// sixteenth at typical magnitudes, and the generator and trainer must see the same numbers.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(hidden.f_linear::<Tensor>(&self.lm_head, None)?)
+        let w = self.lm_head.f_to_kind(Kind::Float)?;
+        Ok(hidden
+            .f_to_kind(Kind::Float)?
+            .f_linear::<Tensor>(&w, None)?)
     }
+}
+
+/// Queries per row up to which masked attention uses [`Model::attend_grouped`] (decoding).
+const DECODE_QUERIES: i64 = 4;
+
+/// `RLRUN_ATTENTION_GQA=native` makes CUDA use SDPA's `enable_gqa` instead of expanded heads
+/// (for comparing kernels).
+fn native_gqa() -> bool {
+    static NATIVE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *NATIVE.get_or_init(|| std::env::var("RLRUN_ATTENTION_GQA").is_ok_and(|v| v == "native"))
 }
 
 /// Inverse rotary frequencies `(head_dim / 2,)` f32 and the attention scaling, as transformers

@@ -24,15 +24,15 @@ pub fn token_logprobs(
 ) -> Result<(Tensor, Option<Tensor>)> {
     let n = hidden.size()[0];
     let chunk = chunk.max(1);
+    // f32 projection (see `Model::logits`): the generator samples from these same numbers.
+    let w = lm_head.f_to_kind(Kind::Float)?;
     let mut lps = Vec::new();
     let mut ents = Vec::new();
     let mut start = 0;
     while start < n {
         let len = chunk.min(n - start);
-        let h = hidden.f_narrow(0, start, len)?;
-        let mut logits = h
-            .f_linear::<Tensor>(lm_head, None)?
-            .f_to_kind(Kind::Float)?; // (c, V)
+        let h = hidden.f_narrow(0, start, len)?.f_to_kind(Kind::Float)?;
+        let mut logits = h.f_linear::<Tensor>(&w, None)?; // (c, V)
         if temperature != 1.0 {
             logits = logits.f_div_scalar(temperature)?;
         }

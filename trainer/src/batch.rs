@@ -114,19 +114,13 @@ pub fn pack_micro_batches(
     out
 }
 
-/// Device tensors of one micro-batch in grouped layout: each distinct prompt once, and the
-/// responses as continuations of their prompt (see `Model::forward_grouped`).
+/// Device tensors of one micro-batch. When sequences share prompts (GRPO groups) each distinct
+/// prompt runs once and the responses continue it (`Model::forward_grouped`); otherwise the
+/// sequences run whole with plain causal attention (`Model::forward`).
 pub struct MicroBatch {
-    /// (G, P) distinct prompts, right-padded with 0.
-    pub prompts: Tensor,
-    pub prompt_lens: Vec<i64>,
-    /// (N, R) response tokens, right-padded with 0 (fed as continuation inputs).
-    pub conts: Tensor,
-    /// Prompt (row of `prompts`) of each response.
-    pub groups: Vec<i64>,
-    /// (M,) rows of `cat(prompt_hidden (G*P), cont_hidden (N*R))` that predict the M response
-    /// tokens: a response's first token from its prompt's last position, token j from
-    /// continuation position j - 1.
+    layout: Layout,
+    /// (M,) rows of the final hidden states (flattened as the layout describes) that predict the
+    /// M response tokens.
     pub rows: Tensor,
     /// (M,) the response tokens.
     pub targets: Tensor,
@@ -137,6 +131,19 @@ pub struct MicroBatch {
     pub n: i64,
     /// Longest response.
     pub l: i64,
+}
+
+enum Layout {
+    /// Hidden rows are `cat(prompt_hidden (G*P), cont_hidden (N*R))`; a response's first token is
+    /// predicted at its prompt's last position, token j at continuation position j - 1.
+    Grouped {
+        prompts: Tensor,
+        prompt_lens: Vec<i64>,
+        conts: Tensor,
+        groups: Vec<i64>,
+    },
+    /// Hidden rows are the (N*T) positions of the right-padded prompt + response sequences.
+    Full { ids: Tensor, positions: Tensor },
 }
 
 impl MicroBatch {
@@ -154,39 +161,69 @@ impl MicroBatch {
             })
             .collect();
         let g = prompt_rows.len() as i64;
-        let p = prompt_rows.iter().map(|x| x.len()).max().unwrap_or(1) as i64;
         let l = seqs.iter().map(|s| s.response.len()).max().unwrap_or(1) as i64;
-        let mut prompts = vec![0i64; (g * p) as usize];
-        let mut prompt_lens = Vec::with_capacity(g as usize);
-        for (k, pr) in prompt_rows.iter().enumerate() {
-            prompts[k * p as usize..k * p as usize + pr.len()].copy_from_slice(pr);
-            prompt_lens.push(pr.len() as i64);
-        }
-        let mut conts = vec![0i64; (n * l) as usize];
+        let dev = |v: Tensor| v.f_to_device(device);
         let mut mask = vec![0f32; (n * l) as usize];
         let (mut rows, mut targets, mut dest) = (Vec::new(), Vec::new(), Vec::new());
-        let cont_base = g * p;
         for (i, s) in seqs.iter().enumerate() {
-            let gi = groups[i];
-            conts[i * l as usize..i * l as usize + s.response.len()].copy_from_slice(&s.response);
             for (j, &tok) in s.response.iter().enumerate() {
-                let row = if j == 0 {
-                    gi * p + prompt_lens[gi as usize] - 1
-                } else {
-                    cont_base + i as i64 * l + j as i64 - 1
-                };
-                rows.push(row);
                 targets.push(tok);
                 dest.push(i as i64 * l + j as i64);
                 mask[i * l as usize + j] = 1.0;
             }
         }
-        let dev = |v: Tensor| v.f_to_device(device);
+        let layout = if g < n {
+            let p = prompt_rows.iter().map(|x| x.len()).max().unwrap_or(1) as i64;
+            let mut prompts = vec![0i64; (g * p) as usize];
+            let mut prompt_lens = Vec::with_capacity(g as usize);
+            for (k, pr) in prompt_rows.iter().enumerate() {
+                prompts[k * p as usize..k * p as usize + pr.len()].copy_from_slice(pr);
+                prompt_lens.push(pr.len() as i64);
+            }
+            let mut conts = vec![0i64; (n * l) as usize];
+            for (i, s) in seqs.iter().enumerate() {
+                let gi = groups[i];
+                conts[i * l as usize..i * l as usize + s.response.len()]
+                    .copy_from_slice(&s.response);
+                for j in 0..s.response.len() as i64 {
+                    rows.push(if j == 0 {
+                        gi * p + prompt_lens[gi as usize] - 1
+                    } else {
+                        g * p + i as i64 * l + j - 1
+                    });
+                }
+            }
+            Layout::Grouped {
+                prompts: dev(Tensor::from_slice(&prompts).f_view([g, p])?)?,
+                prompt_lens,
+                conts: dev(Tensor::from_slice(&conts).f_view([n, l])?)?,
+                groups,
+            }
+        } else {
+            let t = seqs
+                .iter()
+                .map(|s| s.prompt.len() + s.response.len())
+                .max()
+                .unwrap_or(1) as i64;
+            let mut ids = vec![0i64; (n * t) as usize];
+            for (i, s) in seqs.iter().enumerate() {
+                let base = i * t as usize;
+                let p = s.prompt.len();
+                ids[base..base + p].copy_from_slice(&s.prompt);
+                ids[base + p..base + p + s.response.len()].copy_from_slice(&s.response);
+                for j in 0..s.response.len() {
+                    rows.push((base + p - 1 + j) as i64);
+                }
+            }
+            Layout::Full {
+                ids: dev(Tensor::from_slice(&ids).f_view([n, t])?)?,
+                positions: dev(Tensor::f_arange(t, (tch::Kind::Int64, Device::Cpu))?
+                    .f_unsqueeze(0)?
+                    .f_expand([n, t], false)?)?,
+            }
+        };
         Ok(MicroBatch {
-            prompts: dev(Tensor::from_slice(&prompts).f_view([g, p])?)?,
-            prompt_lens,
-            conts: dev(Tensor::from_slice(&conts).f_view([n, l])?)?,
-            groups,
+            layout,
             rows: dev(Tensor::from_slice(&rows))?,
             targets: dev(Tensor::from_slice(&targets))?,
             dest: dev(Tensor::from_slice(&dest))?,
@@ -196,12 +233,30 @@ impl MicroBatch {
         })
     }
 
+    /// Whether the micro-batch runs each shared prompt once.
+    pub fn is_grouped(&self) -> bool {
+        matches!(self.layout, Layout::Grouped { .. })
+    }
+
     /// Final hidden states `(M, hidden)` of the rows that predict the response tokens.
     pub fn hidden_rows(&self, model: &rlrun_model::Model) -> Result<Tensor> {
-        let (hp, hc) =
-            model.forward_grouped(&self.prompts, &self.prompt_lens, &self.conts, &self.groups)?;
-        let h = hp.size()[2];
-        let all = Tensor::f_cat(&[hp.f_reshape([-1, h])?, hc.f_reshape([-1, h])?], 0)?;
+        let all = match &self.layout {
+            Layout::Grouped {
+                prompts,
+                prompt_lens,
+                conts,
+                groups,
+            } => {
+                let (hp, hc) = model.forward_grouped(prompts, prompt_lens, conts, groups)?;
+                let h = hp.size()[2];
+                Tensor::f_cat(&[hp.f_reshape([-1, h])?, hc.f_reshape([-1, h])?], 0)?
+            }
+            Layout::Full { ids, positions } => {
+                let h = model.forward(ids, positions, None)?;
+                let hidden = h.size()[2];
+                h.f_reshape([-1, hidden])?
+            }
+        };
         Ok(all.f_index_select(0, &self.rows)?)
     }
 
@@ -284,8 +339,7 @@ mod tests {
         let mb = MicroBatch::new(&[&a, &b, &c], Device::Cpu).unwrap();
         // Two distinct prompts (a and c share one) padded to 3: rows 0..6 are prompt positions;
         // continuations start at row 6 with 3 positions each.
-        assert_eq!(mb.groups, vec![0, 1, 0]);
-        assert_eq!(mb.prompt_lens, vec![2, 3]);
+        assert!(mb.is_grouped());
         assert_eq!(
             Vec::<i64>::try_from(&mb.rows).unwrap(),
             vec![1, 6, 7, 3 + 2, 1]
@@ -296,5 +350,13 @@ mod tests {
         );
         assert_eq!(Vec::<i64>::try_from(&mb.dest).unwrap(), vec![0, 1, 2, 3, 6]);
         assert_eq!(mb.mask.size(), vec![3, 3]);
+        // Without shared prompts: whole sequences (prompt + response) of length 5, right-padded.
+        let mb = MicroBatch::new(&[&a, &b], Device::Cpu).unwrap();
+        assert!(!mb.is_grouped());
+        assert_eq!(
+            Vec::<i64>::try_from(&mb.rows).unwrap(),
+            vec![1, 2, 3, 5 + 2]
+        );
+        assert_eq!(Vec::<i64>::try_from(&mb.targets).unwrap(), vec![7, 8, 9, 4]);
     }
 }
