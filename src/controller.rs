@@ -803,6 +803,66 @@ impl Run {
         Ok(m)
     }
 
+    /// Runs `n` more training steps (no evaluation or checkpoints), with a progress bar on a
+    /// terminal when `progress`; stops early on Ctrl-C. Returns each step's metrics.
+    pub fn train_steps(&mut self, n: u64, progress: bool) -> Result<Vec<BTreeMap<String, f64>>> {
+        let bar = crate::metrics::Progress::new(self.step + n, self.step, progress);
+        let mut out = Vec::new();
+        for _ in 0..n {
+            if STOP.load(Ordering::SeqCst) {
+                break;
+            }
+            let m = self.step()?;
+            bar.update(self.step, &m);
+            out.push(m);
+        }
+        bar.finish();
+        Ok(out)
+    }
+
+    /// Samples completions of `prompts` from the current policy (ad hoc, outside training).
+    pub fn generate_prompts(
+        &self,
+        prompts: &[Prompt],
+        params: SamplingParams,
+    ) -> Result<Vec<Vec<(String, Completion)>>> {
+        let items = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                Ok(PromptItem {
+                    sample: Arc::new(Sample::new(i as u64, p.clone())),
+                    ids: self.encode_prompt(p)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let base = (1u64 << 61) | (self.step << 24);
+        let groups = self.generate(&items, &params, base)?;
+        groups
+            .into_iter()
+            .map(|g| {
+                g.into_iter()
+                    .map(|c| Ok((self.decode(&c.token_ids)?, c)))
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Log-probs of `response` tokens after `prompt` under the current policy (trainer side).
+    pub fn logprobs(&self, prompt: Vec<i64>, response: Vec<i64>) -> Result<Vec<f32>> {
+        let n = response.len();
+        let seq = TrainSequence {
+            prompt,
+            response,
+            advantages: vec![0.0; n],
+            behavior_logprobs: None,
+            returns: None,
+            old_values: None,
+            ref_logprobs: None,
+        };
+        Ok(self.trainer.compute_logprobs(&[seq])?.remove(0))
+    }
+
     /// Greedy evaluation on the held-out set.
     pub fn evaluate(&mut self) -> Result<EvalResult> {
         let c = self.recipe.config.clone();

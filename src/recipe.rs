@@ -610,16 +610,20 @@ impl Recipe {
     }
 }
 
-/// A relative path: from the working directory if it exists there, else from the recipe's directory.
+/// A relative path: from the working directory if it exists there, else from the recipe's
+/// directory or the nearest of its ancestors where it exists (so `models/x` in `recipes/y.toml`
+/// finds the project's `models/x` from anywhere).
 pub fn resolve_path(p: &str, recipe: &Path) -> PathBuf {
     let p = PathBuf::from(p);
     if p.is_absolute() || p.exists() {
         return p;
     }
-    match recipe.parent() {
-        Some(dir) if dir.join(&p).exists() => dir.join(p),
-        _ => p,
-    }
+    let dir = recipe.parent().map(|d| d.to_path_buf()).unwrap_or_default();
+    let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+    dir.ancestors()
+        .map(|a| a.join(&p))
+        .find(|c| c.exists())
+        .unwrap_or(p)
 }
 
 fn validate(

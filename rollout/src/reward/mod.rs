@@ -185,6 +185,50 @@ pub enum RewardConfig {
     LengthPenalty(LengthPenaltyConfig),
     /// Weighted sum of other rewards ([`WeightedSum`]).
     WeightedSum(WeightedSumConfig),
+    /// A reward registered at run time under a name with [`registry::register`] (e.g. a Python
+    /// function decorated with `@rlrun.reward("name")`): `{ name = "registered", function = "name" }`.
+    Registered(RegisteredConfig),
+}
+
+/// Parameters of `name = "registered"`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisteredConfig {
+    /// The name the reward was registered under.
+    pub function: String,
+}
+
+/// Rewards registered by name in this process, for recipes to use (`name = "registered"`).
+pub mod registry {
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex, OnceLock};
+
+    use super::RewardFn;
+
+    fn table() -> &'static Mutex<BTreeMap<String, Arc<dyn RewardFn>>> {
+        static T: OnceLock<Mutex<BTreeMap<String, Arc<dyn RewardFn>>>> = OnceLock::new();
+        T.get_or_init(|| Mutex::new(BTreeMap::new()))
+    }
+
+    /// Registers (or replaces) a reward under `name`.
+    pub fn register(name: &str, reward: Arc<dyn RewardFn>) {
+        if let Ok(mut t) = table().lock() {
+            t.insert(name.to_string(), reward);
+        }
+    }
+
+    /// The reward registered under `name`.
+    pub fn get(name: &str) -> Option<Arc<dyn RewardFn>> {
+        table().lock().ok()?.get(name).cloned()
+    }
+
+    /// Registered names, sorted.
+    pub fn names() -> Vec<String> {
+        table()
+            .lock()
+            .map(|t| t.keys().cloned().collect())
+            .unwrap_or_default()
+    }
 }
 
 /// Parameters of `name = "number-match"`: like [`NumberMatchConfig`], but `format` defaults to
@@ -258,6 +302,16 @@ impl RewardConfig {
                     .map(|t| Ok(WeightedTerm::new(t.weight, t.reward.build()?)))
                     .collect::<Result<Vec<_>>>()?;
                 Arc::new(WeightedSum::new(terms)?)
+            }
+            RewardConfig::Registered(c) => {
+                return registry::get(&c.function).ok_or_else(|| crate::Error::Config {
+                    what: "reward `registered`".into(),
+                    message: format!(
+                        "no reward registered as `{}` in this process (registered: {})",
+                        c.function,
+                        registry::names().join(", ")
+                    ),
+                });
             }
         })
     }
