@@ -729,7 +729,7 @@ impl Run {
         m.extend(train_metrics);
 
         // 6. Weight sync.
-        if step % c.sync.every == 0 {
+        if step.is_multiple_of(c.sync.every) {
             self.sync_weights(&mut m)?;
         }
 
@@ -1024,7 +1024,10 @@ impl Run {
             }
             let m = self.step()?;
             bar.update(self.step, &m);
-            if c.eval.every > 0 && self.step % c.eval.every == 0 && self.step < c.steps && has_eval
+            if c.eval.every > 0
+                && self.step.is_multiple_of(c.eval.every)
+                && self.step < c.steps
+                && has_eval
             {
                 let e = self.evaluate()?;
                 bar.message(&format!(
@@ -1033,7 +1036,9 @@ impl Run {
                     100.0 * e.accuracy
                 ));
             }
-            if c.checkpoint.every > 0 && self.step % c.checkpoint.every == 0 && self.step < c.steps
+            if c.checkpoint.every > 0
+                && self.step.is_multiple_of(c.checkpoint.every)
+                && self.step < c.steps
             {
                 self.save()?;
             }

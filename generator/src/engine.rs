@@ -688,7 +688,7 @@ impl Engine {
         let Some(last) = self.slots.iter().rposition(Option::is_some) else {
             return Ok(());
         };
-        if last + 1 <= 2 * active || last < 8 {
+        if last < 2 * active || last < 8 {
             return Ok(());
         }
         let mut free: Vec<usize> = (0..active).filter(|&i| self.slots[i].is_none()).collect();

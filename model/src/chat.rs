@@ -82,7 +82,7 @@ impl ChatTemplate {
             .env
             .get_template("chat")
             .map_err(|e| ModelError::Template(e.to_string()))?;
-        tmpl.render(minijinja::Value::from_serialize(&Json::Object(ctx)))
+        tmpl.render(minijinja::Value::from_serialize(Json::Object(ctx)))
             .map_err(|e| ModelError::Template(format!("rendering failed: {e:#}")))
     }
 

@@ -312,7 +312,7 @@ impl GgufFile {
                     ggml_type: t.ggml_type.name(),
                 })?;
         let n = t.numel();
-        if n % block_elems != 0 {
+        if !n.is_multiple_of(block_elems) {
             return Err(self.err(format!(
                 "tensor `{}` has {n} elements, not a multiple of the {} block size {block_elems}",
                 t.name,

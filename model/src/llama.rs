@@ -104,7 +104,7 @@ impl KvCache {
             shape[2] = len;
             let grown = Tensor::f_zeros(shape.as_slice(), (cache.kind(), cache.device()))
                 .map_err(|e| alloc_err(e, &shape))?;
-            let _ = grown.f_narrow(2, 0, self.max_len)?.f_copy_(cache)?;
+            grown.f_narrow(2, 0, self.max_len)?.f_copy_(cache)?;
             *cache = grown;
         }
         self.max_len = len;
@@ -230,7 +230,7 @@ impl Model {
 
     fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         let n = *x.size().last().unwrap_or(&1);
-        Ok(x.f_rms_norm(&[n], Some(w), Some(self.eps))?)
+        Ok(x.f_rms_norm([n], Some(w), Some(self.eps))?)
     }
 
     /// Projects to q, k (with rope) and v, each `(B, heads, T, head_dim)`.

@@ -174,7 +174,7 @@ impl SafetensorsSource {
         let bytes = &shard.mmap[shard.data_start + a..shard.data_start + b];
         let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
         let elt = kind.elt_size_in_bytes();
-        let t = if (bytes.as_ptr() as usize) % elt == 0 {
+        let t = if (bytes.as_ptr() as usize).is_multiple_of(elt) {
             // SAFETY: `bytes` lives as long as `self` (the mapping); the tensor is only read
             // while this source is alive (callers copy out of it immediately).
             unsafe { Tensor::f_from_blob(bytes.as_ptr(), &shape, &[], kind, Device::Cpu) }
@@ -265,7 +265,7 @@ pub fn write_safetensors(
     }
     let mut header_bytes =
         serde_json::to_vec(&serde_json::Value::Object(header)).unwrap_or_default();
-    while header_bytes.len() % 8 != 0 {
+    while !header_bytes.len().is_multiple_of(8) {
         header_bytes.push(b' ');
     }
     atomic_write(path, |f| {

@@ -36,7 +36,7 @@ pub fn token_logprobs(
         if temperature != 1.0 {
             logits = logits.f_div_scalar(temperature)?;
         }
-        let lse = logits.f_logsumexp(&[-1], false)?; // (c,)
+        let lse = logits.f_logsumexp([-1], false)?; // (c,)
         let tgt = targets.f_narrow(0, start, len)?.f_unsqueeze(1)?;
         let picked = logits.f_gather(1, &tgt, false)?.f_squeeze_dim(1)?;
         lps.push(picked.f_sub(&lse)?);
