@@ -55,7 +55,8 @@ $(FIXTURES)/.ready: scripts/hf_reference.py scripts/loss_reference.py $(VENV)/.r
 
 fixtures: build $(FIXTURES)/.ready
 
-test: build fixtures python
+# The recipe tests check every shipped recipe, which name models/SmolLM2-135M-Instruct.
+test: build fixtures python models/SmolLM2-135M-Instruct/model.safetensors
 	@echo "== tests"
 	cargo test $(CARGO_FLAGS) --no-fail-fast
 	@echo "== Python bindings tests (pytest)"
