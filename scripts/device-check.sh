@@ -22,6 +22,35 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 status=0
 step() { echo "== $*"; }
 
+# ONLY=actors runs just the actor-process checks (tiny model; needs no GGUF, seconds).
+actors_check() {
+  step "actors in processes on the GPU: trainer + generator processes, shm sync from CUDA, probe"
+  rm -rf $W/runs-actors
+  $RL recipes/quickstart.toml --set model.path=$D/fixtures/tiny-llama3 --set model.dtype=f32 \
+    --set steps=3 --set data.prompts_per_step=4 --set rollout.n=4 --set rollout.max_tokens=8 \
+    --set eval.size=4 --set eval.max_tokens=4 --set placement.trainer_process=true \
+    --set placement.generator_processes=1 --set rollout.max_staleness=1 --set sync.probe=true \
+    --set logging.run_dir=$W/runs-actors 2>&1 | tee "$OUT/actors.log" || status=1
+  cp $W/runs-actors/*/metrics.jsonl "$OUT/actors_metrics.jsonl" 2>/dev/null || status=1
+  python3 - "$OUT/actors_metrics.jsonl" > "$OUT/actors.json" <<'PY' || status=1
+import json, sys
+train = [json.loads(l) for l in open(sys.argv[1]) if '"kind":"train"' in l]
+probe = max(m["sync/probe_logprob_max_diff"] for m in train)
+res = {"steps": len(train), "probe_logprob_max_diff": probe,
+       "sync_gb_per_s": [m["sync/gb_per_s"] for m in train],
+       "staleness_max": [m["policy/staleness_max"] for m in train],
+       # f32 weights; TF32 matmuls on CUDA make generator and trainer differ by rounding only.
+       "pass": len(train) == 3 and probe < 1e-2 and all(m["sync/backend_shm"] == 1 for m in train)}
+print(json.dumps(res))
+sys.exit(0 if res["pass"] else 1)
+PY
+  cat "$OUT/actors.json"
+}
+if [ "${ONLY:-}" = actors ]; then
+  actors_check
+  exit $status
+fi
+
 step "SmolLM2-135M-Instruct from its GGUF"
 cp $D/smollm2.gguf.part* $W/ 2>/dev/null || true
 if [ ! -f $W/smollm2/model.safetensors ]; then
@@ -63,6 +92,8 @@ step "bench: training step, Qwen2.5-0.5B arch bf16, 8 x 1024"
 $RL bench train --model $W/qwen05 --dtype bf16 --device cuda --batch 8 --seq 1024 --iters 5 --json "$OUT/bench_train.json" 2>&1 | tail -8 || status=1
 step "bench: prefill, Qwen2.5-0.5B arch bf16, 8 x 1024"
 $RL bench forward --model $W/qwen05 --dtype bf16 --device cuda --batch 8 --seq 1024 --iters 5 --json "$OUT/bench_forward.json" 2>&1 | tail -8 || status=1
+
+actors_check
 
 python3 scripts/device_report.py "$OUT" || status=1
 exit $status

@@ -36,6 +36,11 @@ lines += ["", "## Checks", "", "| check | result | figures |", "|---|---|---|"]
 for c in res.get("selftest", {}).get("checks", []):
     figs = {k: v for k, v in c["figures"].items() if k != "step_metrics"}
     lines.append(f"| {c['check']} | {'PASS' if c['pass'] else 'FAIL'} | `{json.dumps(figs)}` |")
+a = res.get("actors")
+if a:
+    figs = {k: v for k, v in a.items() if k != "pass"}
+    lines.append(f"| trainer + generator processes on CUDA (shm sync from the GPU, probe after each sync) | "
+                 f"{'PASS' if a['pass'] else 'FAIL'} | `{json.dumps(figs)}` |")
 q = res.get("quickstart_time", {})
 if q:
     lines += ["", f"Quickstart recipe on the GPU: {q.get('quickstart_wall_s')} s wall time (process start to exit)."]

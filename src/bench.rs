@@ -43,6 +43,30 @@ pub enum BenchCommand {
         #[arg(long)]
         prompt_len: Option<usize>,
     },
+    /// Weight sync through shared memory to a generator in another process (publish, map,
+    /// acknowledge), against a plain memcpy of the same bytes.
+    Sync {
+        /// Model directory (its f32 weights are what is synced).
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        /// Per-tensor checksums, verified by the receiver.
+        #[arg(long)]
+        checksum: bool,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Wall time per step of a recipe with asynchronous rollouts (rollout.max_staleness = 1)
+    /// against the same recipe on-policy (max_staleness = 0).
+    Async {
+        recipe: PathBuf,
+        /// Overrides applied to both runs.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -180,6 +204,13 @@ pub fn run(what: BenchCommand) -> anyhow::Result<()> {
             prompt_len,
         } => generate(&common, prompts, n, max_new, prompt_len),
         BenchCommand::Train(a) => train(&a),
+        BenchCommand::Sync {
+            model,
+            iters,
+            checksum,
+            json,
+        } => shm_sync(&model, iters, checksum, json.as_deref()),
+        BenchCommand::Async { recipe, set, json } => async_rollouts(&recipe, &set, json.as_deref()),
     }
 }
 
@@ -467,4 +498,141 @@ fn train(a: &TrainArgs) -> anyhow::Result<()> {
         json!({"batch": a.batch, "seq": a.seq, "seconds": dt, "phases": phases, "peer": peer_v}),
         c.json.as_deref(),
     )
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Shared-memory sync to a generator process vs. memcpy of the same bytes (both single runs
+/// timed `iters` times; medians).
+fn shm_sync(
+    model: &Path,
+    iters: usize,
+    checksum: bool,
+    json_path: Option<&Path>,
+) -> anyhow::Result<()> {
+    use rlrun_generator::{GeneratorActor, RemoteGenerator, WeightUpdate};
+    let iters = iters.max(1);
+    let files = ModelFiles::open(model)?;
+    let weights = files.load_weights(Kind::Float, Device::Cpu)?;
+    let bytes = weights.flat.numel() as f64 * 4.0;
+    let ranges: Vec<(i64, i64)> = weights
+        .layout
+        .params()
+        .iter()
+        .map(|p| (p.offset, p.numel))
+        .collect();
+    let cfg = rlrun::actors::ActorConfig {
+        model: model.to_path_buf(),
+        dtype: "f32".into(),
+        device: "cpu".into(),
+        threads: 1,
+        engine: None,
+        trainer: None,
+        reference: false,
+    };
+    let proc = rlrun::actors::spawn("generator", &cfg, &[])?;
+    let client = RemoteGenerator::connect(&proc.addr, None, std::time::Duration::from_secs(60))?;
+    let mut publisher = rlrun_weights_sync::shm::ShmPublisher::new(
+        &rlrun_weights_sync::shm::default_dir(),
+        &format!("rlrun-bench-{}", std::process::id()),
+    );
+    let (mut total, mut publish) = (Vec::new(), Vec::new());
+    // Two warm-up rounds create both double-buffer files.
+    for v in 0..iters as u64 + 2 {
+        let t = Instant::now();
+        let (r, rep) =
+            publisher.publish(v + 1, &weights.flat, checksum.then_some(ranges.as_slice()))?;
+        client.update_weights(r.version, WeightUpdate::Shared(r))?;
+        if v >= 2 {
+            total.push(t.elapsed().as_secs_f64());
+            publish.push(rep.seconds);
+        }
+    }
+    // The peer: one memcpy of the same bytes into a buffer already faulted in.
+    let src: &[u8] = {
+        // SAFETY: `flat` is a contiguous CPU f32 tensor of `numel` elements that outlives `src`.
+        unsafe { std::slice::from_raw_parts(weights.flat.data_ptr() as *const u8, bytes as usize) }
+    };
+    let mut dst = vec![1u8; src.len()];
+    let mut copy = Vec::new();
+    for _ in 0..iters {
+        let t = Instant::now();
+        dst.copy_from_slice(src);
+        copy.push(t.elapsed().as_secs_f64());
+        std::hint::black_box(&dst);
+    }
+    let (sync_s, copy_s, write_s) = (median(total), median(copy), median(publish));
+    let (sync_gbs, copy_gbs) = (bytes / sync_s / 1e9, bytes / copy_s / 1e9);
+    println!(
+        "shared-memory weight sync, {} f32 ({:.0} MB), trainer -> 1 generator process",
+        model.display(),
+        bytes / 1e6
+    );
+    println!("  machine: {}", machine());
+    println!(
+        "  rlrun shm sync: {:.1} ms ({sync_gbs:.2} GB/s; writing {:.1} ms, map + acknowledge {:.1} ms){}",
+        sync_s * 1e3,
+        write_s * 1e3,
+        (sync_s - write_s).max(0.0) * 1e3,
+        if checksum { ", with checksums" } else { "" }
+    );
+    println!(
+        "  memcpy:         {:.1} ms ({copy_gbs:.2} GB/s)",
+        copy_s * 1e3
+    );
+    println!(
+        "  ratio (sync GB/s / memcpy GB/s): {:.2}",
+        sync_gbs / copy_gbs
+    );
+    if let Some(p) = json_path {
+        let v = json!({"bench": "sync", "machine": machine(), "bytes": bytes, "sync_s": sync_s,
+            "memcpy_s": copy_s, "sync_gb_per_s": sync_gbs, "memcpy_gb_per_s": copy_gbs,
+            "ratio": sync_gbs / copy_gbs, "checksum": checksum});
+        std::fs::write(p, serde_json::to_string_pretty(&v)?)?;
+    }
+    Ok(())
+}
+
+/// A recipe run with `rollout.max_staleness` = 0 and = 1 (same overrides otherwise); mean wall
+/// time per step, the first step excluded (nothing to overlap yet).
+fn async_rollouts(recipe: &Path, set: &[String], json_path: Option<&Path>) -> anyhow::Result<()> {
+    let mut per_step = Vec::new();
+    for k in [0u64, 1] {
+        let mut overrides = set.to_vec();
+        overrides.push(format!("rollout.max_staleness={k}"));
+        overrides.push("eval.before=false".into());
+        overrides.push("eval.after=false".into());
+        overrides.push("eval.every=0".into());
+        let tmp = tempfile::tempdir()?;
+        overrides.push(format!("logging.run_dir=\"{}\"", tmp.path().display()));
+        let mut run = rlrun::Run::create(rlrun::Recipe::load(recipe, &overrides)?)?;
+        let steps = run.recipe.config.steps;
+        let t = Instant::now();
+        let mut first = 0.0;
+        for i in 0..steps {
+            run.step()?;
+            if i == 0 {
+                first = t.elapsed().as_secs_f64();
+            }
+        }
+        let s = (t.elapsed().as_secs_f64() - first) / (steps.saturating_sub(1).max(1)) as f64;
+        println!("  max_staleness = {k}: {:.2} s/step (steps 2..{steps})", s);
+        per_step.push(s);
+    }
+    println!("asynchronous rollouts, {}", recipe.display());
+    println!("  machine: {}", machine());
+    println!(
+        "  ratio (async / on-policy wall time per step): {:.2}",
+        per_step[1] / per_step[0]
+    );
+    if let Some(p) = json_path {
+        let v = json!({"bench": "async", "machine": machine(), "recipe": recipe, "overrides": set,
+            "on_policy_s_per_step": per_step[0], "async_s_per_step": per_step[1],
+            "ratio": per_step[1] / per_step[0]});
+        std::fs::write(p, serde_json::to_string_pretty(&v)?)?;
+    }
+    Ok(())
 }

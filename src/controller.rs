@@ -101,6 +101,58 @@ pub struct Run {
     pub last_rollouts: Vec<Rollout>,
     /// (prompt, completion, reward) of the last evaluation.
     last_eval: Vec<(String, String, f32)>,
+    /// Shared-memory files (double-buffered) when weights cross processes.
+    shm: Option<[PathBuf; 2]>,
+    shm_next: usize,
+    /// The generator processes, when there are any.
+    pool: Option<Arc<crate::actors::GeneratorPool>>,
+    /// Actor processes this run spawned (killed on drop).
+    _processes: Vec<crate::actors::ActorProcess>,
+    /// Generation already under way for the next steps (`rollout.max_staleness > 0`), oldest
+    /// first.
+    prefetched: std::collections::VecDeque<Prefetch>,
+    /// Prefetched batches dropped for being too stale.
+    stale_dropped: u64,
+}
+
+/// Requests handed to the generator whose completions are still to be collected.
+struct PendingGeneration {
+    /// In a mutex only so that a `Run` is `Sync` (the Python bindings share it across threads).
+    rx: std::sync::Mutex<rlrun_generator::CompletionStream>,
+    id_base: u64,
+    prompts: usize,
+    n: usize,
+    started: Instant,
+}
+
+/// A prefetched round, collected.
+struct Prefetched {
+    items: Vec<PromptItem>,
+    groups: Vec<Vec<Completion>>,
+    skipped: usize,
+    wall_s: f64,
+    wait_s: f64,
+}
+
+/// The first generation round of a future step, started before the current step trains.
+struct Prefetch {
+    step: u64,
+    items: Vec<PromptItem>,
+    skipped: usize,
+    pending: PendingGeneration,
+    /// The prompt stream's position before these prompts were drawn (what a checkpoint records,
+    /// so that a resumed run draws them again).
+    cursor_before: rlrun_rollout::Cursor,
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        if let Some(files) = &self.shm {
+            for f in files {
+                let _ = std::fs::remove_file(f);
+            }
+        }
+    }
 }
 
 /// A scored completion of the last step.
@@ -114,6 +166,25 @@ pub struct Rollout {
     pub reward: f32,
     pub advantages: Vec<f32>,
     pub policy_version: u64,
+}
+
+/// The environment that pins an actor process to `devices` (nothing on the CPU). The indices
+/// are this process's: mapped through its own `CUDA_VISIBLE_DEVICES` when that is set.
+fn visible_devices(device: Device, devices: &[usize]) -> Vec<(String, String)> {
+    let Device::Cuda(_) = device else {
+        return Vec::new();
+    };
+    let ours: Option<Vec<String>> = std::env::var("CUDA_VISIBLE_DEVICES")
+        .ok()
+        .map(|v| v.split(',').map(|x| x.trim().to_string()).collect());
+    let names: Vec<String> = devices
+        .iter()
+        .map(|&d| match &ours {
+            Some(list) => list.get(d).cloned().unwrap_or_else(|| d.to_string()),
+            None => d.to_string(),
+        })
+        .collect();
+    vec![("CUDA_VISIBLE_DEVICES".to_string(), names.join(","))]
 }
 
 fn pick_device(choice: DeviceChoice, index: usize) -> Result<Device> {
@@ -215,14 +286,7 @@ impl Run {
         let template = files.chat_template()?;
         let tokenizer = Arc::new(ModelFiles::open(&recipe.model_path)?.tokenizer);
 
-        // Trainer: f32 master on its device, computing in `kind`.
-        let master = files.load_weights(Kind::Float, device)?;
         let uses_ref = c.algorithm.loss.kl.is_some() || c.algorithm.kl_in_reward.is_some();
-        let reference = if uses_ref {
-            Some(files.load_weights(kind, device)?)
-        } else {
-            None
-        };
         let tcfg = TrainerConfig {
             optim: c.trainer.optim(),
             loss: c.algorithm.loss.clone(),
@@ -241,12 +305,6 @@ impl Run {
                 cliprange_value: cs.cliprange_value,
             }),
         };
-        let trainer = Trainer::new(files.config.clone(), &master, kind, reference, tcfg)?;
-        drop(master);
-        let trainer: Box<dyn TrainerActor> = Box::new(LocalTrainer::new(trainer));
-
-        // Generator: its own copy of the weights in the compute dtype.
-        let gen_weights = files.load_weights(kind, gen_device)?;
         let slots = c
             .rollout
             .max_slots
@@ -255,20 +313,118 @@ impl Run {
         let eval_slots = c.eval.size.unwrap_or(256).min(256);
         let max_len =
             c.data.max_prompt_tokens + c.rollout.max_tokens.max(c.eval.max_tokens.unwrap_or(0)) + 1;
-        let engine = rlrun_generator::Engine::new(
-            files.config.clone(),
-            gen_weights,
-            files.eos_ids(),
-            Some(tokenizer.clone()),
-            EngineConfig {
-                max_slots: slots.max(eval_slots),
-                max_len,
-                max_prefill_tokens: 16_384,
-                seed: c.seed,
-                update_policy: c.rollout.update_policy,
-            },
-        )?;
-        let generator: Box<dyn GeneratorActor> = Box::new(LocalGenerator::spawn(engine));
+        let engine_cfg = EngineConfig {
+            max_slots: slots.max(eval_slots),
+            max_len,
+            max_prefill_tokens: 16_384,
+            seed: c.seed,
+            update_policy: c.rollout.update_policy,
+        };
+        let dtype = rlrun_weights_sync::shm::kind_name(kind).to_string();
+        // An actor process sees only its devices (CUDA_VISIBLE_DEVICES): its first is cuda:0.
+        let device_name = |d: Device| match d {
+            Device::Cuda(_) => "cuda:0".to_string(),
+            _ => "cpu".to_string(),
+        };
+        let mut processes: Vec<crate::actors::ActorProcess> = Vec::new();
+
+        // Trainer: f32 master on its device, computing in `kind`; here or in its own process.
+        let trainer: Box<dyn TrainerActor> = if c.placement.trainer_process {
+            let cfg = crate::actors::ActorConfig {
+                model: recipe.model_path.clone(),
+                dtype: dtype.clone(),
+                device: device_name(device),
+                threads: c.placement.trainer.threads,
+                engine: None,
+                trainer: Some(tcfg),
+                reference: uses_ref,
+            };
+            let p = crate::actors::spawn(
+                "trainer",
+                &cfg,
+                &visible_devices(device, &c.placement.trainer.devices),
+            )?;
+            let client = rlrun_trainer::RemoteTrainer::connect(
+                &p.addr,
+                None,
+                std::time::Duration::from_secs(60),
+            )?;
+            processes.push(p);
+            Box::new(client)
+        } else {
+            let master = files.load_weights(Kind::Float, device)?;
+            let reference = if uses_ref {
+                Some(files.load_weights(kind, device)?)
+            } else {
+                None
+            };
+            Box::new(LocalTrainer::new(Trainer::new(
+                files.config.clone(),
+                &master,
+                kind,
+                reference,
+                tcfg,
+            )?))
+        };
+
+        // Generators: one in this process (its own copy of the weights), or a pool of processes.
+        let pl = &c.placement;
+        let (generator, pool): (
+            Box<dyn GeneratorActor>,
+            Option<Arc<crate::actors::GeneratorPool>>,
+        ) = if pl.generator_processes > 0 || !pl.generator_addresses.is_empty() {
+            let pool = if pl.generator_addresses.is_empty() {
+                let cfg = crate::actors::ActorConfig {
+                    model: recipe.model_path.clone(),
+                    dtype: dtype.clone(),
+                    device: device_name(gen_device),
+                    threads: pl.generator.threads,
+                    engine: Some(engine_cfg),
+                    trainer: None,
+                    reference: false,
+                };
+                // Generator i runs on the group's device i (round robin) when on CUDA.
+                let d = &pl.generator.devices;
+                let envs = (0..pl.generator_processes)
+                    .map(|i| {
+                        visible_devices(
+                            gen_device,
+                            &[d.get(i % d.len().max(1)).copied().unwrap_or(0)],
+                        )
+                    })
+                    .collect();
+                crate::actors::GeneratorPool::spawn(cfg, envs)?
+            } else {
+                let token = match &pl.token_file {
+                    Some(f) => Some(
+                        rlrun_proto::auth::read_token(Path::new(f)).map_err(anyhow::Error::msg)?,
+                    ),
+                    None => None,
+                };
+                crate::actors::GeneratorPool::connect(&pl.generator_addresses, token)?
+            };
+            (Box::new(pool.clone()), Some(pool))
+        } else {
+            let gen_weights = files.load_weights(kind, gen_device)?;
+            let engine = rlrun_generator::Engine::new(
+                files.config.clone(),
+                gen_weights,
+                files.eos_ids(),
+                Some(tokenizer.clone()),
+                engine_cfg,
+            )?;
+            (Box::new(LocalGenerator::spawn(engine)), None)
+        };
+        // Shared memory carries the weights when trainer and generators are not one process.
+        let shm =
+            (pool.is_some() || c.placement.trainer_process || c.sync.backend == "shm").then(|| {
+                let prefix = format!("rlrun-{}-{}", std::process::id(), timestamp());
+                let dir = rlrun_weights_sync::shm::default_dir();
+                [
+                    dir.join(format!("{prefix}-0")),
+                    dir.join(format!("{prefix}-1")),
+                ]
+            });
 
         let train_ds: Arc<dyn Dataset> = c.data.train.build()?;
         let stream = PromptStream::new(train_ds.clone(), c.seed, c.data.shuffle)?;
@@ -290,6 +446,12 @@ impl Run {
         let manifest = crate::manifest::build(&recipe, &files, resume_from.as_deref())?;
         let sink = MetricsSink::open(&run_dir, c.logging.tensorboard, resume_from.is_some())?;
         let mut run = Run {
+            shm,
+            shm_next: 0,
+            pool,
+            _processes: processes,
+            prefetched: Default::default(),
+            stale_dropped: 0,
             files,
             tokenizer,
             template,
@@ -431,6 +593,16 @@ impl Run {
         params: &SamplingParams,
         id_base: u64,
     ) -> Result<Vec<Vec<Completion>>> {
+        self.collect(self.submit(items, params, id_base)?)
+    }
+
+    /// Hands `items` to the generator without waiting for the completions.
+    fn submit(
+        &self,
+        items: &[PromptItem],
+        params: &SamplingParams,
+        id_base: u64,
+    ) -> Result<PendingGeneration> {
         let reqs: Vec<Request> = items
             .iter()
             .enumerate()
@@ -440,24 +612,146 @@ impl Run {
                 params: params.clone(),
             })
             .collect();
-        let rx = self.generator.generate(reqs)?;
-        let mut groups: Vec<Vec<Completion>> = vec![Vec::new(); items.len()];
-        for c in rx.iter().take(items.len() * params.n) {
+        Ok(PendingGeneration {
+            rx: std::sync::Mutex::new(self.generator.generate(reqs)?),
+            id_base,
+            prompts: items.len(),
+            n: params.n,
+            started: Instant::now(),
+        })
+    }
+
+    /// Waits for submitted requests; their completions grouped per prompt in sample order.
+    fn collect(&self, p: PendingGeneration) -> Result<Vec<Vec<Completion>>> {
+        let mut groups: Vec<Vec<Completion>> = vec![Vec::new(); p.prompts];
+        let rx =
+            p.rx.into_inner()
+                .map_err(|_| anyhow::anyhow!("a generation stream was poisoned"))?;
+        for c in rx.iter().take(p.prompts * p.n) {
             let c = c?;
-            let g = (c.request_id - id_base) as usize;
+            let g = (c.request_id - p.id_base) as usize;
             groups[g].push(c);
         }
         for g in &mut groups {
             g.sort_by_key(|c| c.index);
-            if g.len() != params.n {
+            if g.len() != p.n {
                 bail!(
                     "the generator returned {} of {} completions for a prompt",
                     g.len(),
-                    params.n
+                    p.n
                 );
             }
         }
         Ok(groups)
+    }
+
+    /// The prefetched first round of `step`: its prompts, completions, skipped prompts,
+    /// generation wall time and the part of it spent waiting here. A batch more than
+    /// `max_staleness` versions (plus the sync interval) behind the trainer is dropped and
+    /// counted, and the step generates afresh.
+    fn take_prefetched(&mut self, step: u64, round: u64) -> Result<Option<Prefetched>> {
+        if round != 0 || self.prefetched.front().is_none_or(|p| p.step != step) {
+            return Ok(None);
+        }
+        let Some(Prefetch {
+            items,
+            skipped,
+            pending,
+            ..
+        }) = self.prefetched.pop_front()
+        else {
+            return Ok(None);
+        };
+        let t = Instant::now();
+        let started = pending.started;
+        let groups = self.collect(pending)?;
+        let c = &self.recipe.config;
+        let version = self.trainer.version()?;
+        let oldest = groups
+            .iter()
+            .flatten()
+            .map(|x| x.policy_version)
+            .min()
+            .unwrap_or(version);
+        if version.saturating_sub(oldest) > c.rollout.max_staleness + c.sync.every - 1 {
+            tracing::warn!("step {step}: prefetched rollouts of version {oldest} are too stale (trainer at {version}); regenerating");
+            self.stale_dropped += 1;
+            return Ok(None);
+        }
+        Ok(Some(Prefetched {
+            items,
+            groups,
+            skipped,
+            wall_s: started.elapsed().as_secs_f64(),
+            wait_s: t.elapsed().as_secs_f64(),
+        }))
+    }
+
+    /// With `rollout.max_staleness = k`, starts generating the first round of steps up to
+    /// `step + k` (those not started yet) so that it overlaps this step's training.
+    fn prefetch(&mut self, step: u64) -> Result<()> {
+        let c = &self.recipe.config;
+        let k = c.rollout.max_staleness;
+        let last = (step + k).min(c.steps);
+        let params = self.sampling();
+        let mut next = self
+            .prefetched
+            .back()
+            .map(|p| p.step + 1)
+            .unwrap_or(step + 1);
+        while next <= last {
+            let cursor_before = self.stream.cursor();
+            let batch = self.stream.next_batch(self.first_round_prompts());
+            let mut skipped = 0;
+            let items = self.prepare(batch, &mut skipped)?;
+            let pending = self.submit(&items, &params, next << 24)?;
+            self.prefetched.push_back(Prefetch {
+                step: next,
+                items,
+                skipped,
+                pending,
+                cursor_before,
+            });
+            next += 1;
+        }
+        Ok(())
+    }
+
+    /// Prompts in a step's first generation round.
+    fn first_round_prompts(&self) -> usize {
+        let c = &self.recipe.config;
+        match c.algorithm.dynamic_sampling {
+            // DynamicSampler::suggested_prompts() before any round.
+            Some(_) => DynamicSampler::<()>::new(c.data.prompts_per_step, 1)
+                .suggested_prompts()
+                .max(1),
+            None => c.data.prompts_per_step,
+        }
+    }
+
+    /// The prompt stream position a checkpoint records: before any prefetched prompts.
+    fn checkpoint_cursor(&self) -> rlrun_rollout::Cursor {
+        match self.prefetched.front() {
+            Some(p) => p.cursor_before,
+            None => self.stream.cursor(),
+        }
+    }
+
+    /// Abandons generation started for future steps (the end of training, or a checkpoint
+    /// restore), putting its prompts back.
+    fn discard_prefetched(&mut self) -> Result<()> {
+        if let Some(first) = self.prefetched.front() {
+            let cursor = first.cursor_before;
+            let ids: Vec<u64> = self
+                .prefetched
+                .iter()
+                .flat_map(|p| (0..p.pending.prompts as u64).map(move |i| p.pending.id_base + i))
+                .collect();
+            self.prefetched.clear();
+            let _ = self.generator.abort(ids);
+            self.stream.restore(&cursor)?;
+        }
+        Ok(())
     }
 
     fn decode(&self, ids: &[i64]) -> Result<String> {
@@ -504,17 +798,74 @@ impl Run {
 
     fn sync_weights(&mut self, metrics: &mut BTreeMap<String, f64>) -> Result<()> {
         let t = Instant::now();
-        let (version, flat) = self.trainer.sync_weights()?;
-        let bytes = flat.numel() as f64 * flat.kind().elt_size_in_bytes() as f64;
-        self.generator
-            .update_weights(version, WeightUpdate::Flat(flat))?;
+        let checksums = self.recipe.config.sync.checksum;
+        let (version, bytes) = match &self.shm {
+            None => {
+                let (version, flat) = self.trainer.sync_weights()?;
+                let bytes = flat.numel() as f64 * flat.kind().elt_size_in_bytes() as f64;
+                self.generator
+                    .update_weights(version, WeightUpdate::Flat(flat))?;
+                metrics.insert("sync/backend_shm".into(), 0.0);
+                (version, bytes)
+            }
+            Some(files) => {
+                let path = files[self.shm_next].clone();
+                self.shm_next = 1 - self.shm_next;
+                let (r, report) = self.trainer.publish_weights(&path, checksums)?;
+                let t_map = Instant::now();
+                self.generator
+                    .update_weights(r.version, WeightUpdate::Shared(r.clone()))?;
+                metrics.insert("sync/publish_s".into(), report.seconds);
+                metrics.insert("sync/update_s".into(), t_map.elapsed().as_secs_f64());
+                metrics.insert("sync/backend_shm".into(), 1.0);
+                (r.version, report.bytes as f64)
+            }
+        };
         let s = t.elapsed().as_secs_f64();
         self.synced_version = version;
+        if self.recipe.config.sync.probe {
+            metrics.insert("sync/probe_logprob_max_diff".into(), self.probe(version)?);
+        }
         metrics.insert("sync/bytes".into(), bytes);
         metrics.insert("sync/seconds".into(), s);
         metrics.insert("sync/gb_per_s".into(), bytes / s.max(1e-9) / 1e9);
         metrics.insert("time/sync_s".into(), s);
         Ok(())
+    }
+
+    /// The largest |generator - trainer| log-prob over one sampled completion of the first
+    /// training prompt: zero up to rounding when the generator holds the trainer's weights.
+    fn probe(&self, version: u64) -> Result<f64> {
+        let sample = self
+            .stream
+            .dataset()
+            .get(0)
+            .context("the probe needs a training prompt")?;
+        let mut skipped = 0;
+        let items = self.prepare(vec![sample], &mut skipped)?;
+        if items.is_empty() {
+            bail!("the probe prompt is longer than data.max_prompt_tokens");
+        }
+        let params = SamplingParams {
+            n: 1,
+            ..self.sampling()
+        };
+        let c = self
+            .generate(&items, &params, (1u64 << 61) | (version << 8))?
+            .remove(0)
+            .remove(0);
+        if c.policy_version != version {
+            bail!(
+                "the probe ran on version {} of the weights, expected {version}",
+                c.policy_version
+            );
+        }
+        let ours = self.logprobs(items[0].ids.clone(), c.token_ids.clone())?;
+        Ok(ours
+            .iter()
+            .zip(&c.logprobs)
+            .map(|(a, b)| (a - b).abs() as f64)
+            .fold(0.0, f64::max))
     }
 
     /// Runs one training step; returns its metrics (also logged).
@@ -535,6 +886,7 @@ impl Run {
         let mut sampler: DynamicSampler<(PromptItem, Vec<Completion>, Vec<f32>, Vec<String>)> =
             DynamicSampler::new(p, rounds);
         let (mut gen_s, mut reward_s, mut gen_tokens, mut skipped) = (0.0, 0.0, 0usize, 0usize);
+        let mut gen_wait_s = 0.0;
         let mut all_rewards: Vec<f32> = Vec::new();
         let mut reward_stats = Vec::new();
         let mut round = 0u64;
@@ -545,11 +897,23 @@ impl Run {
             } else {
                 p
             };
-            let batch = self.stream.next_batch(want);
-            let items = self.prepare(batch, &mut skipped)?;
-            let t = Instant::now();
-            let groups = self.generate(&items, &params, (step << 24) | (round << 16))?;
-            gen_s += t.elapsed().as_secs_f64();
+            let (items, groups) = match self.take_prefetched(step, round)? {
+                Some(pf) => {
+                    skipped += pf.skipped;
+                    gen_s += pf.wall_s;
+                    gen_wait_s += pf.wait_s;
+                    (pf.items, pf.groups)
+                }
+                None => {
+                    let batch = self.stream.next_batch(want);
+                    let items = self.prepare(batch, &mut skipped)?;
+                    let t = Instant::now();
+                    let groups = self.generate(&items, &params, (step << 24) | (round << 16))?;
+                    gen_s += t.elapsed().as_secs_f64();
+                    gen_wait_s += t.elapsed().as_secs_f64();
+                    (items, groups)
+                }
+            };
             gen_tokens += groups
                 .iter()
                 .flatten()
@@ -580,6 +944,10 @@ impl Run {
             if sampler.is_done() {
                 break;
             }
+        }
+        // Asynchronous rollouts: the next steps' generation runs while this one trains.
+        if c.rollout.max_staleness > 0 {
+            self.prefetch(step)?;
         }
         let kept = if c.algorithm.dynamic_sampling.is_some() {
             let (kept, ds) = sampler.finish();
@@ -621,6 +989,12 @@ impl Run {
         }
         m.insert("prompts/skipped_too_long".into(), skipped as f64);
         m.insert("time/generate_s".into(), gen_s);
+        // Generation time the controller waited for (the rest overlapped earlier steps' work).
+        m.insert("time/generate_wait_s".into(), gen_wait_s);
+        m.insert("time/overlap_s".into(), (gen_s - gen_wait_s).max(0.0));
+        if c.rollout.max_staleness > 0 {
+            m.insert("async/dropped_stale".into(), self.stale_dropped as f64);
+        }
         m.insert("time/reward_s".into(), reward_s);
         m.insert(
             "perf/generate_tokens_per_s".into(),
@@ -750,6 +1124,14 @@ impl Run {
             .max()
             .unwrap_or(0);
         m.insert("policy/staleness_max".into(), staleness as f64);
+        m.insert(
+            "policy/rollout_version_min".into(),
+            versions.iter().copied().min().unwrap_or(0) as f64,
+        );
+        if let Some(p) = &self.pool {
+            m.insert("generator/restarts".into(), p.restarts() as f64);
+            m.insert("generator/processes".into(), p.len() as f64);
+        }
         m.insert("policy/version".into(), version as f64);
         m.insert("time/step_s".into(), t_step.elapsed().as_secs_f64());
         self.step = step;
@@ -952,7 +1334,7 @@ impl Run {
         self.trainer.save(&tmp.join("trainer"))?;
         let state = ControllerState {
             step: self.step,
-            cursor: self.stream.cursor(),
+            cursor: self.checkpoint_cursor(),
             policy_version: self.trainer.version()?,
             evals: self.evals.clone(),
             manifest: self.manifest.clone(),
@@ -980,13 +1362,19 @@ impl Run {
         Ok(final_dir)
     }
 
-    /// Writes the current policy as a Hugging Face directory.
+    /// Writes the current policy as a Hugging Face directory (through the trainer's checkpoint
+    /// writer, so it works wherever the trainer runs).
     pub fn export_hf(&self, dir: &Path) -> Result<()> {
-        let flat = self.trainer.master_weights()?;
-        let w = rlrun_model::Weights {
-            layout: self.files.layout().clone(),
-            flat,
-        };
+        let tmp = tempfile::Builder::new().prefix("rlrun-export-").tempdir()?;
+        self.trainer.save(tmp.path())?;
+        let policy = tmp.path().join("policy.safetensors");
+        let src = rlrun_model::loader::SafetensorsSource::open_files(policy.clone(), &[policy])?;
+        let w = rlrun_model::loader::load_weights(
+            self.files.layout().clone(),
+            &src,
+            Kind::Float,
+            Device::Cpu,
+        )?;
         rlrun_model::save_hf_dir(
             dir,
             &self.files.config,
@@ -1047,6 +1435,8 @@ impl Run {
         if STOP.load(Ordering::SeqCst) {
             interrupted = true;
         }
+        // Generation started for steps that will not run here: its prompts go back to the stream.
+        self.discard_prefetched()?;
         let after = if has_eval && c.eval.after && !interrupted {
             let e = self.evaluate()?;
             tracing::info!(

@@ -3,6 +3,7 @@
 //! The command-line tool (`src/main.rs`) and the Python bindings are thin layers over
 //! [`recipe::Recipe`] and [`controller::Run`].
 
+pub mod actors;
 pub mod controller;
 pub mod manifest;
 pub mod metrics;

@@ -84,6 +84,25 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Serve one actor (generator or trainer) over gRPC; `rlrun` spawns these itself, or start one
+    /// by hand and name its address in the recipe ([placement] generator_addresses).
+    Actor {
+        #[arg(value_enum)]
+        role: ActorRole,
+        /// Address to listen on (host:port; port 0 picks a free one). Anything but loopback
+        /// requires --token-file.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+        /// File holding the shared token that clients must present.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// JSON actor config (model, dtype, device, engine / trainer settings).
+        #[arg(long)]
+        config: PathBuf,
+        /// Exit when the process that started this one exits (set by `rlrun` for its children).
+        #[arg(long)]
+        exit_with_parent: bool,
+    },
     /// Benchmarks that measure the peer (transformers / PyTorch) in the same run and print ratios.
     Bench {
         #[command(subcommand)]
@@ -102,6 +121,12 @@ enum ModelCommand {
     },
     /// Print a model's architecture and parameter count.
     Info { path: PathBuf },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ActorRole {
+    Generator,
+    Trainer,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -141,7 +166,19 @@ impl DeviceArg {
 fn train(mut run: Run) -> anyhow::Result<()> {
     rlrun::controller::install_ctrl_c();
     eprintln!("run directory: {}", run.run_dir.display());
-    let summary = run.train(true)?;
+    let summary = match run.train(true) {
+        Ok(s) => s,
+        Err(e) => {
+            if let Ok(Some(ckpt)) = rlrun::controller::latest_checkpoint(&run.run_dir) {
+                eprintln!(
+                    "the run stopped on an error; its last checkpoint is {}: continue with `rlrun resume {}`",
+                    ckpt.display(),
+                    run.run_dir.display()
+                );
+            }
+            return Err(e);
+        }
+    };
     let pct = |e: &Option<rlrun::EvalResult>| {
         e.as_ref()
             .map(|e| format!("{:.1}% of {}", 100.0 * e.accuracy, e.problems))
@@ -219,6 +256,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             device,
         } => cli_model::chat(&model, &message, max_tokens, device.device()),
         Command::Bench { what } => bench::run(what),
+        Command::Actor {
+            role,
+            listen,
+            token_file,
+            config,
+            exit_with_parent,
+        } => {
+            if exit_with_parent {
+                rlrun::actors::exit_with_parent();
+            }
+            let role = match role {
+                ActorRole::Generator => "generator",
+                ActorRole::Trainer => "trainer",
+            };
+            rlrun::actors::serve(role, &listen, token_file.as_deref(), &config)
+        }
         Command::Selftest {
             fixtures,
             smollm2,

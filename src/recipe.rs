@@ -289,6 +289,10 @@ pub struct PlacementSection {
     pub generator_processes: usize,
     /// Generators reached by address (started by hand or another launcher).
     pub generator_addresses: Vec<String>,
+    /// The shared token of `generator_addresses` (a file holding it).
+    pub token_file: Option<String>,
+    /// The trainer in its own process (`rlrun actor trainer`).
+    pub trainer_process: bool,
 }
 
 /// A device group: `device = "auto" | "cpu" | "cuda"` and, on CUDA, `devices = [0, 1]`.
@@ -331,6 +335,9 @@ pub struct SyncSection {
     pub bucket_mb: usize,
     /// Per-tensor checksums verified by the receiver.
     pub checksum: bool,
+    /// After each sync, generate a fixed probe (the first training prompt, one sample) and
+    /// compare the generator's log-probs with the trainer's: `sync/probe_logprob_max_diff`.
+    pub probe: bool,
 }
 
 impl Default for SyncSection {
@@ -340,6 +347,7 @@ impl Default for SyncSection {
             backend: "auto".into(),
             bucket_mb: 256,
             checksum: false,
+            probe: false,
         }
     }
 }
@@ -779,12 +787,6 @@ fn validate(
     if c.sync.every == 0 {
         return Err(err("sync.every", "must be at least 1".into()));
     }
-    if r.max_staleness > 0
-        && c.placement.generator_processes == 0
-        && c.placement.generator_addresses.is_empty()
-    {
-        return Err(err("rollout.max_staleness", "asynchronous rollouts need generators in their own processes (placement.generator_processes)".into()));
-    }
     if !["auto", "in-process", "shm", "cuda-ipc", "nccl"].contains(&c.sync.backend.as_str()) {
         return Err(err(
             "sync.backend",
@@ -793,6 +795,24 @@ fn validate(
                 c.sync.backend
             ),
         ));
+    }
+    match c.sync.backend.as_str() {
+        "cuda-ipc" | "nccl" => {
+            return Err(err(
+                "sync.backend",
+                format!(
+                    "`{}` is not implemented yet; use `auto`, `shm` or `in-process`",
+                    c.sync.backend
+                ),
+            ))
+        }
+        "in-process" if c.placement.trainer_process || c.placement.generator_processes > 0 || !c.placement.generator_addresses.is_empty() => {
+            return Err(err(
+                "sync.backend",
+                "`in-process` needs the trainer and the generator in this process (placement.trainer_process = false, no generator processes or addresses)".into(),
+            ))
+        }
+        _ => {}
     }
     if c.checkpoint.keep == 0 {
         return Err(err("checkpoint.keep", "must be at least 1".into()));

@@ -258,3 +258,15 @@ fn bad_override_is_reported_against_its_key() {
     let r = String::from_utf8_lossy(&out.stdout);
     assert!(r.contains("lr = 0.000003") && r.contains("n = 4"), "{r}");
 }
+
+#[test]
+fn sync_backends_that_do_not_fit_the_placement_are_rejected() {
+    let e = check_error(|t| format!("{t}\n[sync]\nbackend = \"nccl\"\n"));
+    assert_has(&e, &["sync.backend", "not implemented yet"]);
+    let e = check_error(|t| {
+        format!("{t}\n[sync]\nbackend = \"in-process\"\n[placement]\ngenerator_processes = 2\n")
+    });
+    assert_has(&e, &["sync.backend", "in-process", "generator"]);
+    let e = check_error(|t| format!("{t}\n[sync]\nbackend = \"carrier-pigeon\"\n"));
+    assert_has(&e, &["sync.backend", "unknown backend"]);
+}

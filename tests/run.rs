@@ -256,3 +256,52 @@ fn ctrl_c_leaves_a_resumable_checkpoint_and_resume_is_exact() {
         .unwrap()
         .contains(&format!("step-{stopped_at:08}")));
 }
+
+#[test]
+fn the_custom_reward_example_trains_with_its_rust_reward() {
+    // `cargo test` builds the examples next to the test executables' directory.
+    let exe = std::env::current_exe().unwrap();
+    let example = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .unwrap()
+        .join("examples/train_with_custom_reward");
+    assert!(
+        example.exists(),
+        "{} not built: a plain `cargo test` builds the examples",
+        example.display()
+    );
+    let tmp = rlrun_testkit::tempdir();
+    let mut args = vec!["recipes/quickstart.toml".to_string()];
+    let mut o = tiny(tmp.path());
+    o.retain(|x| !x.starts_with("eval.every") && !x.starts_with("checkpoint.every"));
+    args.extend(set_args(&o));
+    let out = Command::new(&example)
+        .args(&args)
+        .current_dir(root())
+        .env("RLRUN_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Two steps, each with the reward's own metric (a number between 0 and 1, not NaN).
+    let lines: Vec<&str> = stdout.lines().filter(|l| l.starts_with("step ")).collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    for l in lines {
+        let v: f64 = l
+            .rsplit("is_number ")
+            .next()
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!((0.0..=1.0).contains(&v), "{l}");
+    }
+    let run = run_dir(tmp.path());
+    let m = metrics(&run);
+    assert!(m.iter().any(|l| l["reward/is_number"].is_number()), "{m:?}");
+}

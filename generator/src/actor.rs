@@ -29,6 +29,25 @@ pub trait GeneratorActor: Send + Sync {
     fn health(&self) -> Result<()>;
 }
 
+/// A shared actor is an actor (the controller and a pool's driver threads hold the same one).
+impl<T: GeneratorActor + ?Sized> GeneratorActor for std::sync::Arc<T> {
+    fn generate(&self, requests: Vec<Request>) -> Result<CompletionStream> {
+        (**self).generate(requests)
+    }
+    fn update_weights(&self, version: u64, update: WeightUpdate) -> Result<()> {
+        (**self).update_weights(version, update)
+    }
+    fn abort(&self, request_ids: Vec<u64>) -> Result<()> {
+        (**self).abort(request_ids)
+    }
+    fn stats(&self) -> Result<EngineStats> {
+        (**self).stats()
+    }
+    fn health(&self) -> Result<()> {
+        (**self).health()
+    }
+}
+
 enum Command {
     Generate(Vec<Request>, Sender<Result<Completion>>, Sender<Result<()>>),
     Update(u64, WeightUpdate, Sender<Result<()>>),

@@ -116,6 +116,9 @@ pub enum WeightUpdate {
     Flat(Tensor),
     /// HF-named tensors (a subset is allowed); each is copied into its view.
     Named(Vec<(String, Tensor)>),
+    /// A version published in shared memory: mapped zero-copy and used in place of the current
+    /// buffer when it is on the CPU in the engine's dtype (copied in otherwise).
+    Shared(rlrun_weights_sync::shm::WeightsRef),
 }
 
 /// Counters reported by `stats`.
@@ -216,6 +219,8 @@ pub struct Engine {
     eos: Vec<i64>,
     tokenizer: Option<Arc<Tokenizer>>,
     pending_update: Option<(u64, WeightUpdate)>,
+    /// The shared-memory mapping the weights currently live in, if any.
+    mapped: Option<rlrun_weights_sync::shm::MappedWeights>,
     aborted: HashSet<u64>,
     stats: EngineStats,
 }
@@ -263,6 +268,7 @@ impl Engine {
             eos,
             tokenizer,
             pending_update: None,
+            mapped: None,
             aborted: HashSet::new(),
             stats,
         })
@@ -284,6 +290,16 @@ impl Engine {
     pub fn set_version(&mut self, v: u64) {
         self.version = v;
         self.stats.policy_version = v;
+    }
+
+    /// Element ranges of the HF tensors, for per-tensor checksums.
+    pub fn chunk_ranges(&self) -> Vec<(i64, i64)> {
+        self.weights
+            .layout
+            .params()
+            .iter()
+            .map(|p| (p.offset, p.numel))
+            .collect()
     }
 
     /// True when nothing is queued or running.
@@ -428,6 +444,28 @@ impl Engine {
         };
         let _guard = tch::no_grad_guard();
         match update {
+            WeightUpdate::Shared(r) => {
+                if r.numel as i64 != self.weights.layout.numel() {
+                    return Err(GenError::Weights(format!(
+                        "{}: {} elements, the model has {}",
+                        r.path.display(),
+                        r.numel,
+                        self.weights.layout.numel()
+                    )));
+                }
+                let ranges = self.chunk_ranges();
+                let (mapped, _) = rlrun_weights_sync::shm::map(&r, Some(&ranges))
+                    .map_err(|e| GenError::Weights(e.to_string()))?;
+                if self.weights.device() == tch::Device::Cpu && self.weights.kind() == r.kind {
+                    // Swap: the model now reads the mapping; the previous one is released.
+                    self.weights.flat = mapped.tensor.shallow_clone();
+                    self.model = rlrun_model::build_model(self.config.clone(), &self.weights)?;
+                    self.mapped = Some(mapped);
+                } else {
+                    self.weights.flat.f_copy_(&mapped.tensor)?;
+                    self.mapped = None;
+                }
+            }
             WeightUpdate::Flat(t) => {
                 if t.size() != self.weights.flat.size() {
                     return Err(GenError::Weights(format!(

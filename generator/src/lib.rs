@@ -9,6 +9,7 @@
 pub mod actor;
 pub mod engine;
 pub mod error;
+pub mod remote;
 pub mod sampling;
 
 pub use actor::{CompletionStream, GeneratorActor, LocalGenerator};
@@ -17,4 +18,5 @@ pub use engine::{
     WeightUpdate,
 };
 pub use error::{GenError, Result};
+pub use remote::{GeneratorService, RemoteGenerator};
 pub use sampling::SamplingParams;

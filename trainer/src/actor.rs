@@ -3,6 +3,8 @@
 use std::path::Path;
 use std::sync::Mutex;
 
+use rlrun_weights_sync::shm::WeightsRef;
+use rlrun_weights_sync::SyncReport;
 use tch::Tensor;
 
 use crate::batch::{TrainBatch, TrainSequence};
@@ -19,10 +21,12 @@ pub trait TrainerActor: Send + Sync {
     fn compute_ref_logprobs(&self, seqs: &[TrainSequence]) -> Result<SeqValues>;
     /// Critic values per response token.
     fn compute_values(&self, seqs: &[TrainSequence]) -> Result<SeqValues>;
-    /// The policy's flat weight buffer (compute dtype) to send to generators, and its version.
+    /// The policy's flat weight buffer (compute dtype) and its version, for generators in this
+    /// process (a trainer in another process returns an error: use `publish_weights`).
     fn sync_weights(&self) -> Result<(u64, Tensor)>;
-    /// The f32 master weights (flat), e.g. for export.
-    fn master_weights(&self) -> Result<Tensor>;
+    /// Writes the policy's weights (compute dtype) into the shared-memory file `path` for
+    /// generators in other processes; per-tensor checksums when `checksums`.
+    fn publish_weights(&self, path: &Path, checksums: bool) -> Result<(WeightsRef, SyncReport)>;
     fn version(&self) -> Result<u64>;
     /// Writes the trainer's state (weights, optimizer, counters) into an existing directory.
     fn save(&self, dir: &Path) -> Result<()>;
@@ -66,8 +70,23 @@ impl TrainerActor for LocalTrainer {
         let t = self.lock()?;
         Ok((t.version(), t.sync_buffer()?))
     }
-    fn master_weights(&self) -> Result<Tensor> {
-        Ok(self.lock()?.weights().flat.shallow_clone())
+    fn publish_weights(&self, path: &Path, checksums: bool) -> Result<(WeightsRef, SyncReport)> {
+        let t = self.lock()?;
+        let flat = t.sync_buffer()?;
+        let ranges: Vec<(i64, i64)> = t
+            .weights()
+            .layout
+            .params()
+            .iter()
+            .map(|p| (p.offset, p.numel))
+            .collect();
+        rlrun_weights_sync::shm::write_to(
+            path,
+            t.version(),
+            &flat,
+            checksums.then_some(ranges.as_slice()),
+        )
+        .map_err(|e| TrainError::Invalid(format!("publishing weights: {e}")))
     }
     fn version(&self) -> Result<u64> {
         Ok(self.lock()?.version())

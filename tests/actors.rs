@@ -1,0 +1,514 @@
+//! Actors as processes: the same run with the trainer and two generators in their own processes
+//! gives the in-process metrics; the generator matches the trainer after every sync; a generator
+//! killed with SIGKILL is restarted and the run completes; asynchronous rollouts stay within
+//! their staleness bound; token and malformed-message handling of a served actor.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+fn overrides(run_base: &Path, steps: u64) -> Vec<String> {
+    let model = rlrun_testkit::fixtures().join("tiny-llama3");
+    vec![
+        format!("model.path={}", model.display()),
+        format!("steps={steps}"),
+        "data.prompts_per_step=4".into(),
+        "rollout.n=4".into(),
+        "rollout.max_tokens=8".into(),
+        "eval.size=4".into(),
+        "eval.max_tokens=4".into(),
+        "sync.probe=true".into(),
+        format!("logging.run_dir=\"{}\"", run_base.display()),
+    ]
+}
+
+fn run_ok(args: Vec<String>) -> String {
+    let out = rlrun(&args);
+    assert!(
+        out.status.success(),
+        "rlrun {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn train_lines(m: &[Value]) -> Vec<&Value> {
+    m.iter().filter(|l| l["kind"] == "train").collect()
+}
+
+/// Metrics that measure time or describe the placement, not the computation.
+fn placement_or_timing(key: &str) -> bool {
+    key.starts_with("time/")
+        || key.starts_with("sync/")
+        || key.starts_with("perf/")
+        || key.starts_with("generator/")
+        || key.ends_with("/seconds")
+        || key == "wall_time"
+}
+
+#[test]
+fn processes_give_the_in_process_metrics_and_the_generator_matches_the_trainer_after_each_sync() {
+    let local = rlrun_testkit::tempdir();
+    run_ok(
+        ["recipes/quickstart.toml".to_string()]
+            .into_iter()
+            .chain(set_args(&overrides(local.path(), 3)))
+            .collect(),
+    );
+    let remote = rlrun_testkit::tempdir();
+    let mut o = overrides(remote.path(), 3);
+    o.push("placement.trainer_process=true".into());
+    o.push("placement.generator_processes=2".into());
+    run_ok(
+        ["recipes/quickstart.toml".to_string()]
+            .into_iter()
+            .chain(set_args(&o))
+            .collect(),
+    );
+
+    let (a, b) = (
+        metrics(&run_dir(local.path())),
+        metrics(&run_dir(remote.path())),
+    );
+    assert_eq!(a.len(), b.len());
+    let mut compared = 0;
+    for (x, y) in a.iter().zip(&b) {
+        let (x, y) = (x.as_object().unwrap(), y.as_object().unwrap());
+        for (k, v) in x {
+            if placement_or_timing(k) {
+                continue;
+            }
+            let w = &y[k];
+            if k == "actor/logprob_mismatch" {
+                // The generator's batches differ (two processes): rounding only.
+                let (v, w) = (v.as_f64().unwrap(), w.as_f64().unwrap());
+                assert!((v - w).abs() < 1e-5, "{k}: {v} vs {w}");
+            } else {
+                assert_eq!(v, w, "step {}: {k}", x["step"]);
+            }
+            compared += 1;
+        }
+    }
+    assert!(compared > 30, "{compared}");
+    for m in train_lines(&b) {
+        assert_eq!(m["sync/backend_shm"], 1.0, "{m}");
+        assert!(m["sync/gb_per_s"].as_f64().unwrap() > 0.0);
+        assert_eq!(m["generator/processes"], 2.0);
+    }
+    // After every sync the generators' log-probs on the probe equal the trainer's (f32).
+    for m in train_lines(&a).into_iter().chain(train_lines(&b)) {
+        let d = m["sync/probe_logprob_max_diff"].as_f64().unwrap();
+        assert!(d <= 1e-5, "probe differs by {d} at step {}", m["step"]);
+    }
+}
+
+/// Pids of the `rlrun actor generator` processes whose parent is `parent`.
+fn generator_children(parent: u32) -> Vec<u32> {
+    children_running(parent, "actor generator")
+}
+
+/// Pids of the processes whose parent is `parent` and whose command line contains `what`.
+fn children_running(parent: u32, what: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // Fields after the ")" closing the command name: state, ppid, ...
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if ppid == Some(parent) && cmd.contains(what) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_generator_killed_mid_run_is_restarted_and_the_run_completes() {
+    let base = rlrun_testkit::tempdir();
+    let mut o = overrides(base.path(), 12);
+    o.push("placement.generator_processes=2".into());
+    o.push("rollout.max_tokens=48".into());
+    o.push("data.prompts_per_step=8".into());
+    o.push("sync.probe=false".into());
+    let mut child = Command::new(bin())
+        .arg("recipes/quickstart.toml")
+        .args(set_args(&o))
+        .current_dir(root())
+        .env("RLRUN_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once the first step is logged, SIGKILL one generator.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let killed = loop {
+        assert!(Instant::now() < deadline, "no step logged in time");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before a generator was killed"
+        );
+        let done = std::fs::read_dir(base.path())
+            .unwrap()
+            .flatten()
+            .map(|d| d.path().join("metrics.jsonl"))
+            .find(|p| p.exists())
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .is_some_and(|t| t.contains("\"kind\":\"train\""));
+        let gens = generator_children(child.id());
+        if done && gens.len() == 2 {
+            let status = Command::new("kill")
+                .args(["-9", &gens[0].to_string()])
+                .status()
+                .unwrap();
+            assert!(status.success());
+            break gens[0];
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the run failed after killing generator {killed}:\n{stderr}"
+    );
+    assert!(stderr.contains("died; restarting it"), "{stderr}");
+    let m = metrics(&run_dir(base.path()));
+    let train = train_lines(&m);
+    assert_eq!(train.len(), 12, "every step ran");
+    assert!(
+        train.last().unwrap()["generator/restarts"]
+            .as_f64()
+            .unwrap()
+            >= 1.0
+    );
+}
+
+#[test]
+fn a_dead_trainer_process_ends_the_run_clearly_and_resume_continues_without_gaps() {
+    let base = rlrun_testkit::tempdir();
+    let mut o = overrides(base.path(), 8);
+    o.push("placement.trainer_process=true".into());
+    o.push("checkpoint.every=2".into());
+    o.push("rollout.max_tokens=48".into());
+    o.push("sync.probe=false".into());
+    let mut child = Command::new(bin())
+        .arg("recipes/quickstart.toml")
+        .args(set_args(&o))
+        .current_dir(root())
+        .env("RLRUN_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        assert!(Instant::now() < deadline, "no checkpoint in time");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before the trainer was killed"
+        );
+        let ckpt = std::fs::read_dir(base.path())
+            .unwrap()
+            .flatten()
+            .any(|d| d.path().join("checkpoints").join("step-00000002").exists());
+        if ckpt {
+            let trainer = children_running(child.id(), "actor trainer");
+            assert_eq!(trainer.len(), 1);
+            assert!(Command::new("kill")
+                .args(["-9", &trainer[0].to_string()])
+                .status()
+                .unwrap()
+                .success());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the run must fail when its trainer dies"
+    );
+    assert!(
+        stderr.contains("the trainer process") && stderr.contains("rlrun resume"),
+        "{stderr}"
+    );
+    let run = run_dir(base.path());
+    run_ok(vec!["resume".into(), run.display().to_string()]);
+    let m = metrics(&run);
+    let steps: Vec<u64> = train_lines(&m)
+        .iter()
+        .map(|l| l["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, (1..=8).collect::<Vec<_>>(), "each step logged once");
+    // The prompt stream continued from the checkpoint: 4 prompts a step, 8 steps.
+    let state: Value = serde_json::from_str(
+        &std::fs::read_to_string(run.join("checkpoints/step-00000008/controller_state.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["cursor"]["position"], 32, "{state}");
+}
+
+#[test]
+fn asynchronous_rollouts_stay_within_max_staleness_and_overlap_training() {
+    for (k, processes) in [(1u64, 0usize), (2, 2)] {
+        let base = rlrun_testkit::tempdir();
+        let mut o = overrides(base.path(), 5);
+        o.push(format!("rollout.max_staleness={k}"));
+        o.push(format!("placement.generator_processes={processes}"));
+        run_ok(
+            ["recipes/quickstart.toml".to_string()]
+                .into_iter()
+                .chain(set_args(&o))
+                .collect(),
+        );
+        let m = metrics(&run_dir(base.path()));
+        let train = train_lines(&m);
+        assert_eq!(train.len(), 5);
+        for (i, s) in train.iter().enumerate() {
+            let step = s["step"].as_u64().unwrap();
+            let staleness = s["policy/staleness_max"].as_f64().unwrap() as u64;
+            let oldest = s["policy/rollout_version_min"].as_f64().unwrap() as u64;
+            // Step t trains from version t-1; its rollouts are at most k versions older.
+            assert!(
+                oldest + 1 + k >= step,
+                "step {step}: rollout version {oldest} (k = {k})"
+            );
+            assert!(staleness <= k, "step {step}: staleness {staleness} > {k}");
+            if i > 0 {
+                // Prefetched while the previous step trained.
+                assert!(s["time/overlap_s"].as_f64().unwrap() > 0.0, "{s}");
+            }
+            if k == 1 {
+                // One step ahead, all admitted at once: exactly one version behind.
+                assert_eq!(staleness, (step - 1).min(1), "step {step}");
+            }
+            assert_eq!(s["async/dropped_stale"], 0.0);
+            assert!(s["sync/probe_logprob_max_diff"].as_f64().unwrap() <= 1e-5);
+        }
+    }
+}
+
+#[test]
+fn async_resume_draws_the_prefetched_prompts_again() {
+    // A checkpoint taken while the next step's prompts were already drawn records the position
+    // before them: the resumed run consumes exactly the prompts an uninterrupted run would.
+    let base = rlrun_testkit::tempdir();
+    let mut o = overrides(base.path(), 4);
+    o.push("rollout.max_staleness=1".into());
+    o.push("checkpoint.every=2".into());
+    run_ok(
+        ["recipes/quickstart.toml".to_string()]
+            .into_iter()
+            .chain(set_args(&o))
+            .collect(),
+    );
+    let run = run_dir(base.path());
+    let state = |step: u64| -> Value {
+        let p = run
+            .join("checkpoints")
+            .join(format!("step-{step:08}"))
+            .join("controller_state.json");
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    // 4 prompts a step: after 2 steps the cursor is at 8 (not 12, though step 3 was drawn).
+    assert_eq!(state(2)["cursor"]["position"], 8, "{}", state(2));
+    assert_eq!(state(4)["cursor"]["position"], 16, "{}", state(4));
+}
+
+/// A served actor: the process and its address.
+struct Served {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve_generator(dir: &Path, listen: &str, token: Option<&str>) -> Result<Served, String> {
+    let cfg = dir.join("actor.json");
+    let model = rlrun_testkit::fixtures().join("tiny-llama3");
+    std::fs::write(
+        &cfg,
+        serde_json::json!({"model": model, "dtype": "f32", "device": "cpu", "threads": 1})
+            .to_string(),
+    )
+    .unwrap();
+    let mut cmd = Command::new(bin());
+    cmd.args(["actor", "generator", "--listen", listen, "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(t) = token {
+        let f = dir.join("token");
+        std::fs::write(&f, t).unwrap();
+        cmd.arg("--token-file").arg(f);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    match lines.next() {
+        Some(Ok(l)) if l.starts_with("LISTENING ") => Ok(Served {
+            addr: l["LISTENING ".len()..].trim().to_string(),
+            child,
+        }),
+        _ => {
+            let out = child.wait_with_output().unwrap();
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+}
+
+#[test]
+fn non_loopback_listeners_need_a_token_and_calls_without_it_are_rejected() {
+    use rlrun_generator::{GeneratorActor, RemoteGenerator};
+    let dir = rlrun_testkit::tempdir();
+    let err = serve_generator(dir.path(), "0.0.0.0:0", None)
+        .err()
+        .expect("must refuse");
+    assert!(err.contains("without a token"), "{err}");
+
+    let served = serve_generator(dir.path(), "0.0.0.0:0", Some("s3cret-token")).unwrap();
+    let port = served.addr.rsplit(':').next().unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let t = Duration::from_secs(10);
+    let anonymous = RemoteGenerator::connect(&addr, None, t).unwrap();
+    let e = anonymous
+        .health()
+        .expect_err("a call without the token must fail");
+    assert!(e.to_string().contains("token"), "{e}");
+    let wrong = RemoteGenerator::connect(&addr, Some("s3cret-tokem"), t).unwrap();
+    assert!(wrong.health().is_err());
+    let right = RemoteGenerator::connect(&addr, Some("s3cret-token"), t).unwrap();
+    right.health().unwrap();
+    right.shutdown().unwrap();
+    let mut served = served;
+    let status = served.child.wait().unwrap();
+    assert!(status.success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(served.child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(
+        stderr.contains("rejected a call"),
+        "rejections are logged: {stderr}"
+    );
+}
+
+#[test]
+fn malformed_messages_get_an_error_status_and_the_actor_keeps_serving() {
+    use rlrun_generator::{GeneratorActor, RemoteGenerator, WeightUpdate};
+    let dir = rlrun_testkit::tempdir();
+    let served = serve_generator(dir.path(), "127.0.0.1:0", None).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for path in [
+        "/rlrun.v1.Generator/Generate",
+        "/rlrun.v1.Generator/UpdateWeights",
+    ] {
+        let status = rt.block_on(raw_call(&served.addr, path, vec![0xff; 13]));
+        assert_ne!(status.code(), tonic::Code::Ok, "{path}");
+        assert_ne!(
+            status.code(),
+            tonic::Code::Unavailable,
+            "{path}: {status:?}"
+        );
+    }
+    let client = RemoteGenerator::connect(&served.addr, None, Duration::from_secs(10)).unwrap();
+    // Well-formed but invalid: weights in a file that does not exist.
+    let bad = rlrun_weights_sync::shm::WeightsRef {
+        version: 1,
+        path: dir.path().join("missing"),
+        numel: 10,
+        kind: tch::Kind::Float,
+        checksums: Vec::new(),
+    };
+    let e = client
+        .update_weights(1, WeightUpdate::Shared(bad))
+        .unwrap_err();
+    assert!(e.to_string().contains("missing"), "{e}");
+    client.health().unwrap();
+}
+
+/// Sends `body` as one gRPC message to `path`; the call's status.
+async fn raw_call(addr: &str, path: &'static str, body: Vec<u8>) -> tonic::Status {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let r = grpc
+        .unary::<Vec<u8>, Vec<u8>, _>(
+            tonic::Request::new(body),
+            tonic::codegen::http::uri::PathAndQuery::from_static(path),
+            RawCodec,
+        )
+        .await;
+    match r {
+        Ok(_) => tonic::Status::ok(""),
+        Err(s) => s,
+    }
+}
+
+/// Bytes in, bytes out: lets a test send what no generated client would.
+#[derive(Default, Clone, Copy)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let n = bytes::Buf::remaining(src);
+        let mut v = vec![0; n];
+        bytes::Buf::copy_to_slice(src, &mut v);
+        Ok(Some(v))
+    }
+}

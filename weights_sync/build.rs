@@ -1,0 +1,5 @@
+include!("../build_support/torch_link.rs");
+
+fn main() {
+    torch_link_args();
+}
