@@ -873,6 +873,7 @@ impl Run {
         let c = self.recipe.config.clone();
         let t_step = Instant::now();
         let step = self.step + 1;
+        crate::metrics::reset_peak_rss();
         let mut m: BTreeMap<String, f64> = BTreeMap::new();
         let params = self.sampling();
         let p = c.data.prompts_per_step;
@@ -945,9 +946,19 @@ impl Run {
                 break;
             }
         }
+        if let Some(b) = crate::metrics::peak_rss() {
+            m.insert("memory/peak_rss_generate_bytes".into(), b as f64);
+        }
+        if let Ok(s) = self.generator.stats() {
+            m.insert("memory/kv_cache_bytes".into(), s.kv_cache_bytes as f64);
+        }
         // Asynchronous rollouts: the next steps' generation runs while this one trains.
         if c.rollout.max_staleness > 0 {
             self.prefetch(step)?;
+        } else if c.rollout.release_cache && self.pool.is_none() {
+            // Colocated: the trainer gets the KV cache's memory while it runs.
+            let freed = self.generator.release_cache()?;
+            m.insert("memory/kv_cache_released_bytes".into(), freed as f64);
         }
         let kept = if c.algorithm.dynamic_sampling.is_some() {
             let (kept, ds) = sampler.finish();
@@ -1099,8 +1110,18 @@ impl Run {
             sequences: seqs,
             max_response_len: c.rollout.max_tokens,
         };
+        crate::metrics::reset_peak_rss();
         let train_metrics = self.trainer.train_step(batch.clone())?;
         m.extend(train_metrics);
+        if let Some(b) = crate::metrics::peak_rss() {
+            m.insert("memory/peak_rss_train_bytes".into(), b as f64);
+        }
+        if let Ok(s) = self.generator.stats() {
+            m.insert(
+                "memory/kv_cache_bytes_during_training".into(),
+                s.kv_cache_bytes as f64,
+            );
+        }
 
         // 6. Weight sync.
         if step.is_multiple_of(c.sync.every) {

@@ -165,3 +165,17 @@ impl Progress {
         }
     }
 }
+
+/// Starts a new peak-memory window for this process (Linux: resets `VmHWM` through
+/// `/proc/self/clear_refs`; elsewhere nothing).
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// This process's peak resident memory (bytes) since the last [`reset_peak_rss`] (Linux).
+pub fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

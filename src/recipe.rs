@@ -151,6 +151,9 @@ pub struct RolloutSection {
     pub update_policy: UpdatePolicy,
     /// Versions a rollout may lag behind the trainer (0: on-policy).
     pub max_staleness: u64,
+    /// Free the generator's KV cache while the trainer runs, when both are in this process (it
+    /// grows back for the next generation): the memory goes to the trainer.
+    pub release_cache: bool,
 }
 
 impl Default for RolloutSection {
@@ -166,6 +169,7 @@ impl Default for RolloutSection {
             max_slots: None,
             update_policy: UpdatePolicy::Drain,
             max_staleness: 0,
+            release_cache: true,
         }
     }
 }

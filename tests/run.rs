@@ -305,3 +305,47 @@ fn the_custom_reward_example_trains_with_its_rust_reward() {
     let m = metrics(&run);
     assert!(m.iter().any(|l| l["reward/is_number"].is_number()), "{m:?}");
 }
+
+#[test]
+fn the_kv_cache_is_released_while_training_and_results_do_not_change() {
+    let mut runs = Vec::new();
+    for release in [true, false] {
+        let tmp = rlrun_testkit::tempdir();
+        let mut args = vec!["recipes/quickstart.toml".to_string()];
+        let mut o = tiny(tmp.path());
+        o.push(format!("rollout.release_cache={release}"));
+        args.extend(set_args(&o));
+        let out = rlrun(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let m = metrics(&run_dir(tmp.path()));
+        let train: Vec<_> = m.into_iter().filter(|l| l["kind"] == "train").collect();
+        for l in &train {
+            let held = l["memory/kv_cache_bytes"].as_f64().unwrap();
+            let during = l["memory/kv_cache_bytes_during_training"].as_f64().unwrap();
+            assert!(held > 0.0, "{l}");
+            if release {
+                assert_eq!(during, 0.0, "{l}");
+                assert_eq!(l["memory/kv_cache_released_bytes"].as_f64().unwrap(), held);
+            } else {
+                assert_eq!(during, held, "{l}");
+            }
+            assert!(l["memory/peak_rss_train_bytes"].as_f64().unwrap() > 0.0);
+        }
+        runs.push(train);
+    }
+    for (a, b) in runs[0].iter().zip(&runs[1]) {
+        for k in [
+            "reward/mean",
+            "actor/pg_loss",
+            "actor/grad_norm",
+            "actor/logprob_mismatch",
+            "response_length/mean",
+        ] {
+            assert_eq!(a[k], b[k], "{k}");
+        }
+    }
+}

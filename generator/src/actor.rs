@@ -27,6 +27,11 @@ pub trait GeneratorActor: Send + Sync {
     fn stats(&self) -> Result<EngineStats>;
     /// Ok when the actor is alive and serving.
     fn health(&self) -> Result<()>;
+    /// Frees the KV cache if idle (see [`Engine::release_cache`]); the bytes freed. Actors in
+    /// other processes keep theirs (they do not share the trainer's device memory).
+    fn release_cache(&self) -> Result<u64> {
+        Ok(0)
+    }
 }
 
 /// A shared actor is an actor (the controller and a pool's driver threads hold the same one).
@@ -46,6 +51,9 @@ impl<T: GeneratorActor + ?Sized> GeneratorActor for std::sync::Arc<T> {
     fn health(&self) -> Result<()> {
         (**self).health()
     }
+    fn release_cache(&self) -> Result<u64> {
+        (**self).release_cache()
+    }
 }
 
 enum Command {
@@ -53,6 +61,7 @@ enum Command {
     Update(u64, WeightUpdate, Sender<Result<()>>),
     Abort(Vec<u64>),
     Stats(Sender<EngineStats>),
+    ReleaseCache(Sender<Result<u64>>),
     Shutdown,
 }
 
@@ -124,6 +133,13 @@ impl GeneratorActor for LocalGenerator {
 
     fn health(&self) -> Result<()> {
         self.stats().map(|_| ())
+    }
+
+    fn release_cache(&self) -> Result<u64> {
+        let (tx, rx) = mpsc::channel();
+        self.send(Command::ReleaseCache(tx))?;
+        rx.recv()
+            .map_err(|_| GenError::Unavailable("the generator thread has stopped".into()))?
     }
 }
 
@@ -197,6 +213,15 @@ fn serve(mut engine: Engine, rx: Receiver<Command>) {
                 ),
                 Command::Stats(tx) => {
                     let _ = tx.send(engine.stats());
+                }
+                Command::ReleaseCache(tx) => {
+                    // Not while an update waits for in-flight sequences to drain.
+                    let freed = if update_acks.is_empty() {
+                        engine.release_cache().map(|b| b as u64)
+                    } else {
+                        Ok(0)
+                    };
+                    let _ = tx.send(freed);
                 }
                 Command::Shutdown => return,
             }

@@ -307,6 +307,25 @@ impl Engine {
         self.queue.is_empty() && self.slots.iter().all(Option::is_none)
     }
 
+    /// Frees the KV cache while the engine is idle (it grows back on the next admission), so
+    /// that a trainer sharing the device can use the memory; returns the bytes freed (0 when
+    /// requests are in flight: nothing is released then).
+    pub fn release_cache(&mut self) -> Result<i64> {
+        if !self.is_idle() {
+            return Ok(0);
+        }
+        let freed = self.cache.bytes();
+        self.cache = KvCache::new(
+            &self.config,
+            self.cfg.max_slots as i64,
+            0,
+            self.weights.kind(),
+            self.weights.device(),
+        )?;
+        self.stats.kv_cache_bytes = 0;
+        Ok(freed)
+    }
+
     /// Queues a request after validating it.
     pub fn submit(&mut self, req: Request) -> Result<()> {
         let vocab = self.config.vocab_size;
@@ -533,7 +552,12 @@ impl Engine {
         s.queue_depth = self.queue.iter().map(|p| p.samples.len()).sum();
         s.active = self.slots.iter().flatten().count();
         let used: i64 = self.slots.iter().flatten().map(|q| q.pos + 1).sum();
-        s.kv_utilization = used as f64 / (self.cfg.max_slots as f64 * self.cache.max_len() as f64);
+        let capacity = self.cfg.max_slots as f64 * self.cache.max_len() as f64;
+        s.kv_utilization = if capacity > 0.0 {
+            used as f64 / capacity
+        } else {
+            0.0
+        };
         s.tokens_per_s = if s.busy_s > 0.0 {
             s.generated_tokens as f64 / s.busy_s
         } else {
