@@ -486,6 +486,7 @@ impl GeneratorActor for GeneratorPool {
             total.slots += s.slots;
             total.generated_tokens += s.generated_tokens;
             total.busy_s += s.busy_s;
+            total.kv_cache_bytes += s.kv_cache_bytes;
             total.policy_version = s.policy_version;
         }
         Ok(total)

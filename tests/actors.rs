@@ -49,6 +49,7 @@ fn placement_or_timing(key: &str) -> bool {
         || key.starts_with("sync/")
         || key.starts_with("perf/")
         || key.starts_with("generator/")
+        || key.starts_with("memory/")
         || key.ends_with("/seconds")
         || key == "wall_time"
 }
@@ -109,11 +110,6 @@ fn processes_give_the_in_process_metrics_and_the_generator_matches_the_trainer_a
     }
 }
 
-/// Pids of the `rlrun actor generator` processes whose parent is `parent`.
-fn generator_children(parent: u32) -> Vec<u32> {
-    children_running(parent, "actor generator")
-}
-
 /// Pids of the processes whose parent is `parent` and whose command line contains `what`.
 fn children_running(parent: u32, what: &str) -> Vec<u32> {
     let mut out = Vec::new();
@@ -138,6 +134,44 @@ fn children_running(parent: u32, what: &str) -> Vec<u32> {
     out
 }
 
+fn quickstart_process(overrides: &[String]) -> Child {
+    let mut args = vec!["recipes/quickstart.toml".to_string()];
+    args.extend(set_args(overrides));
+    spawn_rlrun(&args)
+}
+
+/// Waits until `ready` holds for the run directories under `base` (the run's
+/// `logging.run_dir`), then SIGKILLs the run's child process whose command line contains
+/// `what`; returns its pid.
+fn kill_child_when(
+    run: &mut Child,
+    base: &Path,
+    what: &str,
+    ready: impl Fn(&[std::path::PathBuf]) -> bool,
+) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        assert!(Instant::now() < deadline, "not ready in time");
+        assert!(
+            run.try_wait().unwrap().is_none(),
+            "the run ended before `{what}` was killed"
+        );
+        let dirs: Vec<_> = std::fs::read_dir(base)
+            .map(|r| r.flatten().map(|d| d.path()).collect())
+            .unwrap_or_default();
+        let found = children_running(run.id(), what);
+        if ready(&dirs) && !found.is_empty() {
+            let ok = Command::new("kill")
+                .args(["-9", &found[0].to_string()])
+                .status()
+                .unwrap();
+            assert!(ok.success());
+            return found[0];
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 #[test]
 fn a_generator_killed_mid_run_is_restarted_and_the_run_completes() {
     let base = rlrun_testkit::tempdir();
@@ -146,41 +180,14 @@ fn a_generator_killed_mid_run_is_restarted_and_the_run_completes() {
     o.push("rollout.max_tokens=48".into());
     o.push("data.prompts_per_step=8".into());
     o.push("sync.probe=false".into());
-    let mut child = Command::new(bin())
-        .arg("recipes/quickstart.toml")
-        .args(set_args(&o))
-        .current_dir(root())
-        .env("RLRUN_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = quickstart_process(&o);
     // Once the first step is logged, SIGKILL one generator.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let killed = loop {
-        assert!(Instant::now() < deadline, "no step logged in time");
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the run ended before a generator was killed"
-        );
-        let done = std::fs::read_dir(base.path())
-            .unwrap()
-            .flatten()
-            .map(|d| d.path().join("metrics.jsonl"))
-            .find(|p| p.exists())
-            .and_then(|p| std::fs::read_to_string(p).ok())
-            .is_some_and(|t| t.contains("\"kind\":\"train\""));
-        let gens = generator_children(child.id());
-        if done && gens.len() == 2 {
-            let status = Command::new("kill")
-                .args(["-9", &gens[0].to_string()])
-                .status()
-                .unwrap();
-            assert!(status.success());
-            break gens[0];
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let killed = kill_child_when(&mut child, base.path(), "actor generator", |dirs| {
+        dirs.iter()
+            .map(|d| d.join("metrics.jsonl"))
+            .filter_map(|p| std::fs::read_to_string(p).ok())
+            .any(|t| t.contains("\"kind\":\"train\""))
+    });
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -207,38 +214,11 @@ fn a_dead_trainer_process_ends_the_run_clearly_and_resume_continues_without_gaps
     o.push("checkpoint.every=2".into());
     o.push("rollout.max_tokens=48".into());
     o.push("sync.probe=false".into());
-    let mut child = Command::new(bin())
-        .arg("recipes/quickstart.toml")
-        .args(set_args(&o))
-        .current_dir(root())
-        .env("RLRUN_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        assert!(Instant::now() < deadline, "no checkpoint in time");
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the run ended before the trainer was killed"
-        );
-        let ckpt = std::fs::read_dir(base.path())
-            .unwrap()
-            .flatten()
-            .any(|d| d.path().join("checkpoints").join("step-00000002").exists());
-        if ckpt {
-            let trainer = children_running(child.id(), "actor trainer");
-            assert_eq!(trainer.len(), 1);
-            assert!(Command::new("kill")
-                .args(["-9", &trainer[0].to_string()])
-                .status()
-                .unwrap()
-                .success());
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let mut child = quickstart_process(&o);
+    kill_child_when(&mut child, base.path(), "actor trainer", |dirs| {
+        dirs.iter()
+            .any(|d| d.join("checkpoints").join("step-00000002").exists())
+    });
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

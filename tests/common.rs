@@ -41,6 +41,18 @@ pub fn rlrun(args: &[String]) -> Output {
         .expect("running rlrun")
 }
 
+/// Starts `rlrun <args...>` from the repository root with its output piped.
+pub fn spawn_rlrun(args: &[String]) -> std::process::Child {
+    Command::new(bin())
+        .args(args)
+        .current_dir(root())
+        .env("RLRUN_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting rlrun")
+}
+
 pub fn set_args(overrides: &[String]) -> Vec<String> {
     overrides
         .iter()

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -160,14 +160,7 @@ fn ctrl_c_leaves_a_resumable_checkpoint_and_resume_is_exact() {
     let tmp = rlrun_testkit::tempdir();
     let mut args = vec!["recipes/quickstart.toml".to_string()];
     args.extend(set_args(&quickstart_tiny(tmp.path(), steps)));
-    let child = Command::new(bin())
-        .args(&args)
-        .current_dir(root())
-        .env("RLRUN_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_rlrun(&args);
     // Wait for the second training step, then SIGINT.
     let t0 = Instant::now();
     let run = loop {

@@ -264,33 +264,9 @@ pub struct RemoteGenerator {
 impl RemoteGenerator {
     /// Connects (retrying for up to `timeout`) to `http://addr`.
     pub fn connect(addr: &str, token: Option<&str>, timeout: Duration) -> Result<Self> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .map_err(|e| GenError::Unavailable(e.to_string()))?;
         let attach = TokenAttach::new(token).map_err(GenError::InvalidRequest)?;
-        let url = format!("http://{addr}");
-        let deadline = std::time::Instant::now() + timeout;
-        let channel = loop {
-            let endpoint = Channel::from_shared(url.clone())
-                .map_err(|e| GenError::InvalidRequest(e.to_string()))?
-                .connect_timeout(Duration::from_secs(5))
-                // Heartbeats: a peer that stops answering HTTP/2 pings (hung, stopped, or its
-                // machine gone) fails the calls on this channel instead of hanging them.
-                .http2_keep_alive_interval(rlrun_proto::HEARTBEAT_INTERVAL)
-                .keep_alive_timeout(rlrun_proto::HEARTBEAT_TIMEOUT)
-                .keep_alive_while_idle(true);
-            match rt.block_on(endpoint.connect()) {
-                Ok(c) => break c,
-                Err(e) if std::time::Instant::now() >= deadline => {
-                    return Err(GenError::Unavailable(format!(
-                        "cannot connect to the generator at {addr}: {e}"
-                    )))
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(50)),
-            }
-        };
+        let (rt, channel) =
+            rlrun_proto::connect(addr, "generator", timeout).map_err(GenError::Unavailable)?;
         let client = GeneratorClient::with_interceptor(channel, attach)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);

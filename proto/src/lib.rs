@@ -15,6 +15,40 @@ pub const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_se
 /// A ping unanswered this long fails the connection and its calls.
 pub const HEARTBEAT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
+/// A client's runtime and a channel to `http://addr` with heartbeats, retrying the connection
+/// for up to `timeout` (the actor may still be starting). `role` names the peer in errors.
+pub fn connect(
+    addr: &str,
+    role: &str,
+    timeout: std::time::Duration,
+) -> Result<(tokio::runtime::Runtime, tonic::transport::Channel), String> {
+    use std::time::{Duration, Instant};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let url = format!("http://{addr}");
+    let deadline = Instant::now() + timeout;
+    loop {
+        let endpoint = tonic::transport::Channel::from_shared(url.clone())
+            .map_err(|e| e.to_string())?
+            .connect_timeout(Duration::from_secs(5))
+            // Heartbeats: a peer that stops answering HTTP/2 pings (hung, stopped, or its
+            // machine gone) fails the calls on this channel instead of hanging them.
+            .http2_keep_alive_interval(HEARTBEAT_INTERVAL)
+            .keep_alive_timeout(HEARTBEAT_TIMEOUT)
+            .keep_alive_while_idle(true);
+        match rt.block_on(endpoint.connect()) {
+            Ok(c) => return Ok((rt, c)),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(format!("cannot connect to the {role} at {addr}: {e}"))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
 pub mod auth {
     //! Shared-token authentication: a client sends `authorization: Bearer <token>`; a server with
     //! a token rejects calls without it (constant-time comparison) and logs them. Listening on a

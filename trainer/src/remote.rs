@@ -230,33 +230,9 @@ pub struct RemoteTrainer {
 impl RemoteTrainer {
     /// Connects (retrying for up to `timeout`) to `http://addr`.
     pub fn connect(addr: &str, token: Option<&str>, timeout: Duration) -> Result<Self> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .map_err(|e| TrainError::Invalid(e.to_string()))?;
         let attach = TokenAttach::new(token).map_err(TrainError::Invalid)?;
-        let url = format!("http://{addr}");
-        let deadline = std::time::Instant::now() + timeout;
-        let channel = loop {
-            let endpoint = Channel::from_shared(url.clone())
-                .map_err(|e| TrainError::Invalid(e.to_string()))?
-                .connect_timeout(Duration::from_secs(5))
-                // Heartbeats: a peer that stops answering HTTP/2 pings (hung, stopped, or its
-                // machine gone) fails the calls on this channel instead of hanging them.
-                .http2_keep_alive_interval(rlrun_proto::HEARTBEAT_INTERVAL)
-                .keep_alive_timeout(rlrun_proto::HEARTBEAT_TIMEOUT)
-                .keep_alive_while_idle(true);
-            match rt.block_on(endpoint.connect()) {
-                Ok(c) => break c,
-                Err(e) if std::time::Instant::now() >= deadline => {
-                    return Err(TrainError::Invalid(format!(
-                        "cannot connect to the trainer at {addr}: {e}"
-                    )))
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(50)),
-            }
-        };
+        let (rt, channel) =
+            rlrun_proto::connect(addr, "trainer", timeout).map_err(TrainError::Invalid)?;
         let client = TrainerClient::with_interceptor(channel, attach)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -278,8 +254,21 @@ impl RemoteTrainer {
         }
     }
 
-    fn rows(&self, r: pb::FloatRows) -> SeqValues {
-        r.rows.into_iter().map(|row| row.values).collect()
+    /// A call that sends sequences and gets one row of values per sequence.
+    fn per_token<F, Fut>(&self, seqs: &[TrainSequence], call: F) -> Result<SeqValues>
+    where
+        F: FnOnce(TrainerClient<InterceptedService<Channel, TokenAttach>>, pb::Sequences) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<Response<pb::FloatRows>, Status>>,
+    {
+        let msg = pb::Sequences {
+            sequences: seqs.iter().map(seq_to_pb).collect(),
+        };
+        let rows = self
+            .rt
+            .block_on(call(self.client.clone(), msg))
+            .map_err(|s| self.err(s))?
+            .into_inner();
+        Ok(rows.rows.into_iter().map(|row| row.values).collect())
     }
 
     /// Asks the actor process to exit.
@@ -311,42 +300,23 @@ impl TrainerActor for RemoteTrainer {
     }
 
     fn compute_logprobs(&self, seqs: &[TrainSequence]) -> Result<SeqValues> {
-        let mut c = self.client.clone();
-        let msg = pb::Sequences {
-            sequences: seqs.iter().map(seq_to_pb).collect(),
-        };
-        Ok(self.rows(
-            self.rt
-                .block_on(c.compute_logprobs(msg))
-                .map_err(|s| self.err(s))?
-                .into_inner(),
-        ))
+        self.per_token(
+            seqs,
+            |mut c, msg| async move { c.compute_logprobs(msg).await },
+        )
     }
 
     fn compute_ref_logprobs(&self, seqs: &[TrainSequence]) -> Result<SeqValues> {
-        let mut c = self.client.clone();
-        let msg = pb::Sequences {
-            sequences: seqs.iter().map(seq_to_pb).collect(),
-        };
-        Ok(self.rows(
-            self.rt
-                .block_on(c.compute_ref_logprobs(msg))
-                .map_err(|s| self.err(s))?
-                .into_inner(),
-        ))
+        self.per_token(seqs, |mut c, msg| async move {
+            c.compute_ref_logprobs(msg).await
+        })
     }
 
     fn compute_values(&self, seqs: &[TrainSequence]) -> Result<SeqValues> {
-        let mut c = self.client.clone();
-        let msg = pb::Sequences {
-            sequences: seqs.iter().map(seq_to_pb).collect(),
-        };
-        Ok(self.rows(
-            self.rt
-                .block_on(c.compute_values(msg))
-                .map_err(|s| self.err(s))?
-                .into_inner(),
-        ))
+        self.per_token(
+            seqs,
+            |mut c, msg| async move { c.compute_values(msg).await },
+        )
     }
 
     fn sync_weights(&self) -> Result<(u64, Tensor)> {
