@@ -100,6 +100,22 @@ impl TrainerService {
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(status)
     }
+
+    /// Sequences in, one row of values per sequence out.
+    async fn per_token(
+        &self,
+        req: RpcRequest<pb::Sequences>,
+        f: fn(&LocalTrainer, &[TrainSequence]) -> Result<SeqValues>,
+    ) -> std::result::Result<Response<pb::FloatRows>, Status> {
+        let seqs: Vec<TrainSequence> = req
+            .into_inner()
+            .sequences
+            .into_iter()
+            .map(seq_from_pb)
+            .collect();
+        let rows = self.blocking(move |t| f(t, &seqs)).await?;
+        Ok(Response::new(rows_to_pb(rows)))
+    }
 }
 
 #[tonic::async_trait]
@@ -123,46 +139,23 @@ impl TrainerRpc for TrainerService {
         &self,
         req: RpcRequest<pb::Sequences>,
     ) -> std::result::Result<Response<pb::FloatRows>, Status> {
-        let seqs: Vec<TrainSequence> = req
-            .into_inner()
-            .sequences
-            .into_iter()
-            .map(seq_from_pb)
-            .collect();
-        Ok(Response::new(rows_to_pb(
-            self.blocking(move |t| t.compute_logprobs(&seqs)).await?,
-        )))
+        self.per_token(req, |t, seqs| t.compute_logprobs(seqs))
+            .await
     }
 
     async fn compute_ref_logprobs(
         &self,
         req: RpcRequest<pb::Sequences>,
     ) -> std::result::Result<Response<pb::FloatRows>, Status> {
-        let seqs: Vec<TrainSequence> = req
-            .into_inner()
-            .sequences
-            .into_iter()
-            .map(seq_from_pb)
-            .collect();
-        Ok(Response::new(rows_to_pb(
-            self.blocking(move |t| t.compute_ref_logprobs(&seqs))
-                .await?,
-        )))
+        self.per_token(req, |t, seqs| t.compute_ref_logprobs(seqs))
+            .await
     }
 
     async fn compute_values(
         &self,
         req: RpcRequest<pb::Sequences>,
     ) -> std::result::Result<Response<pb::FloatRows>, Status> {
-        let seqs: Vec<TrainSequence> = req
-            .into_inner()
-            .sequences
-            .into_iter()
-            .map(seq_from_pb)
-            .collect();
-        Ok(Response::new(rows_to_pb(
-            self.blocking(move |t| t.compute_values(&seqs)).await?,
-        )))
+        self.per_token(req, |t, seqs| t.compute_values(seqs)).await
     }
 
     async fn publish_weights(
