@@ -420,6 +420,10 @@ impl Run {
             (pool.is_some() || c.placement.trainer_process || c.sync.backend == "shm").then(|| {
                 let prefix = format!("rlrun-{}-{}", std::process::id(), timestamp());
                 let dir = rlrun_weights_sync::shm::default_dir();
+                let n = rlrun_weights_sync::shm::remove_orphans(&dir);
+                if n > 0 {
+                    tracing::info!("removed {n} shared-memory file(s) left by runs that are gone");
+                }
                 [
                     dir.join(format!("{prefix}-0")),
                     dir.join(format!("{prefix}-1")),
@@ -650,6 +654,14 @@ impl Run {
     /// `max_staleness` versions (plus the sync interval) behind the trainer is dropped and
     /// counted, and the step generates afresh.
     fn take_prefetched(&mut self, step: u64, round: u64) -> Result<Option<Prefetched>> {
+        // Generation for steps that are past (a step that failed and was not retried) is of no use.
+        while let Some(old) = self.prefetched.front().filter(|p| p.step < step) {
+            let ids: Vec<u64> = (0..old.pending.prompts as u64)
+                .map(|i| old.pending.id_base + i)
+                .collect();
+            let _ = self.generator.abort(ids);
+            self.prefetched.pop_front();
+        }
         if round != 0 || self.prefetched.front().is_none_or(|p| p.step != step) {
             return Ok(None);
         }

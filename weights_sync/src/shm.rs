@@ -60,6 +60,29 @@ pub fn default_dir() -> PathBuf {
     }
 }
 
+/// Removes `rlrun-<pid>-*` files in `dir` whose process is gone (a run killed before it could
+/// clean up would otherwise leave its weights in RAM-backed `/dev/shm`); returns how many.
+pub fn remove_orphans(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("rlrun-")
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() && std::fs::remove_file(e.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 /// Writes versions of a flat buffer into two alternating shared-memory files.
 pub struct ShmPublisher {
     files: [PathBuf; 2],
@@ -269,6 +292,20 @@ mod tests {
             .unwrap();
         let e = map(&r2, None).err().unwrap().to_string();
         assert!(e.contains("expected 4000"), "{e}");
+    }
+
+    #[test]
+    fn orphans_of_dead_processes_are_removed_and_nothing_else() {
+        let dir = tempfile_dir().join("orphans");
+        std::fs::create_dir_all(&dir).unwrap();
+        let dead = dir.join("rlrun-999999999-20260101-000000-0");
+        let ours = dir.join(format!("rlrun-{}-20260101-000000-0", std::process::id()));
+        let other = dir.join("not-ours-123");
+        for f in [&dead, &ours, &other] {
+            std::fs::write(f, b"x").unwrap();
+        }
+        assert_eq!(remove_orphans(&dir), 1);
+        assert!(!dead.exists() && ours.exists() && other.exists());
     }
 
     fn tempfile_dir() -> PathBuf {
