@@ -279,8 +279,13 @@ impl GeneratorPool {
     pub fn connect(addrs: &[String], token: Option<String>) -> Result<Arc<Self>> {
         let mut members = Vec::new();
         for a in addrs {
+            let client = RemoteGenerator::connect(a, token.as_deref(), Duration::from_secs(60))?;
+            // Fail now, naming the address, if it is not a generator that takes our token.
+            client
+                .health()
+                .with_context(|| format!("checking the generator at {a} (placement.generator_addresses)"))?;
             members.push(Member {
-                client: RemoteGenerator::connect(a, token.as_deref(), Duration::from_secs(60))?,
+                client,
                 process: None,
                 outstanding: Arc::new(AtomicU64::new(0)),
             });

@@ -492,3 +492,32 @@ impl tonic::codec::Decoder for RawCodec {
         Ok(Some(v))
     }
 }
+
+#[test]
+fn a_recipe_uses_a_generator_started_by_hand_with_its_token() {
+    let dir = rlrun_testkit::tempdir();
+    let served = serve_generator(dir.path(), "127.0.0.1:0", Some("hand-token")).unwrap();
+    let wrong = dir.path().join("wrong.token");
+    std::fs::write(&wrong, "not-the-token").unwrap();
+    for (token_file, ok) in [(dir.path().join("token"), true), (wrong, false)] {
+        let base = rlrun_testkit::tempdir();
+        let mut o = overrides(base.path(), 2);
+        o.push(format!("placement.generator_addresses=[\"{}\"]", served.addr));
+        o.push(format!("placement.token_file=\"{}\"", token_file.display()));
+        let mut args = vec!["recipes/quickstart.toml".to_string()];
+        args.extend(set_args(&o));
+        let out = rlrun(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if ok {
+            assert!(out.status.success(), "{stderr}");
+            let m = metrics(&run_dir(base.path()));
+            for l in train_lines(&m) {
+                assert_eq!(l["sync/backend_shm"], 1.0);
+                assert!(l["sync/probe_logprob_max_diff"].as_f64().unwrap() <= 1e-5);
+            }
+        } else {
+            assert!(!out.status.success());
+            assert!(stderr.contains("token"), "{stderr}");
+        }
+    }
+}
