@@ -281,9 +281,9 @@ impl GeneratorPool {
         for a in addrs {
             let client = RemoteGenerator::connect(a, token.as_deref(), Duration::from_secs(60))?;
             // Fail now, naming the address, if it is not a generator that takes our token.
-            client
-                .health()
-                .with_context(|| format!("checking the generator at {a} (placement.generator_addresses)"))?;
+            client.health().with_context(|| {
+                format!("checking the generator at {a} (placement.generator_addresses)")
+            })?;
             members.push(Member {
                 client,
                 process: None,

@@ -502,7 +502,10 @@ fn a_recipe_uses_a_generator_started_by_hand_with_its_token() {
     for (token_file, ok) in [(dir.path().join("token"), true), (wrong, false)] {
         let base = rlrun_testkit::tempdir();
         let mut o = overrides(base.path(), 2);
-        o.push(format!("placement.generator_addresses=[\"{}\"]", served.addr));
+        o.push(format!(
+            "placement.generator_addresses=[\"{}\"]",
+            served.addr
+        ));
         o.push(format!("placement.token_file=\"{}\"", token_file.display()));
         let mut args = vec!["recipes/quickstart.toml".to_string()];
         args.extend(set_args(&o));
