@@ -22,8 +22,9 @@ use rlrun_weights_sync::shm::WeightsRef;
 use serde::{Deserialize, Serialize};
 use tch::Device;
 
-/// What an actor process loads.
+/// What an actor process loads (`--config`, JSON; unknown keys are errors).
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ActorConfig {
     pub model: PathBuf,
     /// "f32", "bf16" or "f16": the compute dtype.
