@@ -233,7 +233,36 @@ pub fn spawn(role: &str, cfg: &ActorConfig, env: &[(String, String)]) -> Result<
 struct Member {
     client: RemoteGenerator,
     process: Option<ActorProcess>,
-    outstanding: Arc<AtomicU64>,
+    /// Bumped at each restart, so that of several callers who saw the old process fail, only the
+    /// first restarts it and the others re-queue on its replacement.
+    epoch: u64,
+}
+
+/// One place in the pool: its own lock (restarting a member does not block the others) and its
+/// load, readable without that lock.
+struct Slot {
+    member: Mutex<Member>,
+    /// Samples submitted and not yet finished.
+    outstanding: AtomicU64,
+}
+
+impl Slot {
+    fn new(client: RemoteGenerator, process: Option<ActorProcess>) -> Slot {
+        Slot {
+            member: Mutex::new(Member {
+                client,
+                process,
+                epoch: 0,
+            }),
+            outstanding: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::result::Result<std::sync::MutexGuard<'_, Member>, GenError> {
+        self.member
+            .lock()
+            .map_err(|_| GenError::Unavailable("generator pool poisoned".into()))
+    }
 }
 
 /// Generators in other processes as one [`GeneratorActor`]: requests go to the least loaded
@@ -243,7 +272,7 @@ struct Member {
 pub struct GeneratorPool {
     /// Itself, for the threads that drive requests.
     me: std::sync::Weak<GeneratorPool>,
-    members: Mutex<Vec<Member>>,
+    members: Vec<Slot>,
     spawn_cfg: Option<ActorConfig>,
     spawn_env: Vec<Vec<(String, String)>>,
     token: Option<String>,
@@ -259,15 +288,11 @@ impl GeneratorPool {
         for env in &envs {
             let p = spawn("generator", &cfg, env)?;
             let client = RemoteGenerator::connect(&p.addr, None, Duration::from_secs(60))?;
-            members.push(Member {
-                client,
-                process: Some(p),
-                outstanding: Arc::new(AtomicU64::new(0)),
-            });
+            members.push(Slot::new(client, Some(p)));
         }
         Ok(Arc::new_cyclic(|me| GeneratorPool {
             me: me.clone(),
-            members: Mutex::new(members),
+            members,
             spawn_cfg: Some(cfg),
             spawn_env: envs,
             token: None,
@@ -285,15 +310,11 @@ impl GeneratorPool {
             client.health().with_context(|| {
                 format!("checking the generator at {a} (placement.generator_addresses)")
             })?;
-            members.push(Member {
-                client,
-                process: None,
-                outstanding: Arc::new(AtomicU64::new(0)),
-            });
+            members.push(Slot::new(client, None));
         }
         Ok(Arc::new_cyclic(|me| GeneratorPool {
             me: me.clone(),
-            members: Mutex::new(members),
+            members,
             spawn_cfg: None,
             spawn_env: Vec::new(),
             token,
@@ -303,7 +324,7 @@ impl GeneratorPool {
     }
 
     pub fn len(&self) -> usize {
-        self.members.lock().map(|m| m.len()).unwrap_or(0)
+        self.members.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -318,22 +339,18 @@ impl GeneratorPool {
     /// OS process ids of the spawned members (for tests).
     pub fn pids(&self) -> Vec<u32> {
         self.members
-            .lock()
-            .map(|m| {
-                m.iter()
-                    .filter_map(|x| x.process.as_ref().map(|p| p.child.id()))
-                    .collect()
-            })
-            .unwrap_or_default()
+            .iter()
+            .filter_map(|s| s.lock().ok()?.process.as_ref().map(|p| p.child.id()))
+            .collect()
     }
 
-    /// Replaces member `i` if its process has died; returns whether it did.
-    fn revive(&self, i: usize) -> Result<bool> {
-        let mut members = self
-            .members
-            .lock()
-            .map_err(|_| anyhow::anyhow!("pool poisoned"))?;
-        let m = &mut members[i];
+    /// Replaces member `i` if its process has died; returns whether it was replaced, by this
+    /// call or (when `seen` is the epoch a caller saw fail) by another caller since.
+    fn revive(&self, i: usize, seen: Option<u64>) -> Result<bool> {
+        let mut m = self.members[i].lock()?;
+        if seen.is_some_and(|e| e != m.epoch) {
+            return Ok(true);
+        }
         // A process killed a moment ago may not have been reaped yet (its sockets close first):
         // one that does not answer a health check counts as dead too.
         let dead = match m.process.as_mut() {
@@ -367,47 +384,39 @@ impl GeneratorPool {
         *m = Member {
             client,
             process: Some(p),
-            outstanding: Arc::new(AtomicU64::new(0)),
+            epoch: m.epoch + 1,
         };
         self.restarts.fetch_add(1, Ordering::SeqCst);
         Ok(true)
     }
 
     fn least_loaded(&self) -> usize {
-        self.members
-            .lock()
-            .map(|m| {
-                (0..m.len())
-                    .min_by_key(|&i| m[i].outstanding.load(Ordering::SeqCst))
-                    .unwrap_or(0)
-            })
+        (0..self.members.len())
+            .min_by_key(|&i| self.members[i].outstanding.load(Ordering::SeqCst))
             .unwrap_or(0)
     }
 
+    /// Starts `reqs` on member `i` (counted in its load until [`Self::done`]); returns the
+    /// stream and the member's epoch.
     fn submit(
         &self,
         i: usize,
         reqs: Vec<Request>,
-    ) -> std::result::Result<CompletionStream, GenError> {
-        let members = self
-            .members
-            .lock()
-            .map_err(|_| GenError::Unavailable("pool poisoned".into()))?;
+    ) -> (std::result::Result<CompletionStream, GenError>, u64) {
         let n: u64 = reqs.iter().map(|r| r.params.n as u64).sum();
-        members[i].outstanding.fetch_add(n, Ordering::SeqCst);
-        members[i].client.generate(reqs)
+        self.members[i].outstanding.fetch_add(n, Ordering::SeqCst);
+        match self.members[i].lock() {
+            Ok(m) => (m.client.generate(reqs), m.epoch),
+            Err(e) => (Err(e), 0),
+        }
     }
 
     fn done(&self, i: usize, n: u64) {
-        if let Ok(m) = self.members.lock() {
-            if let Some(m) = m.get(i) {
-                let _ = m
-                    .outstanding
-                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |x| {
-                        Some(x.saturating_sub(n))
-                    });
-            }
-        }
+        let _ = self.members[i]
+            .outstanding
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |x| {
+                Some(x.saturating_sub(n))
+            });
     }
 }
 
@@ -445,20 +454,18 @@ impl GeneratorActor for GeneratorPool {
         if let Ok(mut c) = self.current.lock() {
             *c = Some(r.clone());
         }
-        let n = self.len();
-        for i in 0..n {
-            let res = {
-                let m = self
-                    .members
-                    .lock()
-                    .map_err(|_| GenError::Unavailable("pool poisoned".into()))?;
-                m[i].client
-                    .update_weights(version, WeightUpdate::Shared(r.clone()))
+        for i in 0..self.len() {
+            let (res, epoch) = {
+                let m = self.members[i].lock()?;
+                let res = m
+                    .client
+                    .update_weights(version, WeightUpdate::Shared(r.clone()));
+                (res, m.epoch)
             };
             if let Err(e) = res {
                 // A dead member is restarted with the current weights.
                 if !self
-                    .revive(i)
+                    .revive(i, Some(epoch))
                     .map_err(|x| GenError::Unavailable(format!("{e}; restart failed: {x:#}")))?
                 {
                     return Err(e);
@@ -469,24 +476,16 @@ impl GeneratorActor for GeneratorPool {
     }
 
     fn abort(&self, request_ids: Vec<u64>) -> std::result::Result<(), GenError> {
-        let m = self
-            .members
-            .lock()
-            .map_err(|_| GenError::Unavailable("pool poisoned".into()))?;
-        for x in m.iter() {
-            let _ = x.client.abort(request_ids.clone());
+        for s in &self.members {
+            let _ = s.lock()?.client.abort(request_ids.clone());
         }
         Ok(())
     }
 
     fn stats(&self) -> std::result::Result<EngineStats, GenError> {
-        let m = self
-            .members
-            .lock()
-            .map_err(|_| GenError::Unavailable("pool poisoned".into()))?;
         let mut total = EngineStats::default();
-        for x in m.iter() {
-            let s = x.client.stats()?;
+        for slot in &self.members {
+            let s = slot.lock()?.client.stats()?;
             total.queue_depth += s.queue_depth;
             total.active += s.active;
             total.slots += s.slots;
@@ -500,7 +499,7 @@ impl GeneratorActor for GeneratorPool {
 
     fn health(&self) -> std::result::Result<(), GenError> {
         for i in 0..self.len() {
-            self.revive(i)
+            self.revive(i, None)
                 .map_err(|e| GenError::Unavailable(format!("{e:#}")))?;
         }
         Ok(())
@@ -521,7 +520,8 @@ impl GeneratorPool {
         let mut attempts = 0;
         while !pending.is_empty() {
             let n: u64 = pending.iter().map(|r| r.params.n as u64).sum();
-            let failure = match self.submit(i, pending.clone()) {
+            let (stream, epoch) = self.submit(i, pending.clone());
+            let failure = match stream {
                 Ok(rx) => {
                     let mut failed = None;
                     for c in rx.iter() {
@@ -557,7 +557,7 @@ impl GeneratorPool {
                 return;
             };
             attempts += 1;
-            match self.revive(i) {
+            match self.revive(i, Some(epoch)) {
                 Ok(true) if attempts <= 3 => {
                     tracing::warn!(
                         "re-queuing {} request(s) after a generator restart",

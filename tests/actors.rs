@@ -524,3 +524,53 @@ fn a_recipe_uses_a_generator_started_by_hand_with_its_token() {
         }
     }
 }
+
+/// Two calls in flight on one generator that dies: both see it fail, one restarts it, the other
+/// re-queues on the replacement (it used to find the new process healthy and report its failure
+/// as the request's own).
+#[test]
+fn calls_that_see_the_same_generator_die_share_one_restart() {
+    use rlrun::actors::{ActorConfig, GeneratorPool};
+    use rlrun_generator::{GeneratorActor, Request, SamplingParams};
+    std::env::set_var("RLRUN_EXE", env!("CARGO_BIN_EXE_rlrun"));
+    let cfg = ActorConfig {
+        model: rlrun_testkit::fixtures().join("tiny-llama3"),
+        dtype: "f32".into(),
+        device: "cpu".into(),
+        threads: 1,
+        engine: None,
+        trainer: None,
+        reference: false,
+    };
+    let pool = GeneratorPool::spawn(cfg, vec![Vec::new()]).expect("spawning a generator");
+    let pid = pool.pids()[0];
+    let status = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    assert!(status.is_ok_and(|s| s.success()), "kill -9 {pid}");
+    let call = |base: u64| {
+        let reqs: Vec<Request> = (0..3)
+            .map(|j| Request {
+                id: base + j,
+                prompt: vec![1, 2, 3 + j as i64],
+                params: SamplingParams {
+                    n: 2,
+                    max_tokens: 6,
+                    seed: Some(7),
+                    ..SamplingParams::default()
+                },
+            })
+            .collect();
+        pool.generate(reqs).expect("generate")
+    };
+    let (a, b) = (call(0), call(100));
+    for (name, rx) in [("first", a), ("second", b)] {
+        let got: Vec<_> = rx.iter().collect();
+        let errors: Vec<String> = got
+            .iter()
+            .filter_map(|c| c.as_ref().err().map(|e| e.to_string()))
+            .collect();
+        assert!(errors.is_empty(), "{name} call failed: {errors:?}");
+        assert_eq!(got.len(), 6, "{name} call: 3 requests x 2 samples");
+    }
+    assert_eq!(pool.restarts(), 1, "one restart for both callers");
+    assert_ne!(pool.pids()[0], pid);
+}
