@@ -96,6 +96,44 @@ pub struct Common {
     /// Write the result as JSON here too.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Measure ours and the peer this many times, alternating, and report the medians: on a
+    /// shared machine whose speed drifts, drift then hits both sides alike.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
+}
+
+/// Tokens/s of ours and of the peer, measured alternately `c.rounds` times.
+struct Compared {
+    /// Median of ours.
+    ours: f64,
+    /// The peer's JSON of its median round (None with `--no-peer`).
+    peer: Option<Value>,
+    /// Ratio ours / peer of each round.
+    round_ratios: Vec<f64>,
+}
+
+/// Runs `ours` (one measurement, tokens/s) and the peer with `peer_args` alternately.
+fn compare(
+    c: &Common,
+    mut ours: impl FnMut() -> anyhow::Result<f64>,
+    peer_args: &[String],
+) -> anyhow::Result<Compared> {
+    let mut mine = Vec::new();
+    let mut peers: Vec<Value> = Vec::new();
+    for _ in 0..c.rounds {
+        mine.push(ours()?);
+        if !c.no_peer {
+            peers.push(peer(peer_args)?);
+        }
+    }
+    let rate = |v: &Value| v["tokens_per_s"].as_f64().unwrap_or(f64::NAN);
+    let round_ratios = mine.iter().zip(&peers).map(|(m, p)| m / rate(p)).collect();
+    peers.sort_by(|a, b| rate(a).total_cmp(&rate(b)));
+    Ok(Compared {
+        ours: median(mine),
+        peer: peers.get(peers.len() / 2).cloned(),
+        round_ratios,
+    })
 }
 
 /// Where the reference Python is: `$RLRUN_PYTHON`, `.venv/bin/python`, else `python3`.
@@ -155,22 +193,33 @@ pub fn machine() -> String {
 fn report(
     name: &str,
     unit: &str,
-    ours: f64,
-    peer: Option<&Value>,
+    r: &Compared,
     mut extra: Value,
     json_path: Option<&Path>,
 ) -> anyhow::Result<()> {
+    let (ours, peer) = (r.ours, r.peer.as_ref());
     let peer_v = peer.and_then(|p| p["tokens_per_s"].as_f64());
+    let rounds = r.round_ratios.len().max(1);
+    let median_of = if rounds > 1 { "median " } else { "" };
     println!("{name}");
     println!("  machine: {}", machine());
-    println!("  rlrun: {ours:.1} {unit}");
+    println!("  rlrun: {median_of}{ours:.1} {unit}");
     if let Some(p) = peer_v {
         println!(
-            "  peer:  {p:.1} {unit} ({})",
+            "  peer:  {median_of}{p:.1} {unit} ({})",
             peer.and_then(|p| p["peer"].as_str()).unwrap_or("?")
         );
         println!("  ratio (rlrun / peer): {:.2}x", ours / p);
+        if rounds > 1 {
+            let each: Vec<String> = r.round_ratios.iter().map(|x| format!("{x:.2}")).collect();
+            println!(
+                "  ratio of each of {rounds} alternating rounds: {}",
+                each.join(" ")
+            );
+        }
     }
+    extra["peer"] = json!(peer);
+    extra["round_ratios"] = json!(r.round_ratios);
     extra["bench"] = json!(name);
     extra["machine"] = json!(machine());
     extra["rlrun_tokens_per_s"] = json!(ours);
@@ -251,18 +300,19 @@ fn forward(c: &Common, batch: i64, seq: i64, iters: usize) -> anyhow::Result<()>
         Ok(())
     };
     once()?;
-    sync(device);
-    let t = Instant::now();
-    for _ in 0..iters {
-        once()?;
-    }
-    sync(device);
-    let dt = t.elapsed().as_secs_f64() / iters as f64;
-    let ours = (batch * seq) as f64 / dt;
-    let peer_v = if c.no_peer {
-        None
-    } else {
-        Some(peer(&[
+    let measure = || -> anyhow::Result<f64> {
+        sync(device);
+        let t = Instant::now();
+        for _ in 0..iters {
+            once()?;
+        }
+        sync(device);
+        Ok((batch * seq) as f64 * iters as f64 / t.elapsed().as_secs_f64())
+    };
+    let r = compare(
+        c,
+        measure,
+        &[
             "forward".into(),
             c.model.display().to_string(),
             format!("--batch={batch}"),
@@ -270,17 +320,16 @@ fn forward(c: &Common, batch: i64, seq: i64, iters: usize) -> anyhow::Result<()>
             format!("--iters={iters}"),
             format!("--dtype={}", dtype_name(kind)),
             format!("--device={}", if device.is_cuda() { "cuda" } else { "cpu" }),
-        ])?)
-    };
+        ],
+    )?;
     report(
         &format!(
             "prefill, batch {batch} x {seq} tokens, {:?} on {device:?}",
             kind
         ),
         "tokens/s",
-        ours,
-        peer_v.as_ref(),
-        json!({"batch": batch, "seq": seq, "seconds": dt, "peer": peer_v}),
+        &r,
+        json!({"batch": batch, "seq": seq, "seconds": (batch * seq) as f64 / r.ours}),
         c.json.as_deref(),
     )
 }
@@ -362,34 +411,29 @@ fn generate(
         },
     })?;
     engine.run_to_completion()?;
-    sync(device);
-    let t = Instant::now();
-    for (i, p) in prompts.iter().enumerate() {
-        engine.submit(Request {
-            id: i as u64,
-            prompt: p.clone(),
-            params: params.clone(),
-        })?;
-    }
-    let done = engine.run_to_completion()?;
-    sync(device);
-    let dt = t.elapsed().as_secs_f64();
-    let tokens: usize = done.iter().map(|c| c.token_ids.len()).sum();
-    let ours = tokens as f64 / dt;
-    let stats = engine.stats();
-    if !stats.profile.is_empty() {
-        println!(
-            "  rlrun decode phases (s, summed over {} steps): {:?}",
-            stats.decode_steps, stats.profile
-        );
-    }
-    let peer_v = if c.no_peer {
-        None
-    } else {
-        let tmp =
-            std::env::temp_dir().join(format!("rlrun-bench-prompts-{}.json", std::process::id()));
-        std::fs::write(&tmp, json!({ "prompts": prompts }).to_string())?;
-        let v = peer(&[
+    let mut tokens = 0;
+    let measure = || -> anyhow::Result<f64> {
+        sync(device);
+        let t = Instant::now();
+        for (i, p) in prompts.iter().enumerate() {
+            engine.submit(Request {
+                id: i as u64,
+                prompt: p.clone(),
+                params: params.clone(),
+            })?;
+        }
+        let done = engine.run_to_completion()?;
+        sync(device);
+        let dt = t.elapsed().as_secs_f64();
+        tokens = done.iter().map(|c| c.token_ids.len()).sum();
+        Ok(tokens as f64 / dt)
+    };
+    let tmp = std::env::temp_dir().join(format!("rlrun-bench-prompts-{}.json", std::process::id()));
+    std::fs::write(&tmp, json!({ "prompts": prompts }).to_string())?;
+    let r = compare(
+        c,
+        measure,
+        &[
             "generate".into(),
             c.model.display().to_string(),
             format!("--prompts={}", tmp.display()),
@@ -397,16 +441,22 @@ fn generate(
             format!("--max-new={max_new}"),
             format!("--dtype={}", dtype_name(kind)),
             format!("--device={}", if device.is_cuda() { "cuda" } else { "cpu" }),
-        ]);
-        let _ = std::fs::remove_file(&tmp);
-        Some(v?)
-    };
+        ],
+    );
+    let _ = std::fs::remove_file(&tmp);
+    let r = r?;
+    let stats = engine.stats();
+    if !stats.profile.is_empty() {
+        println!(
+            "  rlrun decode phases (s, summed over {} steps): {:?}",
+            stats.decode_steps, stats.profile
+        );
+    }
     report(
         &format!("generation, {n_prompts} prompts x {n} samples, {max_new} new tokens, temperature 1, {:?} on {device:?}", kind),
         "tokens/s",
-        ours,
-        peer_v.as_ref(),
-        json!({"prompts": n_prompts, "n": n, "max_new": max_new, "tokens": tokens, "seconds": dt, "peer": peer_v}),
+        &r,
+        json!({"prompts": n_prompts, "n": n, "max_new": max_new, "tokens": tokens, "seconds": tokens as f64 / r.ours}),
         c.json.as_deref(),
     )
 }
@@ -460,23 +510,25 @@ fn train(a: &TrainArgs) -> anyhow::Result<()> {
         max_response_len: a.seq as usize,
     };
     trainer.train_step(&batch)?;
-    sync(device);
-    let t = Instant::now();
     let mut phases = std::collections::BTreeMap::new();
-    for _ in 0..a.iters {
-        let m = trainer.train_step(&batch)?;
-        for k in ["time/forward_backward_s", "time/optimizer_s"] {
-            *phases.entry(k.to_string()).or_insert(0.0) +=
-                m.get(k).copied().unwrap_or(0.0) / a.iters as f64;
+    let steps = (a.iters * c.rounds as usize) as f64;
+    let measure = || -> anyhow::Result<f64> {
+        sync(device);
+        let t = Instant::now();
+        for _ in 0..a.iters {
+            let m = trainer.train_step(&batch)?;
+            for k in ["time/forward_backward_s", "time/optimizer_s"] {
+                *phases.entry(k.to_string()).or_insert(0.0) +=
+                    m.get(k).copied().unwrap_or(0.0) / steps;
+            }
         }
-    }
-    sync(device);
-    let dt = t.elapsed().as_secs_f64() / a.iters as f64;
-    let ours = (a.batch * a.seq) as f64 / dt;
-    let peer_v = if c.no_peer {
-        None
-    } else {
-        Some(peer(&[
+        sync(device);
+        Ok((a.batch * a.seq) as f64 * a.iters as f64 / t.elapsed().as_secs_f64())
+    };
+    let r = compare(
+        c,
+        measure,
+        &[
             "train".into(),
             c.model.display().to_string(),
             format!("--batch={}", a.batch),
@@ -484,8 +536,8 @@ fn train(a: &TrainArgs) -> anyhow::Result<()> {
             format!("--iters={}", a.iters),
             format!("--dtype={}", dtype_name(kind)),
             format!("--device={}", if device.is_cuda() { "cuda" } else { "cpu" }),
-        ])?)
-    };
+        ],
+    )?;
     println!("  rlrun phases per step: {phases:?}");
     report(
         &format!(
@@ -493,9 +545,8 @@ fn train(a: &TrainArgs) -> anyhow::Result<()> {
             a.batch, a.seq, kind
         ),
         "tokens/s",
-        ours,
-        peer_v.as_ref(),
-        json!({"batch": a.batch, "seq": a.seq, "seconds": dt, "phases": phases, "peer": peer_v}),
+        &r,
+        json!({"batch": a.batch, "seq": a.seq, "seconds": (a.batch * a.seq) as f64 / r.ours, "phases": phases}),
         c.json.as_deref(),
     )
 }
