@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use rlrun_rollout::reward::registry;
-use rlrun_rollout::{Completion, Reward, RewardFn, Sample};
+use rlrun_rollout::{Completion, Reward, RewardError, RewardFn, Sample};
 
 /// 1 for the exact answer, 0.5 for an answer off by at most 1, else 0; a metric counts answers
 /// that are numbers at all.
@@ -18,7 +18,7 @@ impl RewardFn for CloseEnough {
     fn name(&self) -> &str {
         "close-enough"
     }
-    fn score(&self, sample: &Sample, completion: &Completion<'_>) -> Reward {
+    fn score(&self, sample: &Sample, completion: &Completion<'_>) -> Result<Reward, RewardError> {
         let got: Option<i64> = completion.text.trim().parse().ok();
         let want: Option<i64> = sample
             .ground_truth
@@ -29,7 +29,7 @@ impl RewardFn for CloseEnough {
             (Some(g), Some(w)) if (g - w).abs() <= 1 => 0.5,
             _ => 0.0,
         };
-        Reward::new(value).with_metric("is_number", f32::from(u8::from(got.is_some())))
+        Ok(Reward::new(value).with_metric("is_number", f32::from(u8::from(got.is_some()))))
     }
 }
 

@@ -11,16 +11,40 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
 use rlrun_generator::{
     Completion, CompletionStream, Engine, EngineConfig, EngineStats, GenError, GeneratorActor,
     GeneratorService, LocalGenerator, RemoteGenerator, Request, WeightUpdate,
 };
-use rlrun_model::{Kind, ModelFiles};
+use rlrun_model::{Kind, ModelFiles, Tokenizer};
 use rlrun_trainer::{LocalTrainer, Trainer, TrainerConfig, TrainerService};
 use rlrun_weights_sync::shm::WeightsRef;
 use serde::{Deserialize, Serialize};
 use tch::Device;
+
+use crate::error::{Error, IoContext, Result};
+
+/// What an actor is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Generator,
+    Trainer,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Generator => "generator",
+            Role::Trainer => "trainer",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// What an actor process loads (`--config`, JSON; unknown keys are errors).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -44,7 +68,8 @@ pub struct ActorConfig {
 }
 
 fn kind_of(s: &str) -> Result<Kind> {
-    rlrun_weights_sync::shm::kind_from_name(s).with_context(|| format!("unknown dtype `{s}`"))
+    rlrun_weights_sync::shm::kind_from_name(s)
+        .ok_or_else(|| Error::Usage(format!("actor config: unknown dtype `{s}`")))
 }
 
 fn device_of(s: &str) -> Result<Device> {
@@ -55,12 +80,59 @@ fn device_of(s: &str) -> Result<Device> {
                 .and_then(|i| i.parse().ok())
                 .unwrap_or(0),
         ),
-        other => bail!("unknown device `{other}`"),
+        other => {
+            return Err(Error::Usage(format!(
+                "actor config: unknown device `{other}`"
+            )))
+        }
     })
+}
+
+/// The generator engine on `device` in `kind`, on its own thread: the one factory for a
+/// generator in the controller's process and in `rlrun actor generator`.
+pub fn build_generator(
+    files: &ModelFiles,
+    tokenizer: Arc<Tokenizer>,
+    kind: Kind,
+    device: Device,
+    cfg: EngineConfig,
+) -> Result<LocalGenerator> {
+    let weights = files.load_weights(kind, device)?;
+    let engine = Engine::new(
+        files.config.clone(),
+        weights,
+        files.eos_ids(),
+        Some(tokenizer),
+        cfg,
+    )?;
+    Ok(LocalGenerator::spawn(engine))
+}
+
+/// The trainer: f32 master weights on `device`, computing in `kind`, with a frozen reference
+/// copy when `reference`; the one factory for the controller's process and `rlrun actor trainer`.
+pub fn build_trainer(
+    files: &ModelFiles,
+    kind: Kind,
+    device: Device,
+    cfg: TrainerConfig,
+    reference: bool,
+) -> Result<LocalTrainer> {
+    let master = files.load_weights(Kind::Float, device)?;
+    let reference = if reference {
+        Some(files.load_weights(kind, device)?)
+    } else {
+        None
+    };
+    let trainer = Trainer::new(files.config.clone(), &master, kind, reference, cfg)?;
+    Ok(LocalTrainer::new(trainer))
 }
 
 /// Exits this process once its parent has gone (a watchdog thread polls the parent pid): a
 /// spawned actor never outlives the run that started it, however that run ended.
+///
+/// Not `PR_SET_PDEATHSIG`: that signal follows the *thread* that forked the child, and the
+/// generator pool restarts dead members from short-lived request threads, whose exit would kill
+/// the healthy replacement.
 pub fn exit_with_parent() {
     let parent = std::os::unix::process::parent_id();
     std::thread::Builder::new()
@@ -77,20 +149,25 @@ pub fn exit_with_parent() {
 
 /// `rlrun actor <role>`: loads the actor, listens, prints `LISTENING <addr>` on stdout and serves
 /// until a Shutdown call (or, for a spawned actor, until its parent exits).
-pub fn serve(role: &str, listen: &str, token_file: Option<&Path>, config: &Path) -> Result<()> {
+pub fn serve(role: Role, listen: &str, token_file: Option<&Path>, config: &Path) -> Result<()> {
+    let usage = |m: String| Error::Actor {
+        role,
+        addr: Some(listen.to_string()),
+        message: m,
+    };
     let addr: SocketAddr = listen
         .parse()
-        .with_context(|| format!("--listen {listen}: expected host:port"))?;
+        .map_err(|_| usage(format!("--listen {listen}: expected host:port")))?;
     let token = match token_file {
-        Some(p) => Some(rlrun_proto::auth::read_token(p).map_err(anyhow::Error::msg)?),
+        Some(p) => Some(rlrun_proto::auth::read_token(p).map_err(usage)?),
         None => None,
     };
-    rlrun_proto::auth::check_listen(&addr, token.as_deref()).map_err(anyhow::Error::msg)?;
-    let cfg: ActorConfig = serde_json::from_str(
-        &std::fs::read_to_string(config)
-            .with_context(|| format!("reading {}", config.display()))?,
-    )
-    .with_context(|| format!("parsing {}", config.display()))?;
+    rlrun_proto::auth::check_listen(&addr, token.as_deref()).map_err(usage)?;
+    let text = std::fs::read_to_string(config).at(config)?;
+    let cfg: ActorConfig = serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: config.to_path_buf(),
+        source,
+    })?;
     if cfg.threads > 0 {
         tch::set_num_threads(cfg.threads as i32);
     }
@@ -100,58 +177,46 @@ pub fn serve(role: &str, listen: &str, token_file: Option<&Path>, config: &Path)
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
-        .build()?;
+        .build()
+        .map_err(|e| usage(format!("starting the async runtime: {e}")))?;
     let shutdown = Arc::new(tokio::sync::Notify::new());
     let listener = rt
         .block_on(tokio::net::TcpListener::bind(addr))
-        .with_context(|| format!("binding {addr}"))?;
-    let bound = listener.local_addr()?;
+        .map_err(|e| usage(format!("binding {addr}: {e}")))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| usage(format!("the bound address: {e}")))?;
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let mut builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(rlrun_proto::HEARTBEAT_INTERVAL))
         .http2_keepalive_timeout(Some(rlrun_proto::HEARTBEAT_TIMEOUT));
     let router = match role {
-        "generator" => {
-            let weights = files.load_weights(kind, device)?;
-            let tokenizer = Arc::new(ModelFiles::open(&cfg.model)?.tokenizer);
-            let engine = Engine::new(
-                files.config.clone(),
-                weights,
-                files.eos_ids(),
-                Some(tokenizer),
-                cfg.engine.clone().unwrap_or_default(),
-            )?;
-            let actor = Arc::new(LocalGenerator::spawn(engine));
+        Role::Generator => {
+            let tokenizer = Arc::new(files.tokenizer.clone());
+            let engine = cfg.engine.clone().unwrap_or_default();
+            let actor = Arc::new(build_generator(&files, tokenizer, kind, device, engine)?);
             builder.add_service(GeneratorService::new(actor, shutdown.clone()).into_server(token))
         }
-        "trainer" => {
-            let master = files.load_weights(Kind::Float, device)?;
-            let reference = if cfg.reference {
-                Some(files.load_weights(kind, device)?)
-            } else {
-                None
-            };
-            let trainer = Trainer::new(
-                files.config.clone(),
-                &master,
-                kind,
-                reference,
-                cfg.trainer.clone().unwrap_or_default(),
-            )?;
+        Role::Trainer => {
+            let tcfg = cfg.trainer.clone().unwrap_or_default();
+            let trainer = build_trainer(&files, kind, device, tcfg, cfg.reference)?;
             builder.add_service(
-                TrainerService::new(Arc::new(LocalTrainer::new(trainer)), shutdown.clone())
-                    .into_server(token),
+                TrainerService::new(Arc::new(trainer), shutdown.clone()).into_server(token),
             )
         }
-        other => bail!("unknown actor role `{other}` (generator, trainer)"),
     };
     println!("LISTENING {bound}");
     use std::io::Write as _;
-    std::io::stdout().flush()?;
+    let _ = std::io::stdout().flush();
     tracing::info!("{role} actor serving on {bound}");
     rt.block_on(
         router.serve_with_incoming_shutdown(incoming, async move { shutdown.notified().await }),
-    )?;
+    )
+    .map_err(|e| Error::Actor {
+        role,
+        addr: Some(bound.to_string()),
+        message: format!("serving: {e}"),
+    })?;
     Ok(())
 }
 
@@ -175,7 +240,7 @@ pub fn rlrun_exe() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("RLRUN_EXE") {
         return Ok(PathBuf::from(p));
     }
-    let me = std::env::current_exe()?;
+    let me = std::env::current_exe().at("/proc/self/exe")?;
     if me.file_stem().is_some_and(|n| n == "rlrun") {
         return Ok(me);
     }
@@ -187,27 +252,47 @@ pub fn rlrun_exe() -> Result<PathBuf> {
     std::iter::once(beside)
         .chain(on_path)
         .find(|p| p.is_file())
-        .context("actor processes run the `rlrun` binary: set RLRUN_EXE to its path (or put it on the PATH)")
+        .ok_or_else(|| Error::Usage("actor processes run the `rlrun` binary: set RLRUN_EXE to its path (or put it on the PATH)".into()))
 }
 
 /// Starts `rlrun actor <role>` on a free loopback port and waits for it to listen.
-pub fn spawn(role: &str, cfg: &ActorConfig, env: &[(String, String)]) -> Result<ActorProcess> {
+pub fn spawn(role: Role, cfg: &ActorConfig, env: &[(String, String)]) -> Result<ActorProcess> {
+    let fail = |m: String| Error::Actor {
+        role,
+        addr: None,
+        message: m,
+    };
     let mut file = tempfile::Builder::new()
         .prefix("rlrun-actor-")
         .suffix(".json")
-        .tempfile()?;
-    serde_json::to_writer(&mut file, cfg)?;
+        .tempfile()
+        .at(std::env::temp_dir())?;
+    serde_json::to_writer(&mut file, cfg).map_err(|source| Error::Json {
+        path: file.path().to_path_buf(),
+        source,
+    })?;
     let mut cmd = Command::new(rlrun_exe()?);
-    cmd.args(["actor", role, "--listen", "127.0.0.1:0", "--config"])
-        .arg(file.path())
-        .arg("--exit-with-parent")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+    cmd.args([
+        "actor",
+        role.as_str(),
+        "--listen",
+        "127.0.0.1:0",
+        "--config",
+    ])
+    .arg(file.path())
+    .arg("--exit-with-parent")
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit());
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let mut child = cmd.spawn().context("spawning an actor process")?;
-    let stdout = child.stdout.take().context("actor stdout")?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| fail(format!("spawning the process: {e}")))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| fail("no stdout".into()))?;
     let mut lines = BufReader::new(stdout).lines();
     let addr = loop {
         match lines.next() {
@@ -216,8 +301,10 @@ pub fn spawn(role: &str, cfg: &ActorConfig, env: &[(String, String)]) -> Result<
             }
             Some(Ok(_)) => continue,
             _ => {
-                let status = child.wait()?;
-                bail!("the {role} actor process exited before listening ({status})");
+                let status = child.wait().map_err(|e| fail(e.to_string()))?;
+                return Err(fail(format!(
+                    "the process exited before listening ({status})"
+                )));
             }
         }
     };
@@ -286,7 +373,7 @@ impl GeneratorPool {
     pub fn spawn(cfg: ActorConfig, envs: Vec<Vec<(String, String)>>) -> Result<Arc<Self>> {
         let mut members = Vec::new();
         for env in &envs {
-            let p = spawn("generator", &cfg, env)?;
+            let p = spawn(Role::Generator, &cfg, env)?;
             let client = RemoteGenerator::connect(&p.addr, None, Duration::from_secs(60))?;
             members.push(Slot::new(client, Some(p)));
         }
@@ -307,8 +394,10 @@ impl GeneratorPool {
         for a in addrs {
             let client = RemoteGenerator::connect(a, token.as_deref(), Duration::from_secs(60))?;
             // Fail now, naming the address, if it is not a generator that takes our token.
-            client.health().with_context(|| {
-                format!("checking the generator at {a} (placement.generator_addresses)")
+            client.health().map_err(|e| Error::Actor {
+                role: Role::Generator,
+                addr: Some(a.clone()),
+                message: format!("health check failed (placement.generator_addresses): {e}"),
             })?;
             members.push(Slot::new(client, None));
         }
@@ -354,7 +443,10 @@ impl GeneratorPool {
         // A process killed a moment ago may not have been reaped yet (its sockets close first):
         // one that does not answer a health check counts as dead too.
         let dead = match m.process.as_mut() {
-            Some(p) => p.child.try_wait()?.is_some() || m.client.health().is_err(),
+            Some(p) => {
+                p.child.try_wait().map(|s| s.is_some()).unwrap_or(true)
+                    || m.client.health().is_err()
+            }
             None => m.client.health().is_err(),
         };
         if dead {
@@ -366,17 +458,19 @@ impl GeneratorPool {
         if !dead {
             return Ok(false);
         }
-        let cfg = self.spawn_cfg.as_ref().context(
-            "a generator started elsewhere is unreachable; it cannot be restarted from here",
-        )?;
+        let cfg = self.spawn_cfg.as_ref().ok_or_else(|| Error::Actor {
+            role: Role::Generator,
+            addr: Some(m.client.addr().to_string()),
+            message: "unreachable, and started elsewhere: it cannot be restarted from here".into(),
+        })?;
         tracing::warn!("generator {} died; restarting it", m.client.addr());
-        let p = spawn("generator", cfg, &self.spawn_env[i])?;
+        let p = spawn(Role::Generator, cfg, &self.spawn_env[i])?;
         let client =
             RemoteGenerator::connect(&p.addr, self.token.as_deref(), Duration::from_secs(60))?;
         if let Some(w) = self
             .current
             .lock()
-            .map_err(|_| anyhow::anyhow!("pool poisoned"))?
+            .map_err(|_| GenError::Unavailable("generator pool poisoned".into()))?
             .clone()
         {
             client.update_weights(w.version, WeightUpdate::Shared(w))?;

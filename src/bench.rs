@@ -409,6 +409,7 @@ fn generate(
             max_tokens: 2,
             ..params.clone()
         },
+        key: None,
     })?;
     engine.run_to_completion()?;
     let mut tokens = 0;
@@ -420,6 +421,7 @@ fn generate(
                 id: i as u64,
                 prompt: p.clone(),
                 params: params.clone(),
+                key: None,
             })?;
         }
         let done = engine.run_to_completion()?;
@@ -584,7 +586,7 @@ fn shm_sync(
         trainer: None,
         reference: false,
     };
-    let proc = rlrun::actors::spawn("generator", &cfg, &[])?;
+    let proc = rlrun::actors::spawn(rlrun::actors::Role::Generator, &cfg, &[])?;
     let client = RemoteGenerator::connect(&proc.addr, None, std::time::Duration::from_secs(60))?;
     let mut publisher = rlrun_weights_sync::shm::ShmPublisher::new(
         &rlrun_weights_sync::shm::default_dir(),

@@ -66,6 +66,7 @@ pub fn chat(
         id: 0,
         prompt,
         params: SamplingParams::greedy(max_tokens),
+        key: None,
     })?;
     let done = engine.run_to_completion()?;
     let c = done.first().context("no completion")?;

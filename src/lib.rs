@@ -5,12 +5,16 @@
 
 pub mod actors;
 pub mod controller;
+pub mod error;
 pub mod manifest;
 pub mod metrics;
 pub mod recipe;
+pub mod sync;
 pub mod tensorboard;
+mod util;
 
 pub use controller::{EvalResult, Run, TrainSummary};
+pub use error::{Error, Result};
 pub use recipe::{Recipe, RecipeError};
 
 /// Tunes glibc malloc for libtorch's large, short-lived CPU tensors: freed blocks stay in the

@@ -88,7 +88,7 @@ enum Command {
     /// by hand and name its address in the recipe ([placement] generator_addresses).
     Actor {
         #[arg(value_enum)]
-        role: ActorRole,
+        role: rlrun::actors::Role,
         /// Address to listen on (host:port; port 0 picks a free one). Anything but loopback
         /// requires --token-file.
         #[arg(long, default_value = "127.0.0.1:0")]
@@ -121,12 +121,6 @@ enum ModelCommand {
     },
     /// Print a model's architecture and parameter count.
     Info { path: PathBuf },
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum ActorRole {
-    Generator,
-    Trainer,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -176,7 +170,7 @@ fn train(mut run: Run) -> anyhow::Result<()> {
                     run.run_dir.display()
                 );
             }
-            return Err(e);
+            return Err(e.into());
         }
     };
     let pct = |e: &Option<rlrun::EvalResult>| {
@@ -266,11 +260,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if exit_with_parent {
                 rlrun::actors::exit_with_parent();
             }
-            let role = match role {
-                ActorRole::Generator => "generator",
-                ActorRole::Trainer => "trainer",
-            };
-            rlrun::actors::serve(role, &listen, token_file.as_deref(), &config)
+            Ok(rlrun::actors::serve(
+                role,
+                &listen,
+                token_file.as_deref(),
+                &config,
+            )?)
         }
         Command::Selftest {
             fixtures,
@@ -288,6 +283,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: a log redirected to a file stays plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     // On CUDA, f32 matmuls (the logits projection of bf16 models, computed in f32) use TF32

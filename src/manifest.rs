@@ -4,7 +4,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use crate::error::{IoContext, Result};
 use rlrun_model::ModelFiles;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -13,11 +13,11 @@ use crate::recipe::Recipe;
 
 /// SHA-256 of a file, hex.
 pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("hashing {}", path.display()))?;
+    let mut f = std::fs::File::open(path).at(path)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf)?;
+        let n = f.read(&mut buf).at(path)?;
         if n == 0 {
             break;
         }
@@ -66,7 +66,11 @@ pub fn build(recipe: &Recipe, model: &ModelFiles, parent: Option<&Path>) -> Resu
         .map(|p| Ok(json!({"path": p.display().to_string(), "sha256": sha256_file(p)?})))
         .collect::<Result<_>>()?;
     let mut paths = Vec::new();
-    dataset_paths(&serde_json::to_value(&recipe.config.data)?, &mut paths);
+    let data = serde_json::to_value(&recipe.config.data).map_err(|source| crate::Error::Json {
+        path: recipe.source.clone(),
+        source,
+    })?;
+    dataset_paths(&data, &mut paths);
     let datasets: Vec<Value> = paths
         .iter()
         .flat_map(|p| files_of(p))

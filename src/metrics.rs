@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use crate::error::{IoContext, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::tensorboard::EventWriter;
@@ -21,10 +21,11 @@ impl MetricsSink {
     pub fn open(run_dir: &Path, tensorboard: bool, resuming: bool) -> Result<Self> {
         let jsonl = run_dir.join("metrics.jsonl");
         if !resuming {
-            std::fs::write(&jsonl, "")?;
+            std::fs::write(&jsonl, "").at(&jsonl)?;
         }
         let tb = if tensorboard {
-            Some(EventWriter::create(&run_dir.join("tensorboard"))?)
+            let dir = run_dir.join("tensorboard");
+            Some(EventWriter::create(&dir).at(dir)?)
         } else {
             None
         };
@@ -47,7 +48,7 @@ impl MetricsSink {
         if !out.is_empty() {
             out.push('\n');
         }
-        std::fs::write(&self.jsonl, out)?;
+        std::fs::write(&self.jsonl, out).at(&self.jsonl)?;
         Ok(())
     }
 
@@ -55,8 +56,9 @@ impl MetricsSink {
         let mut f = std::fs::OpenOptions::new()
             .append(true)
             .create(true)
-            .open(&self.jsonl)?;
-        writeln!(f, "{value}")?;
+            .open(&self.jsonl)
+            .at(&self.jsonl)?;
+        writeln!(f, "{value}").at(&self.jsonl)?;
         Ok(())
     }
 
@@ -75,15 +77,17 @@ impl MetricsSink {
         self.append(&line)?;
         if let Some(tb) = self.tb.as_mut() {
             for (k, v) in m {
-                tb.scalar(k, step, *v)?;
+                tb.scalar(k, step, *v).at(tb.path().to_path_buf())?;
             }
             for (name, values) in hists {
-                tb.histogram(&format!("hist/{name}"), step, values)?;
+                tb.histogram(&format!("hist/{name}"), step, values)
+                    .at(tb.path().to_path_buf())?;
             }
             for (i, s) in samples.iter().enumerate() {
-                tb.text(&format!("samples/{i}"), step, s)?;
+                tb.text(&format!("samples/{i}"), step, s)
+                    .at(tb.path().to_path_buf())?;
             }
-            tb.flush()?;
+            tb.flush().at(tb.path().to_path_buf())?;
         }
         Ok(())
     }
@@ -97,16 +101,16 @@ impl MetricsSink {
         self.append(&line)?;
         if let Some(tb) = self.tb.as_mut() {
             for (k, v) in m {
-                tb.scalar(k, step, *v)?;
+                tb.scalar(k, step, *v).at(tb.path().to_path_buf())?;
             }
-            tb.flush()?;
+            tb.flush().at(tb.path().to_path_buf())?;
         }
         Ok(())
     }
 
     pub fn flush(&mut self) -> Result<()> {
         if let Some(tb) = self.tb.as_mut() {
-            tb.flush()?;
+            tb.flush().at(tb.path().to_path_buf())?;
         }
         Ok(())
     }

@@ -9,12 +9,18 @@
 //! anything that does not parse as TOML is taken as a string).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rlrun_generator::UpdatePolicy;
-use rlrun_rollout::{AdvantageConfig, DatasetConfig, RewardConfig, RewardRunnerConfig};
+use rlrun_rollout::{
+    AdvantageConfig, AdvantageEstimator, Dataset, DatasetConfig, RewardConfig, RewardFn,
+    RewardRunnerConfig,
+};
 use rlrun_trainer::loss::{KlEstimator, PolicyLossConfig};
 use rlrun_trainer::{OptimConfig, Schedule};
 use serde::{Deserialize, Serialize};
+
+pub use crate::sync::SyncBackend;
 
 /// A recipe error: where (file, key path, line:column) and what.
 #[derive(Debug, Clone, PartialEq)]
@@ -334,9 +340,9 @@ pub enum DeviceChoice {
 pub struct SyncSection {
     /// Sync every this many steps.
     pub every: u64,
-    /// `auto` picks by placement; or `in-process`, `shm`, `cuda-ipc`, `nccl`.
-    pub backend: String,
-    pub bucket_mb: usize,
+    /// `auto` picks by placement (`in-process` when trainer and generator share this process,
+    /// else `shm`); or `in-process`, `shm`.
+    pub backend: SyncBackend,
     /// Per-tensor checksums verified by the receiver.
     pub checksum: bool,
     /// After each sync, generate a fixed probe (the first training prompt, one sample) and
@@ -348,8 +354,7 @@ impl Default for SyncSection {
     fn default() -> Self {
         SyncSection {
             every: 1,
-            backend: "auto".into(),
-            bucket_mb: 256,
+            backend: SyncBackend::Auto,
             checksum: false,
             probe: false,
         }
@@ -441,6 +446,25 @@ pub struct Recipe {
     pub model_path: PathBuf,
     /// The resolved TOML text (overrides applied, defaults filled in).
     pub resolved: String,
+    /// The datasets, reward and advantage estimator, built once by validation.
+    pub built: Arc<Built>,
+}
+
+/// What validation built from a recipe, and a run uses.
+pub struct Built {
+    pub train: Arc<dyn Dataset>,
+    pub eval: Option<Arc<dyn Dataset>>,
+    pub reward: Arc<dyn RewardFn>,
+    pub estimator: Arc<dyn AdvantageEstimator>,
+}
+
+impl std::fmt::Debug for Built {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Built")
+            .field("train", &self.train.num_samples())
+            .field("eval", &self.eval.as_ref().map(|e| e.num_samples()))
+            .finish_non_exhaustive()
+    }
 }
 
 /// Source positions of keys, for validation errors.
@@ -611,6 +635,7 @@ impl Recipe {
         };
         let model_path = resolve_path(&config.model.path, source);
         validate(&config, &model_path, &err)?;
+        let built = build(&config, &err)?;
         let resolved = toml::to_string_pretty(&config)
             .map_err(|e| err("", format!("cannot serialize the recipe: {e}")))?;
         Ok(Recipe {
@@ -618,6 +643,7 @@ impl Recipe {
             source: source.to_path_buf(),
             model_path,
             resolved,
+            built: Arc::new(built),
         })
     }
 }
@@ -791,32 +817,41 @@ fn validate(
     if c.sync.every == 0 {
         return Err(err("sync.every", "must be at least 1".into()));
     }
-    if !["auto", "in-process", "shm", "cuda-ipc", "nccl"].contains(&c.sync.backend.as_str()) {
+    let pl = &c.placement;
+    let separate =
+        pl.trainer_process || pl.generator_processes > 0 || !pl.generator_addresses.is_empty();
+    if c.sync.backend == SyncBackend::InProcess && separate {
         return Err(err(
             "sync.backend",
+            "`in-process` needs the trainer and the generator in this process (placement.trainer_process = false, no generator processes or addresses)".into(),
+        ));
+    }
+    for (key, group) in [
+        ("placement.trainer.devices", &pl.trainer),
+        ("placement.generator.devices", &pl.generator),
+    ] {
+        if group.devices.is_empty() {
+            return Err(err(key, "needs at least one device index".into()));
+        }
+    }
+    if pl.trainer.devices.len() > 1 {
+        return Err(err(
+            "placement.trainer.devices",
             format!(
-                "unknown backend `{}` (auto, in-process, shm, cuda-ipc, nccl)",
-                c.sync.backend
+                "the trainer runs on one device; {} were given ({:?}) and data parallelism over several is not implemented yet",
+                pl.trainer.devices.len(),
+                pl.trainer.devices
             ),
         ));
     }
-    match c.sync.backend.as_str() {
-        "cuda-ipc" | "nccl" => {
-            return Err(err(
-                "sync.backend",
-                format!(
-                    "`{}` is not implemented yet; use `auto`, `shm` or `in-process`",
-                    c.sync.backend
-                ),
-            ))
-        }
-        "in-process" if c.placement.trainer_process || c.placement.generator_processes > 0 || !c.placement.generator_addresses.is_empty() => {
-            return Err(err(
-                "sync.backend",
-                "`in-process` needs the trainer and the generator in this process (placement.trainer_process = false, no generator processes or addresses)".into(),
-            ))
-        }
-        _ => {}
+    if pl.generator.devices.len() > 1 && pl.generator_processes == 0 {
+        return Err(err(
+            "placement.generator.devices",
+            format!(
+                "an in-process generator runs on one device; to use {:?}, run generators as processes (placement.generator_processes), which are spread over them round robin",
+                pl.generator.devices
+            ),
+        ));
     }
     if c.checkpoint.keep == 0 {
         return Err(err("checkpoint.keep", "must be at least 1".into()));
@@ -827,18 +862,35 @@ fn validate(
             "needs an evaluation set: add data.eval".into(),
         ));
     }
-    c.data
+    Ok(())
+}
+
+/// Builds the datasets, the reward and the estimator (once; the run uses these).
+fn build(
+    c: &RecipeConfig,
+    err: &dyn Fn(&str, String) -> RecipeError,
+) -> Result<Built, RecipeError> {
+    let train = c
+        .data
         .train
         .build()
         .map_err(|e| err("data.train", e.to_string()))?;
-    if let Some(e) = &c.data.eval {
-        e.build().map_err(|e| err("data.eval", e.to_string()))?;
-    }
-    c.reward.build().map_err(|e| err("reward", e.to_string()))?;
-    a.advantage
+    let eval = match &c.data.eval {
+        Some(e) => Some(e.build().map_err(|e| err("data.eval", e.to_string()))?),
+        None => None,
+    };
+    let reward = c.reward.build().map_err(|e| err("reward", e.to_string()))?;
+    let estimator = c
+        .algorithm
+        .advantage
         .build()
         .map_err(|e| err("algorithm.advantage", e.to_string()))?;
-    Ok(())
+    Ok(Built {
+        train,
+        eval,
+        reward,
+        estimator: Arc::from(estimator),
+    })
 }
 
 impl TrainerSection {

@@ -133,6 +133,7 @@ pub fn cuda(fixtures: &Path, smollm2: Option<&Path>, out: Option<&Path>) -> Resu
                     seed: Some(1),
                     ..Default::default()
                 },
+                key: None,
             })?;
         }
         let done = engine.run_to_completion()?;

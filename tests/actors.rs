@@ -557,6 +557,7 @@ fn calls_that_see_the_same_generator_die_share_one_restart() {
                     seed: Some(7),
                     ..SamplingParams::default()
                 },
+                key: None,
             })
             .collect();
         pool.generate(reqs).expect("generate")

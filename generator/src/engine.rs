@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::error::{GenError, Result};
-use crate::sampling::{sample, uniform, RowParams, SamplingParams};
+use crate::sampling::{sample, DrawKey, RowParams, SamplingParams};
 
 /// Positions per slot the KV cache starts with; it grows in steps of [`CACHE_LEN_STEP`].
 const INITIAL_CACHE_LEN: usize = 128;
@@ -24,10 +24,34 @@ const CACHE_LEN_STEP: usize = 64;
 /// One generation request: a tokenized prompt and how to sample it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Request {
-    /// Caller-chosen id, unique among requests in flight; part of every draw's seed.
+    /// Caller-chosen id, unique among requests in flight (routing and abort only).
     pub id: u64,
     pub prompt: Vec<i64>,
     pub params: SamplingParams,
+    /// What every random draw of this request derives from; `None`: an ad-hoc key made from
+    /// the request id ([`Request::draw_key`]).
+    #[serde(default)]
+    pub key: Option<DrawKey>,
+}
+
+impl Request {
+    /// A request with an ad-hoc draw key.
+    pub fn new(id: u64, prompt: Vec<i64>, params: SamplingParams) -> Self {
+        Request {
+            id,
+            prompt,
+            params,
+            key: None,
+        }
+    }
+
+    /// The key its draws derive from.
+    pub fn draw_key(&self) -> DrawKey {
+        self.key.unwrap_or(DrawKey {
+            prompt: self.id,
+            ..DrawKey::default()
+        })
+    }
 }
 
 /// Why a completion ended.
@@ -187,6 +211,7 @@ struct ReqState {
     params: SamplingParams,
     stop_ids: Vec<i64>,
     seed: u64,
+    key: DrawKey,
     submitted: Instant,
 }
 
@@ -371,6 +396,7 @@ impl Engine {
             .clone()
             .unwrap_or_else(|| self.eos.clone());
         let seed = req.params.seed.unwrap_or(self.cfg.seed);
+        let key = req.draw_key();
         let n = req.params.n;
         self.queue.push_back(Pending {
             req: Arc::new(ReqState {
@@ -379,6 +405,7 @@ impl Engine {
                 params: req.params,
                 stop_ids,
                 seed,
+                key,
                 submitted: Instant::now(),
             }),
             samples: (0..n).collect(),
@@ -804,7 +831,7 @@ fn row_params(req: &ReqState, sample: usize, position: u64) -> RowParams {
         top_p: req.params.top_p,
         top_k: req.params.top_k,
         min_p: req.params.min_p,
-        uniform: uniform(req.seed, req.id, sample as u64, position),
+        uniform: req.key.uniform(req.seed, sample as u64, position),
     }
 }
 

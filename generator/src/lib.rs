@@ -3,7 +3,7 @@
 //! - [`engine`]: continuous batching over KV-cache slots; a GRPO group's prompt is prefilled once
 //!   and shared by its `n` samples; weight updates between steps with a version tag.
 //! - [`sampling`]: temperature / top-k / top-p / min-p with per-draw seeds from
-//!   `(seed, request id, sample index, position)`, and the exact log-prob definition.
+//!   `(seed, draw key, sample index, position)` ([`DrawKey`]), and the exact log-prob definition.
 //! - [`actor`]: the Generator actor ([`GeneratorActor`], [`LocalGenerator`]).
 
 pub mod actor;
@@ -19,4 +19,4 @@ pub use engine::{
 };
 pub use error::{GenError, Result};
 pub use remote::{GeneratorService, RemoteGenerator};
-pub use sampling::SamplingParams;
+pub use sampling::{DrawKey, Purpose, SamplingParams};

@@ -20,7 +20,32 @@ use tonic::{Request as RpcRequest, Response, Status};
 use crate::actor::{CompletionStream, GeneratorActor, LocalGenerator};
 use crate::engine::{Completion, EngineStats, FinishReason, Request, Timings, WeightUpdate};
 use crate::error::{GenError, Result};
-use crate::sampling::SamplingParams;
+use crate::sampling::{DrawKey, Purpose, SamplingParams};
+
+fn purpose_to_pb(p: Purpose) -> u32 {
+    match p {
+        Purpose::AdHoc => 0,
+        Purpose::Train => 1,
+        Purpose::Eval => 2,
+        Purpose::PassAtK => 3,
+        Purpose::Probe => 4,
+    }
+}
+
+fn purpose_from_pb(p: u32) -> std::result::Result<Purpose, Status> {
+    Ok(match p {
+        0 => Purpose::AdHoc,
+        1 => Purpose::Train,
+        2 => Purpose::Eval,
+        3 => Purpose::PassAtK,
+        4 => Purpose::Probe,
+        other => {
+            return Err(Status::invalid_argument(format!(
+                "unknown draw purpose {other}"
+            )))
+        }
+    })
+}
 
 pub fn request_to_pb(r: &Request) -> pb::Request {
     let p = &r.params;
@@ -38,6 +63,12 @@ pub fn request_to_pb(r: &Request) -> pb::Request {
             has_stop_token_ids: p.stop_token_ids.is_some(),
             stop: p.stop.clone(),
             seed: p.seed,
+        }),
+        key: r.key.map(|k| pb::DrawKey {
+            purpose: purpose_to_pb(k.purpose),
+            step: k.step,
+            round: k.round,
+            prompt: k.prompt,
         }),
     }
 }
@@ -59,6 +90,15 @@ pub fn request_from_pb(r: pb::Request) -> std::result::Result<Request, Status> {
             stop_token_ids: p.has_stop_token_ids.then_some(p.stop_token_ids),
             stop: p.stop,
             seed: p.seed,
+        },
+        key: match r.key {
+            Some(k) => Some(DrawKey {
+                purpose: purpose_from_pb(k.purpose)?,
+                step: k.step,
+                round: k.round,
+                prompt: k.prompt,
+            }),
+            None => None,
         },
     })
 }

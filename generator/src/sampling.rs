@@ -5,8 +5,10 @@
 //!   likely), `top_p` (keep the smallest most-likely set whose mass reaches p), `min_p` (drop
 //!   tokens whose probability is below `min_p` × the top token's). Ties at a threshold are kept.
 //! - The draw is inverse-CDF sampling over the filtered distribution in vocabulary order, with one
-//!   uniform number per token derived from `(seed, request id, sample index, position)` by a
-//!   counter-based hash; so a sequence's tokens do not depend on what else is in the batch.
+//!   uniform number per token derived from `(seed, draw key, sample index, position)` by a
+//!   counter-based hash; so a sequence's tokens do not depend on what else is in the batch, nor
+//!   on the request id (which only routes). The [`DrawKey`] says what the draw is for: the
+//!   purpose (training rollout, evaluation, ...), the step, the round, the prompt.
 //! - The returned log-prob of a sampled token is `log softmax(logits / temperature)[token]` over the
 //!   full vocabulary, before any truncation: the quantity the trainer recomputes. For greedy
 //!   decoding (`temperature = 0`) it is `log softmax(logits)[token]`.
@@ -113,10 +115,65 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// The uniform number in [0, 1) for one draw.
-pub fn uniform(seed: u64, request_id: u64, sample: u64, position: u64) -> f64 {
-    let h = mix(mix(mix(mix(seed) ^ request_id) ^ sample) ^ position);
-    (h >> 11) as f64 / (1u64 << 53) as f64
+/// What a generation is for: part of every draw's key, so that draws of different purposes
+/// never coincide.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Purpose {
+    /// A request made outside a run's schedule (a notebook, `rlrun chat`, a benchmark).
+    #[default]
+    AdHoc,
+    /// A training rollout.
+    Train,
+    /// Greedy evaluation.
+    Eval,
+    /// The sampled completions of pass@k evaluation.
+    PassAtK,
+    /// The weight-sync probe.
+    Probe,
+}
+
+/// The typed key every random draw of a request derives from (with the seed, the sample index
+/// and the position): `step` and `round` are the training step and its dynamic-sampling round
+/// (for evaluations, the step evaluated at), `prompt` the prompt's index in its round.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct DrawKey {
+    pub purpose: Purpose,
+    pub step: u64,
+    pub round: u64,
+    pub prompt: u64,
+}
+
+impl DrawKey {
+    /// A training rollout of `prompt` in `round` of `step`.
+    pub fn train(step: u64, round: u64, prompt: u64) -> Self {
+        DrawKey {
+            purpose: Purpose::Train,
+            step,
+            round,
+            prompt,
+        }
+    }
+
+    /// The same key for another prompt.
+    pub fn with_prompt(self, prompt: u64) -> Self {
+        DrawKey { prompt, ..self }
+    }
+
+    /// The uniform number in [0, 1) of sample `sample`'s draw at `position`.
+    pub fn uniform(&self, seed: u64, sample: u64, position: u64) -> f64 {
+        let h = [
+            self.purpose as u64,
+            self.step,
+            self.round,
+            self.prompt,
+            sample,
+            position,
+        ]
+        .into_iter()
+        .fold(mix(seed), |h, x| mix(h ^ x));
+        (h >> 11) as f64 / (1u64 << 53) as f64
+    }
 }
 
 /// Per-row sampling settings for one batched draw.
@@ -254,11 +311,45 @@ mod tests {
 
     #[test]
     fn uniform_is_deterministic_and_spread() {
-        assert_eq!(uniform(1, 2, 3, 4), uniform(1, 2, 3, 4));
-        assert_ne!(uniform(1, 2, 3, 4), uniform(1, 2, 3, 5));
-        let mean: f64 = (0..10_000).map(|i| uniform(7, 0, 0, i)).sum::<f64>() / 10_000.0;
+        let k = DrawKey::train(2, 0, 3);
+        assert_eq!(k.uniform(1, 3, 4), k.uniform(1, 3, 4));
+        assert_ne!(k.uniform(1, 3, 4), k.uniform(1, 3, 5));
+        let mean: f64 = (0..10_000).map(|i| k.uniform(7, 0, i)).sum::<f64>() / 10_000.0;
         assert!((mean - 0.5).abs() < 0.01, "{mean}");
     }
+
+    #[test]
+    fn every_field_of_the_draw_key_changes_the_draw() {
+        let base = DrawKey::train(5, 1, 7);
+        let u = base.uniform(42, 2, 9);
+        let others = [
+            DrawKey {
+                purpose: Purpose::Eval,
+                ..base
+            },
+            DrawKey { step: 6, ..base },
+            DrawKey { round: 2, ..base },
+            DrawKey { prompt: 8, ..base },
+        ];
+        for k in others {
+            assert_ne!(k.uniform(42, 2, 9), u, "{k:?}");
+        }
+        assert_ne!(base.uniform(43, 2, 9), u);
+        assert_ne!(base.uniform(42, 3, 9), u);
+        // Fields are not interchangeable (no packing collisions): step 1 round 0 != step 0 round 1.
+        assert_ne!(
+            DrawKey::train(1, 0, 0).uniform(0, 0, 0),
+            DrawKey::train(0, 1, 0).uniform(0, 0, 0)
+        );
+        // Pinned values: a change to how draws derive from the key shows here.
+        assert_eq!(
+            DrawKey::train(1, 0, 0).uniform(0, 0, 0).to_bits(),
+            PINNED[0]
+        );
+        assert_eq!(base.uniform(42, 2, 9).to_bits(), PINNED[1]);
+    }
+
+    const PINNED: [u64; 2] = [4579494445103920320, 4602556196068089546];
 
     #[test]
     fn validation_rejects_bad_params() {

@@ -89,6 +89,7 @@ fn greedy_matches_transformers_generate_with_slot_refill() {
                 id: i as u64,
                 prompt: p.clone(),
                 params: SamplingParams::greedy(64),
+                key: None,
             })
             .unwrap();
     }
@@ -169,6 +170,7 @@ fn logprobs_match_full_forward() {
                         seed: Some(5),
                         ..Default::default()
                     },
+                    key: None,
                 })
                 .unwrap();
         }
@@ -306,7 +308,7 @@ fn sampling_frequencies_match_analytic_distributions() {
                 top_p: spec.top_p,
                 top_k: spec.top_k,
                 min_p: spec.min_p,
-                uniform: rlrun_generator::sampling::uniform(11, 0, i as u64, 0),
+                uniform: rlrun_generator::DrawKey::default().uniform(11, i as u64, 0),
             })
             .collect();
         let (tok, lp) = sample(&batch, &rows).unwrap();
@@ -363,6 +365,7 @@ fn sampled_requests(ids: &[u64], n: usize) -> Vec<Request> {
                 seed: Some(42),
                 ..Default::default()
             },
+            key: None,
         })
         .collect()
 }
@@ -442,6 +445,7 @@ fn weight_update_changes_logprobs_and_version() {
                         stop_token_ids: Some(vec![]),
                         ..Default::default()
                     },
+                    key: None,
                 }])
                 .unwrap();
             rx.recv().unwrap().unwrap()
@@ -526,6 +530,7 @@ fn bad_requests_are_clear_errors() {
         id: 1,
         prompt,
         params,
+        key: None,
     };
     let cases = [
         (
@@ -606,12 +611,14 @@ fn abort_frees_the_slot_for_queued_work() {
         id: 1,
         prompt: vec![3, 4, 5],
         params: long.clone(),
+        key: None,
     })
     .unwrap();
     e.submit(Request {
         id: 2,
         prompt: vec![6, 7],
         params: long.clone(),
+        key: None,
     })
     .unwrap();
     for _ in 0..3 {

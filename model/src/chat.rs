@@ -93,40 +93,12 @@ impl ChatTemplate {
     }
 }
 
+/// `strftime_now` of HF templates: the current UTC date and time in `fmt`.
 fn strftime_now(fmt: &str) -> String {
-    // Days since the epoch -> civil date (Howard Hinnant's algorithm), UTC.
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    let z = secs.div_euclid(86_400) + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    const MONTHS: [&str; 12] = [
-        "January",
-        "February",
-        "March",
-        "April",
-        "May",
-        "June",
-        "July",
-        "August",
-        "September",
-        "October",
-        "November",
-        "December",
-    ];
-    fmt.replace("%d", &format!("{day:02}"))
-        .replace("%m", &format!("{month:02}"))
-        .replace("%Y", &year.to_string())
-        .replace("%b", &MONTHS[(month - 1) as usize][..3])
-        .replace("%B", MONTHS[(month - 1) as usize])
+    jiff::Timestamp::now()
+        .to_zoned_datetime(jiff::tz::TimeZone::UTC)
+        .strftime(fmt)
+        .to_string()
 }
 
 /// Python's `json.dumps(value, ensure_ascii=False, indent=indent)` (the `tojson` of HF templates).

@@ -8,6 +8,7 @@ use serde_json::Value as Json;
 use crate::error::{ModelError, Result};
 
 /// A text tokenizer with its special tokens.
+#[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     path: PathBuf,

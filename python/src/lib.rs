@@ -14,16 +14,16 @@ use pyo3_tch::PyTensor;
 use rlrun::{Recipe, Run};
 use rlrun_generator::SamplingParams;
 use rlrun_rollout::reward::registry;
-use rlrun_rollout::{Completion, Prompt, Reward, RewardFn, Sample};
+use rlrun_rollout::{Completion, Prompt, Reward, RewardError, RewardFn, Sample};
 use tch::Tensor;
 
 fn runtime_err(e: impl std::fmt::Display) -> PyErr {
     PyRuntimeError::new_err(format!("{e:#}"))
 }
 
-/// Converts an anyhow error into `rlrun.RecipeError` when it is one, else `RuntimeError`.
-fn to_pyerr(py: Python<'_>, e: anyhow::Error) -> PyErr {
-    if let Some(r) = e.downcast_ref::<rlrun::RecipeError>() {
+/// Converts a run's error into `rlrun.RecipeError` when it is one, else `RuntimeError`.
+fn to_pyerr(py: Python<'_>, e: rlrun::Error) -> PyErr {
+    if let rlrun::Error::Recipe(r) = &e {
         return recipe_err(py, r);
     }
     runtime_err(e)
@@ -244,7 +244,7 @@ impl PyRun {
         let ids = prompts
             .iter()
             .map(|p| run.encode_prompt(p))
-            .collect::<anyhow::Result<Vec<_>>>()
+            .collect::<rlrun::Result<Vec<_>>>()
             .map_err(|e| to_pyerr(py, e))?;
         let out = py
             .allow_threads(|| run.generate_prompts(&prompts, params))
@@ -340,7 +340,7 @@ impl RewardFn for PyReward {
         &self.name
     }
 
-    fn score(&self, sample: &Sample, completion: &Completion<'_>) -> Reward {
+    fn score(&self, sample: &Sample, completion: &Completion<'_>) -> Result<Reward, RewardError> {
         let result: PyResult<Reward> = Python::with_gil(|py| {
             let kwargs = PyDict::new(py);
             kwargs.set_item("data_source", &sample.data_source)?;
@@ -382,11 +382,9 @@ impl RewardFn for PyReward {
             }
             Ok(r)
         });
-        match result {
-            Ok(r) => r,
-            // The runner isolates panics: the sample scores the failure value and is counted.
-            Err(e) => panic!("Python reward `{}` raised {e}", self.name),
-        }
+        // An exception is an error: the sample scores the failure value and is counted in
+        // `reward/errors`.
+        result.map_err(|e| RewardError::new(format!("Python reward `{}` raised {e}", self.name)))
     }
 }
 

@@ -79,7 +79,7 @@ def test_python_reward_used_by_a_recipe(tmp_path):
     assert all("+" in p and gt is not None for p, _, gt, _ in calls)
     # Fixed-length completions (4 tokens) score 1.0 each; the extra key became a metric.
     assert m["reward/mean"] == pytest.approx(1.0)
-    assert "reward/chars" in m and m["reward/panics"] == 0.0
+    assert "reward/chars" in m and m["reward/panics"] == 0.0 and m["reward/errors"] == 0.0
 
 
 def test_exception_in_python_reward_is_isolated(tmp_path):
@@ -90,7 +90,11 @@ def test_exception_in_python_reward_is_isolated(tmp_path):
     over = tiny(tmp_path, reward={"name": "registered", "function": "broken"})
     run = rlrun.Run(rlrun.Recipe.load(QUICKSTART, overrides=over))
     m = run.step()  # the step completes
-    assert m["reward/panics"] == 4.0 and m["reward/mean"] == 0.0
+    # An exception is an error of the reward, counted as such (not a panic).
+    assert m["reward/errors"] == 4.0 and m["reward/panics"] == 0.0
+    assert m["reward/mean"] == 0.0
+    m = run.step()  # and the run goes on
+    assert m["reward/errors"] == 4.0
 
 
 def test_unknown_registered_reward_is_a_clear_error(tmp_path):

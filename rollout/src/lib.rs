@@ -27,7 +27,7 @@
 //!
 //! ```
 //! use std::sync::Arc;
-//! use rlrun_rollout::{Completion, OwnedCompletion, Prompt, Reward, RewardFn, RewardRunner,
+//! use rlrun_rollout::{Completion, OwnedCompletion, Prompt, Reward, RewardError, RewardFn, RewardRunner,
 //!                     RewardRunnerConfig, Sample, ScoreJob};
 //!
 //! /// 1 if the answer in `<answer>…</answer>` is the ground truth spelled backwards.
@@ -35,11 +35,11 @@
 //!
 //! impl RewardFn for Reversed {
 //!     fn name(&self) -> &str { "reversed" }
-//!     fn score(&self, sample: &Sample, completion: &Completion<'_>) -> Reward {
+//!     fn score(&self, sample: &Sample, completion: &Completion<'_>) -> Result<Reward, RewardError> {
 //!         let answer = rlrun_rollout::reward::extract::last_tagged(completion.text, "answer");
 //!         let want: Option<String> = sample.ground_truth.as_deref().map(|g| g.chars().rev().collect());
 //!         let ok = answer.is_some() && answer == want.as_deref();
-//!         Reward::binary(ok).with_metric("has_answer", answer.is_some() as u8 as f32)
+//!         Ok(Reward::binary(ok).with_metric("has_answer", answer.is_some() as u8 as f32))
 //!     }
 //! }
 //!
@@ -122,7 +122,7 @@ pub use data::{
 pub use error::{Error, Result};
 pub use reward::{
     CountdownReward, ExactMatch, FormatReward, LengthPenalty, MathMatch, NumberMatch,
-    OverlongPenalty, RegexMatch, Reward, RewardConfig, RewardFn, WeightedSum,
+    OverlongPenalty, RegexMatch, Reward, RewardConfig, RewardError, RewardFn, WeightedSum,
 };
 pub use runner::{Failure, RewardRunner, RewardRunnerConfig, RewardStats, ScoreJob};
 pub use sample::{ChatMessage, Completion, FinishReason, OwnedCompletion, Prompt, Sample};

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::reward::{Reward, RewardFn};
+use crate::reward::{Reward, RewardError, RewardFn};
 use crate::sample::{OwnedCompletion, Sample};
 
 fn default_timeout() -> f64 {
@@ -73,6 +73,8 @@ impl ScoreJob {
 pub enum Failure {
     /// The reward panicked.
     Panic,
+    /// The reward returned an error (a Python reward that raised, say).
+    Error,
     /// The reward exceeded its time limit.
     Timeout,
     /// The reward returned NaN or an infinity.
@@ -89,6 +91,8 @@ pub struct RewardStats {
     pub mean: f64,
     /// Calls that panicked.
     pub panics: usize,
+    /// Calls that returned an error.
+    pub errors: usize,
     /// Calls that exceeded the time limit.
     pub timeouts: usize,
     /// Calls that returned a non-finite value.
@@ -105,7 +109,7 @@ pub struct RewardStats {
 
 impl RewardStats {
     /// Flattens the stats into metric names under `prefix` (e.g. `reward`): `reward/mean`,
-    /// `reward/panics`, `reward/timeouts`, `reward/non_finite`, `reward/seconds`, and
+    /// `reward/panics`, `reward/errors`, `reward/timeouts`, `reward/non_finite`, `reward/seconds`, and
     /// `reward/<metric>` for each per-sample metric mean.
     pub fn to_metrics(&self, prefix: &str) -> BTreeMap<String, f64> {
         let mut out: BTreeMap<String, f64> = self
@@ -115,6 +119,7 @@ impl RewardStats {
             .collect();
         out.insert(format!("{prefix}/mean"), self.mean);
         out.insert(format!("{prefix}/panics"), self.panics as f64);
+        out.insert(format!("{prefix}/errors"), self.errors as f64);
         out.insert(format!("{prefix}/timeouts"), self.timeouts as f64);
         out.insert(format!("{prefix}/non_finite"), self.non_finite as f64);
         out.insert(format!("{prefix}/seconds"), self.seconds);
@@ -124,6 +129,7 @@ impl RewardStats {
 
 enum Outcome {
     Scored(Reward),
+    Failed(RewardError),
     Panicked(String),
 }
 
@@ -164,6 +170,7 @@ struct Pool {
 /// Each call to [`score_batch`](Self::score_batch) sends one job per completion and waits for the
 /// results on its own channel:
 ///
+/// - a call that returns an **error** scores the failure score and is counted in `errors`;
 /// - a call that **panics** is caught (`catch_unwind`) and scores the failure score (default 0);
 ///   the worker lives on. The panic message is logged (and printed by the process's panic hook);
 /// - a call that runs **longer than the time limit** (measured from when a worker picked it up)
@@ -373,6 +380,13 @@ impl RewardRunner {
                             stats.failures.push((index, Failure::NonFinite));
                             Reward::new(self.failure_score)
                         }
+                        Outcome::Failed(e) => {
+                            tracing::warn!(reward = self.reward.name(), index, error = %e,
+                                "reward failed; using the failure score");
+                            stats.errors += 1;
+                            stats.failures.push((index, Failure::Error));
+                            Reward::new(self.failure_score)
+                        }
                         Outcome::Panicked(message) => {
                             tracing::warn!(reward = self.reward.name(), index, %message,
                                 "reward panicked; using the failure score");
@@ -480,7 +494,8 @@ fn worker_loop(id: usize, receiver: &Mutex<mpsc::Receiver<Task>>, abandoned: &At
             task.reward
                 .score(&task.job.sample, &task.job.completion.as_completion())
         })) {
-            Ok(r) => Outcome::Scored(r),
+            Ok(Ok(r)) => Outcome::Scored(r),
+            Ok(Err(e)) => Outcome::Failed(e),
             Err(payload) => Outcome::Panicked(
                 payload
                     .downcast_ref::<&str>()

@@ -369,9 +369,21 @@ fn arithmetic_task_is_deterministic_correct_and_configurable() {
             ))
         );
         let right = format!("\\boxed{{{value}}}");
-        assert_eq!(reward.score(&s, &Completion::from_text(&right)).value, 1.0);
+        assert_eq!(
+            reward
+                .score(&s, &Completion::from_text(&right))
+                .unwrap()
+                .value,
+            1.0
+        );
         let wrong = format!("\\boxed{{{}}}", value + 1);
-        assert_eq!(reward.score(&s, &Completion::from_text(&wrong)).value, 0.0);
+        assert_eq!(
+            reward
+                .score(&s, &Completion::from_text(&wrong))
+                .unwrap()
+                .value,
+            0.0
+        );
     }
     assert!(seen_div);
     let other_seed = ArithmeticTask::new(ArithmeticConfig {
@@ -483,7 +495,13 @@ fn countdown_task_problems_are_solvable_and_scored() {
             "{solution}"
         );
         let text = format!("<think>...</think>\n<answer>{solution}</answer>");
-        assert_eq!(reward.score(&s, &Completion::from_text(&text)).value, 1.0);
+        assert_eq!(
+            reward
+                .score(&s, &Completion::from_text(&text))
+                .unwrap()
+                .value,
+            1.0
+        );
         assert!(s
             .prompt
             .last_user_text()

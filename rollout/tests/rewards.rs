@@ -112,7 +112,7 @@ fn builtins_survive_adversarial_completions_and_ground_truths() {
         for text in &texts {
             let completion = Completion::new(text, &ids, FinishReason::Length, 5);
             for r in &rewards {
-                let out = r.score(&sample, &completion);
+                let out = r.score(&sample, &completion).unwrap();
                 assert!(out.value.is_finite(), "{}: non-finite", r.name());
                 assert!(
                     (-1.0..=1.0).contains(&out.value),
@@ -144,7 +144,9 @@ fn adversarial_strings_never_match_a_plain_answer() {
     }) {
         for text in adversarial_texts() {
             assert_eq!(
-                r.score(&sample, &Completion::from_text(&text)).value,
+                r.score(&sample, &Completion::from_text(&text))
+                    .unwrap()
+                    .value,
                 0.0,
                 "{}",
                 r.name()
@@ -170,7 +172,12 @@ fn extraction_edge_cases() {
 fn math_reward_handles_real_world_completion_shapes() {
     let reward = MathMatch::default();
     let s = |gt: &str| Sample::new(0, Prompt::text("q")).with_ground_truth(gt);
-    let score = |gt: &str, text: &str| reward.score(&s(gt), &Completion::from_text(text)).value;
+    let score = |gt: &str, text: &str| {
+        reward
+            .score(&s(gt), &Completion::from_text(text))
+            .unwrap()
+            .value
+    };
     assert_eq!(
         score("\\frac{1}{2}", "so $x = \\boxed{\\dfrac{1}{2}}$."),
         1.0
@@ -248,7 +255,12 @@ fn countdown_parser_rejects_reuse_unknown_numbers_and_division_by_zero() {
     let sample = Sample::new(0, Prompt::text("q"))
         .with_ground_truth("85")
         .with_extra(serde_json::json!({"numbers": [3, 7, 25, 50]}));
-    let score = |t: &str| reward.score(&sample, &Completion::from_text(t)).value;
+    let score = |t: &str| {
+        reward
+            .score(&sample, &Completion::from_text(t))
+            .unwrap()
+            .value
+    };
     assert_eq!(score("<answer>50 + 25 + 7 + 3</answer>"), 1.0);
     assert_eq!(score("<answer>50 + 25 + 7 + 3 + 3</answer>"), 0.0);
     assert_eq!(score("<answer>50 + 25 + 10</answer>"), 0.0);
@@ -325,8 +337,8 @@ fn config_shapes_parse_and_reject_unknowns() {
     let flexible: RewardConfig = toml::from_str("name = \"gsm8k\"").unwrap();
     let s = Sample::new(0, Prompt::text("")).with_ground_truth("7");
     let c = Completion::from_text("The answer is 7.");
-    assert_eq!(strict.build().unwrap().score(&s, &c).value, 0.0);
-    assert_eq!(flexible.build().unwrap().score(&s, &c).value, 1.0);
+    assert_eq!(strict.build().unwrap().score(&s, &c).unwrap().value, 0.0);
+    assert_eq!(flexible.build().unwrap().score(&s, &c).unwrap().value, 1.0);
 
     // Dataset.
     for text in [

@@ -55,7 +55,7 @@ fn gsm8k_gold_solutions_score_one_and_perturbed_score_zero() {
     for s in ds.samples() {
         let solution = s.extra["solution"].as_str().expect("solution text");
         let gt = s.ground_truth.as_deref().expect("ground truth");
-        let good = reward.score(s, &Completion::from_text(solution));
+        let good = reward.score(s, &Completion::from_text(solution)).unwrap();
         assert_eq!(good.value, 1.0, "gold solution of {gt}: {solution}");
 
         // Perturb the final answer: N → N + 1 after the "####" marker.
@@ -63,17 +63,26 @@ fn gsm8k_gold_solutions_score_one_and_perturbed_score_zero() {
         let marker = solution.rfind("####").expect("#### in gold");
         let bad = format!("{}#### {}", &solution[..marker], n + 1);
         assert_eq!(
-            reward.score(s, &Completion::from_text(&bad)).value,
+            reward.score(s, &Completion::from_text(&bad)).unwrap().value,
             0.0,
             "{bad}"
         );
 
         // The same answer in other formats.
         let boxed = format!("So the total is \\boxed{{{n}}}.");
-        assert_eq!(reward.score(s, &Completion::from_text(&boxed)).value, 1.0);
+        assert_eq!(
+            reward
+                .score(s, &Completion::from_text(&boxed))
+                .unwrap()
+                .value,
+            1.0
+        );
         let dollars = format!("She makes ${}.", with_commas(n));
         assert_eq!(
-            reward.score(s, &Completion::from_text(&dollars)).value,
+            reward
+                .score(s, &Completion::from_text(&dollars))
+                .unwrap()
+                .value,
             1.0,
             "{dollars}"
         );
@@ -111,7 +120,9 @@ fn gsm8k_cot_continuations_score_with_last_number_rule() {
         let continuation = v["request"]["continuation"].as_str().expect("continuation");
         let gt = v["doc"]["short_answer"].as_str().expect("short answer");
         let sample = Sample::new(0, Prompt::text("")).with_ground_truth(gt);
-        let r = reward.score(&sample, &Completion::from_text(continuation));
+        let r = reward
+            .score(&sample, &Completion::from_text(continuation))
+            .unwrap();
         assert_eq!(r.value, 1.0, "{gt}: {continuation}");
         n += 1;
     }
@@ -155,7 +166,7 @@ fn math_gold_solutions_score_one_and_perturbed_score_zero() {
     for s in ds.samples() {
         let solution = s.extra["solution"].as_str().expect("solution");
         let gt = s.ground_truth.as_deref().expect("ground truth");
-        let r = reward.score(s, &Completion::from_text(solution));
+        let r = reward.score(s, &Completion::from_text(solution)).unwrap();
         assert_eq!(r.value, 1.0, "gold solution must match {gt:?}");
         assert_eq!(r.metrics["has_boxed"], 1.0);
 
@@ -172,7 +183,9 @@ fn math_gold_solutions_score_one_and_perturbed_score_zero() {
             solution[at..].replacen(boxed, &wrong, 1)
         );
         assert_eq!(last_boxed(&bad_solution), Some(wrong.as_str()));
-        let r = reward.score(s, &Completion::from_text(&bad_solution));
+        let r = reward
+            .score(s, &Completion::from_text(&bad_solution))
+            .unwrap();
         assert_eq!(r.value, 0.0, "perturbed {wrong:?} must not match {gt:?}");
         perturbed_checked += 1;
     }

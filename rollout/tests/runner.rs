@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use rlrun_rollout::*;
 
-/// Behaves according to the completion text: `panic`, `sleep:<ms>`, `nan`, or a number.
+/// Behaves according to the completion text: `panic`, `error`, `sleep:<ms>`, `nan`, or a number.
 struct Scripted {
     calls: AtomicUsize,
 }
@@ -16,21 +16,24 @@ impl RewardFn for Scripted {
         "scripted"
     }
 
-    fn score(&self, _sample: &Sample, completion: &Completion<'_>) -> Reward {
+    fn score(&self, _sample: &Sample, completion: &Completion<'_>) -> Result<Reward, RewardError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         let text = completion.text;
         if text == "panic" {
             panic!("scripted panic");
         }
+        if text == "error" {
+            return Err(RewardError::new("scripted error"));
+        }
         if let Some(ms) = text.strip_prefix("sleep:") {
             std::thread::sleep(Duration::from_millis(ms.parse().unwrap_or(0)));
-            return Reward::new(0.5).with_metric("slept", 1.0);
+            return Ok(Reward::new(0.5).with_metric("slept", 1.0));
         }
         if text == "nan" {
-            return Reward::new(f32::NAN);
+            return Ok(Reward::new(f32::NAN));
         }
         let v: f32 = text.parse().unwrap_or(0.0);
-        Reward::new(v).with_metric("value_seen", v)
+        Ok(Reward::new(v).with_metric("value_seen", v))
     }
 }
 
@@ -103,6 +106,26 @@ fn a_panicking_reward_scores_the_failure_value_and_is_counted() {
     let (rewards, stats) = runner.score_batch(jobs(&["2", "3"]));
     assert_eq!(rewards[1].value, 3.0);
     assert_eq!(stats.panics, 0);
+}
+
+#[test]
+fn a_reward_that_returns_an_error_scores_the_failure_value_and_is_counted() {
+    let (runner, _) = runner(2, 5.0, -1.0);
+    let (rewards, stats) = runner.score_batch(jobs(&["1", "error", "panic", "error"]));
+    let values: Vec<f32> = rewards.iter().map(|r| r.value).collect();
+    assert_eq!(values, [1.0, -1.0, -1.0, -1.0]);
+    assert_eq!((stats.errors, stats.panics), (2, 1));
+    assert_eq!(
+        stats.failures,
+        vec![
+            (1, Failure::Error),
+            (2, Failure::Panic),
+            (3, Failure::Error)
+        ]
+    );
+    let m = stats.to_metrics("reward");
+    assert_eq!(m["reward/errors"], 2.0);
+    assert_eq!(m["reward/panics"], 1.0);
 }
 
 #[test]

@@ -67,3 +67,91 @@ pub fn kl_penalty(logprobs: &Tensor, ref_logprobs: &Tensor, est: KlEstimator) ->
         }
     })
 }
+
+/// The KL penalty as a per-token reward ([`kl_in_reward`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KlReward {
+    /// `−coef · kl_t` per response token of each sequence.
+    pub token_rewards: Vec<Vec<f32>>,
+    /// Mean per-token KL over every token of the batch.
+    pub mean_kl: f64,
+}
+
+/// KL in the reward (PPO-RLHF style, `reward_t −= β · kl_t`): per-token KL of the sampling
+/// policy's log-probs against the reference's, with estimator `est`, scaled by `−coef`.
+///
+/// `logprobs[i]` and `ref_logprobs[i]` are the log-probs of sequence `i`'s response tokens under
+/// the policy that sampled them and under the reference model; they must have equal lengths.
+pub fn kl_in_reward(
+    logprobs: &[Vec<f32>],
+    ref_logprobs: &[Vec<f32>],
+    est: KlEstimator,
+    coef: f64,
+) -> Result<KlReward> {
+    if logprobs.len() != ref_logprobs.len() {
+        return Err(crate::loss::LossError::Invalid(format!(
+            "kl_in_reward: {} sequences of log-probs but {} of reference log-probs",
+            logprobs.len(),
+            ref_logprobs.len()
+        )));
+    }
+    let (mut sum, mut n) = (0.0f64, 0usize);
+    let mut token_rewards = Vec::with_capacity(logprobs.len());
+    for (lp, r) in logprobs.iter().zip(ref_logprobs) {
+        let kl = kl_penalty(
+            &Tensor::from_slice(lp).f_unsqueeze(0)?,
+            &Tensor::from_slice(r).f_unsqueeze(0)?,
+            est,
+        )?;
+        let kl = Vec::<f32>::try_from(kl.f_squeeze_dim(0)?)?;
+        sum += kl.iter().map(|&x| f64::from(x)).sum::<f64>();
+        n += kl.len();
+        token_rewards.push(kl.iter().map(|&x| -(coef as f32) * x).collect());
+    }
+    Ok(KlReward {
+        token_rewards,
+        mean_kl: sum / n.max(1) as f64,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kl_in_reward_is_minus_coef_times_the_estimator() {
+        let lp = vec![vec![-1.0f32, -2.0], vec![-0.5]];
+        let rf = vec![vec![-1.5f32, -1.0], vec![-0.5]];
+        // log r = ref - lp: [-0.5, 1.0], [0.0]
+        let k1 = kl_in_reward(&lp, &rf, KlEstimator::K1, 0.1).unwrap();
+        // k1 = -log r = [0.5, -1.0], [0.0]; the reward is -0.1 k1.
+        let expect = [vec![-0.05f32, 0.1], vec![0.0]];
+        for (a, b) in k1
+            .token_rewards
+            .iter()
+            .flatten()
+            .zip(expect.iter().flatten())
+        {
+            assert!((a - b).abs() < 1e-7, "{a} vs {b}");
+        }
+        assert!((k1.mean_kl - (0.5 - 1.0 + 0.0) / 3.0).abs() < 1e-7);
+        let k3 = kl_in_reward(&lp, &rf, KlEstimator::K3, 2.0).unwrap();
+        let k3_of = |x: f64| x.exp() - 1.0 - x;
+        let want = [k3_of(-0.5), k3_of(1.0), 0.0];
+        for (a, w) in k3.token_rewards.iter().flatten().zip(want) {
+            assert!(
+                (f64::from(*a) + 2.0 * w).abs() < 1e-6,
+                "{a} vs {}",
+                -2.0 * w
+            );
+        }
+        assert!((k3.mean_kl - want.iter().sum::<f64>() / 3.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn kl_in_reward_rejects_mismatched_inputs() {
+        let lp = vec![vec![-1.0f32, -2.0]];
+        assert!(kl_in_reward(&lp, &[vec![-1.0]], KlEstimator::K3, 0.1).is_err());
+        assert!(kl_in_reward(&lp, &[], KlEstimator::K3, 0.1).is_err());
+    }
+}

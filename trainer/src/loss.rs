@@ -43,7 +43,7 @@
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-pub use crate::kl::{kl_penalty, KlEstimator};
+pub use crate::kl::{kl_in_reward, kl_penalty, KlEstimator, KlReward};
 
 /// Errors of the policy losses.
 #[derive(Debug, thiserror::Error)]

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::{Reward, RewardFn};
+use super::{Reward, RewardError, RewardFn};
 use crate::error::{Error, Result};
 use crate::sample::{Completion, Sample};
 
@@ -82,17 +82,18 @@ impl RewardFn for WeightedSum {
         "weighted-sum"
     }
 
-    fn score(&self, sample: &Sample, completion: &Completion<'_>) -> Reward {
+    /// Fails when a term fails: a sum with a missing term is no score.
+    fn score(&self, sample: &Sample, completion: &Completion<'_>) -> Result<Reward, RewardError> {
         let mut total = Reward::new(0.0);
         for (term, key) in self.terms.iter().zip(&self.keys) {
-            let r = term.reward.score(sample, completion);
+            let r = term.reward.score(sample, completion)?;
             total.value += term.weight * r.value;
             total.metrics.insert(key.clone(), r.value);
             for (name, v) in r.metrics {
                 total.metrics.insert(format!("{key}/{name}"), v);
             }
         }
-        total
+        Ok(total)
     }
 }
 
@@ -114,10 +115,12 @@ mod tests {
         ])
         .unwrap();
         let s = Sample::new(0, Prompt::text("q")).with_ground_truth("4");
-        let r = sum.score(
-            &s,
-            &Completion::from_text("<think>2+2</think><answer>4</answer>"),
-        );
+        let r = sum
+            .score(
+                &s,
+                &Completion::from_text("<think>2+2</think><answer>4</answer>"),
+            )
+            .unwrap();
         assert_eq!(r.value, 1.0 + 0.5 - 2.0);
         assert_eq!(r.metrics["gsm8k"], 1.0);
         assert_eq!(r.metrics["gsm8k#2"], 1.0);

@@ -11,7 +11,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use super::extract::{last_boxed, last_tagged};
-use super::{Reward, RewardFn};
+use super::{Reward, RewardError, RewardFn};
 use crate::error::{Error, Result};
 use crate::sample::{Completion, Sample};
 
@@ -351,7 +351,14 @@ impl RewardFn for CountdownReward {
         "countdown"
     }
 
-    fn score(&self, sample: &Sample, completion: &Completion<'_>) -> Reward {
+    fn score(&self, sample: &Sample, completion: &Completion<'_>) -> Result<Reward, RewardError> {
+        Ok(self.reward_for(sample, completion))
+    }
+}
+
+impl CountdownReward {
+    /// The reward of one completion (never fails).
+    fn reward_for(&self, sample: &Sample, completion: &Completion<'_>) -> Reward {
         let mut reward = Reward::new(0.0);
         let Some((numbers, target)) = countdown_problem(sample) else {
             return reward
@@ -466,7 +473,7 @@ mod tests {
         let verl = Sample::new(0, Prompt::text("q"))
             .with_ground_truth(r#"{"target": 24, "numbers": [2, 3, 4]}"#);
         for s in [&ours, &verl] {
-            let c = |t: &str| r.score(s, &Completion::from_text(t)).value;
+            let c = |t: &str| r.score(s, &Completion::from_text(t)).unwrap().value;
             assert_eq!(c("<think>..</think><answer>2 * 3 * 4</answer>"), 1.0);
             assert_eq!(c("<answer>(2 * 3 * 4) = 24</answer>"), 1.0);
             assert_eq!(c(r"\boxed{4 * 3 * 2}"), 1.0);
@@ -475,7 +482,9 @@ mod tests {
             assert_eq!(c("2 * 3 * 4"), 0.0);
         }
         let bad = Sample::new(0, Prompt::text("q")).with_ground_truth("24");
-        let out = r.score(&bad, &Completion::from_text("<answer>24</answer>"));
+        let out = r
+            .score(&bad, &Completion::from_text("<answer>24</answer>"))
+            .unwrap();
         assert_eq!(out.value, 0.0);
         assert_eq!(out.metrics["bad_ground_truth"], 1.0);
     }

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Reward, RewardFn};
+use super::{Reward, RewardError, RewardFn};
 use crate::error::{Error, Result};
 use crate::sample::{Completion, FinishReason, Sample};
 
@@ -69,7 +69,14 @@ impl RewardFn for OverlongPenalty {
         "overlong-penalty"
     }
 
-    fn score(&self, _sample: &Sample, completion: &Completion<'_>) -> Reward {
+    fn score(&self, _sample: &Sample, completion: &Completion<'_>) -> Result<Reward, RewardError> {
+        Ok(self.reward_for(_sample, completion))
+    }
+}
+
+impl OverlongPenalty {
+    /// The reward of one completion (never fails).
+    fn reward_for(&self, _sample: &Sample, completion: &Completion<'_>) -> Reward {
         let truncated = f32::from(u8::from(completion.finish_reason == FinishReason::Length));
         let max = self.config.max_tokens.unwrap_or(completion.max_tokens);
         if max == 0 {
@@ -144,7 +151,14 @@ impl RewardFn for LengthPenalty {
         "length-penalty"
     }
 
-    fn score(&self, _sample: &Sample, completion: &Completion<'_>) -> Reward {
+    fn score(&self, _sample: &Sample, completion: &Completion<'_>) -> Result<Reward, RewardError> {
+        Ok(self.reward_for(_sample, completion))
+    }
+}
+
+impl LengthPenalty {
+    /// The reward of one completion (never fails).
+    fn reward_for(&self, _sample: &Sample, completion: &Completion<'_>) -> Reward {
         let max = self.config.max_tokens.unwrap_or(completion.max_tokens);
         let target = self.config.target_tokens;
         if max <= target {
@@ -176,6 +190,7 @@ mod tests {
         let v = |n: usize| {
             let ids = tokens(n);
             p.score(&s, &Completion::new("", &ids, FinishReason::Stop, 0))
+                .unwrap()
                 .value
         };
         assert_eq!(v(0), 0.0);
@@ -195,10 +210,12 @@ mod tests {
         .unwrap();
         let s = Sample::new(0, Prompt::text(""));
         let ids = tokens(95);
-        let r = p.score(&s, &Completion::new("", &ids, FinishReason::Length, 100));
+        let r = p
+            .score(&s, &Completion::new("", &ids, FinishReason::Length, 100))
+            .unwrap();
         assert_eq!(r.value, -0.5);
         assert_eq!(r.metrics["truncated"], 1.0);
-        let r = p.score(&s, &Completion::from_text("x"));
+        let r = p.score(&s, &Completion::from_text("x")).unwrap();
         assert_eq!(r.value, 0.0);
         assert_eq!(r.metrics["unknown_limit"], 1.0);
         assert!(OverlongPenalty::new(OverlongPenaltyConfig {
@@ -220,6 +237,7 @@ mod tests {
         let v = |n: usize| {
             let ids = tokens(n);
             p.score(&s, &Completion::new("", &ids, FinishReason::Stop, 0))
+                .unwrap()
                 .value
         };
         assert_eq!(v(5), 0.0);

@@ -23,7 +23,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::extract::{balanced_group, last_boxed};
-use super::{Reward, RewardFn};
+use super::{Reward, RewardError, RewardFn};
 use crate::sample::{Completion, Sample};
 
 /// Parameters of [`MathMatch`] (`name = "math"`). No parameters yet; the struct exists so
@@ -56,7 +56,14 @@ impl RewardFn for MathMatch {
         "math"
     }
 
-    fn score(&self, sample: &Sample, completion: &Completion<'_>) -> Reward {
+    fn score(&self, sample: &Sample, completion: &Completion<'_>) -> Result<Reward, RewardError> {
+        Ok(self.reward_for(sample, completion))
+    }
+}
+
+impl MathMatch {
+    /// The reward of one completion (never fails).
+    fn reward_for(&self, sample: &Sample, completion: &Completion<'_>) -> Reward {
         let Some(gt) = sample.ground_truth.as_deref() else {
             return Reward::new(0.0)
                 .with_metric("no_ground_truth", 1.0)

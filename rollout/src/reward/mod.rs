@@ -90,7 +90,7 @@ impl Reward {
 /// (`Arc<dyn RewardFn>`). Implement it in your own crate:
 ///
 /// ```
-/// use rlrun_rollout::{Completion, Prompt, Reward, RewardFn, Sample};
+/// use rlrun_rollout::{Completion, Prompt, Reward, RewardError, RewardFn, Sample};
 ///
 /// /// 1 if the completion mentions the ground truth, minus a little per character.
 /// struct MentionsAnswer;
@@ -99,34 +99,48 @@ impl Reward {
 ///     fn name(&self) -> &str {
 ///         "mentions-answer"
 ///     }
-///     fn score(&self, sample: &Sample, completion: &Completion<'_>) -> Reward {
+///     fn score(&self, sample: &Sample, completion: &Completion<'_>) -> Result<Reward, RewardError> {
 ///         let hit = sample.ground_truth.as_deref().is_some_and(|gt| completion.text.contains(gt));
 ///         let brevity = -0.001 * completion.text.chars().count() as f32;
-///         Reward::new(f32::from(u8::from(hit)) + brevity).with_metric("hit", f32::from(u8::from(hit)))
+///         Ok(Reward::new(f32::from(u8::from(hit)) + brevity).with_metric("hit", f32::from(u8::from(hit))))
 ///     }
 /// }
 ///
 /// let sample = Sample::new(0, Prompt::user("What is 6 * 7?")).with_ground_truth("42");
-/// let r = MentionsAnswer.score(&sample, &Completion::from_text("It is 42."));
+/// let r = MentionsAnswer.score(&sample, &Completion::from_text("It is 42.")).unwrap();
 /// assert!((r.value - (1.0 - 0.009)).abs() < 1e-6);
 /// ```
 ///
 /// Contract: `score` should be deterministic, must not assume it runs on any particular thread,
-/// and should return a finite value. A panic, a non-finite value or a call that exceeds the
-/// runner's time limit is replaced by the runner's failure score and counted; it never stops a run.
+/// and should return a finite value. An error, a panic, a non-finite value or a call that exceeds
+/// the runner's time limit is replaced by the runner's failure score and counted; it never stops
+/// a run.
 pub trait RewardFn: Send + Sync {
     /// A short name for logs and metric keys (e.g. `math`).
     fn name(&self) -> &str;
 
-    /// Scores one completion of one sample.
-    fn score(&self, sample: &Sample, completion: &Completion<'_>) -> Reward;
+    /// Scores one completion of one sample. An error scores the runner's failure score and is
+    /// counted in `reward/errors`; it never stops a run.
+    fn score(&self, sample: &Sample, completion: &Completion<'_>) -> Result<Reward, RewardError>;
+}
+
+/// Why a reward function could not score a completion (a Python reward that raised, a
+/// verifier that could not run): the sample scores the failure score, and the error is counted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct RewardError(pub String);
+
+impl RewardError {
+    pub fn new(message: impl Into<String>) -> Self {
+        RewardError(message.into())
+    }
 }
 
 impl<R: RewardFn + ?Sized> RewardFn for Arc<R> {
     fn name(&self) -> &str {
         (**self).name()
     }
-    fn score(&self, sample: &Sample, completion: &Completion<'_>) -> Reward {
+    fn score(&self, sample: &Sample, completion: &Completion<'_>) -> Result<Reward, RewardError> {
         (**self).score(sample, completion)
     }
 }
@@ -135,7 +149,7 @@ impl<R: RewardFn + ?Sized> RewardFn for Box<R> {
     fn name(&self) -> &str {
         (**self).name()
     }
-    fn score(&self, sample: &Sample, completion: &Completion<'_>) -> Reward {
+    fn score(&self, sample: &Sample, completion: &Completion<'_>) -> Result<Reward, RewardError> {
         (**self).score(sample, completion)
     }
 }

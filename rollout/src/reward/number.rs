@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::extract::{answer_line, boxed_number, hash_answer, last_number, parse_number};
-use super::{Reward, RewardFn};
+use super::{Reward, RewardError, RewardFn};
 use crate::error::{Error, Result};
 use crate::sample::{Completion, Sample};
 
@@ -122,7 +122,14 @@ impl RewardFn for NumberMatch {
         &self.name
     }
 
-    fn score(&self, sample: &Sample, completion: &Completion<'_>) -> Reward {
+    fn score(&self, sample: &Sample, completion: &Completion<'_>) -> Result<Reward, RewardError> {
+        Ok(self.reward_for(sample, completion))
+    }
+}
+
+impl NumberMatch {
+    /// The reward of one completion (never fails).
+    fn reward_for(&self, sample: &Sample, completion: &Completion<'_>) -> Reward {
         let Some(gold) = sample.ground_truth.as_deref().and_then(parse_ground_truth) else {
             return Reward::new(0.0)
                 .with_metric("no_ground_truth", 1.0)
@@ -152,7 +159,7 @@ mod tests {
         )
         .unwrap();
         let s = Sample::new(0, Prompt::text("q")).with_ground_truth(gt);
-        r.score(&s, &Completion::from_text(text)).value
+        r.score(&s, &Completion::from_text(text)).unwrap().value
     }
 
     #[test]
@@ -189,7 +196,7 @@ mod tests {
         assert_eq!(score(NumberFormat::Flexible, "blah\n#### 72", "72"), 1.0);
         let r = NumberMatch::gsm8k();
         let s = Sample::new(0, Prompt::text("q"));
-        let out = r.score(&s, &Completion::from_text("72"));
+        let out = r.score(&s, &Completion::from_text("72")).unwrap();
         assert_eq!(out.value, 0.0);
         assert_eq!(out.metrics["no_ground_truth"], 1.0);
     }

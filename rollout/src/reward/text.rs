@@ -4,7 +4,7 @@ use regex::Regex;
 use serde::{Deserialize, Serialize};
 
 use super::extract::{last_boxed, last_tagged};
-use super::{Reward, RewardFn};
+use super::{Reward, RewardError, RewardFn};
 use crate::error::{Error, Result};
 use crate::sample::{Completion, Sample};
 
@@ -67,7 +67,14 @@ impl RewardFn for ExactMatch {
         "exact-match"
     }
 
-    fn score(&self, sample: &Sample, completion: &Completion<'_>) -> Reward {
+    fn score(&self, sample: &Sample, completion: &Completion<'_>) -> Result<Reward, RewardError> {
+        Ok(self.reward_for(sample, completion))
+    }
+}
+
+impl ExactMatch {
+    /// The reward of one completion (never fails).
+    fn reward_for(&self, sample: &Sample, completion: &Completion<'_>) -> Reward {
         let answer = self.config.extract.apply(completion.text).map(str::trim);
         let gold = sample.ground_truth.as_deref().map(str::trim);
         let correct = match (answer, gold) {
@@ -137,7 +144,14 @@ impl RewardFn for RegexMatch {
         "regex-match"
     }
 
-    fn score(&self, sample: &Sample, completion: &Completion<'_>) -> Reward {
+    fn score(&self, sample: &Sample, completion: &Completion<'_>) -> Result<Reward, RewardError> {
+        Ok(self.reward_for(sample, completion))
+    }
+}
+
+impl RegexMatch {
+    /// The reward of one completion (never fails).
+    fn reward_for(&self, sample: &Sample, completion: &Completion<'_>) -> Reward {
         let (matched, correct) = match self.mode {
             RegexMode::Matches => {
                 let m = self.regex.is_match(completion.text);
@@ -218,7 +232,14 @@ impl RewardFn for FormatReward {
         "format"
     }
 
-    fn score(&self, _sample: &Sample, completion: &Completion<'_>) -> Reward {
+    fn score(&self, _sample: &Sample, completion: &Completion<'_>) -> Result<Reward, RewardError> {
+        Ok(self.reward_for(_sample, completion))
+    }
+}
+
+impl FormatReward {
+    /// The reward of one completion (never fails).
+    fn reward_for(&self, _sample: &Sample, completion: &Completion<'_>) -> Reward {
         let m = self.regex.is_match(completion.text);
         Reward::binary(m).with_metric("matched", f32::from(u8::from(m)))
     }
@@ -239,12 +260,14 @@ mod tests {
         assert_eq!(
             whole
                 .score(&sample("Paris"), &Completion::from_text(" Paris\n"))
+                .unwrap()
                 .value,
             1.0
         );
         assert_eq!(
             whole
                 .score(&sample("Paris"), &Completion::from_text("paris"))
+                .unwrap()
                 .value,
             0.0
         );
@@ -257,11 +280,13 @@ mod tests {
                 &sample("Paris"),
                 &Completion::from_text("<answer>PARIS</answer>")
             )
+            .unwrap()
             .value,
             1.0
         );
         assert_eq!(
             tag.score(&sample("Paris"), &Completion::from_text("Paris"))
+                .unwrap()
                 .value,
             0.0
         );
@@ -271,6 +296,7 @@ mod tests {
         });
         assert_eq!(
             last.score(&sample("B"), &Completion::from_text("think\nB\n\n"))
+                .unwrap()
                 .value,
             1.0
         );
@@ -284,11 +310,15 @@ mod tests {
         })
         .unwrap();
         assert_eq!(
-            m.score(&sample(""), &Completion::from_text("a cat")).value,
+            m.score(&sample(""), &Completion::from_text("a cat"))
+                .unwrap()
+                .value,
             1.0
         );
         assert_eq!(
-            m.score(&sample(""), &Completion::from_text("concat")).value,
+            m.score(&sample(""), &Completion::from_text("concat"))
+                .unwrap()
+                .value,
             0.0
         );
         let c = RegexMatch::new(RegexMatchConfig {
@@ -299,11 +329,13 @@ mod tests {
         let s = sample("blue");
         assert_eq!(
             c.score(&s, &Completion::from_text("Final: red\nFinal: blue"))
+                .unwrap()
                 .value,
             1.0
         );
         assert_eq!(
             c.score(&s, &Completion::from_text("Final: blue\nFinal: red"))
+                .unwrap()
                 .value,
             0.0
         );
@@ -319,14 +351,18 @@ mod tests {
         let f = FormatReward::new(FormatRewardConfig::default()).unwrap();
         let s = sample("");
         let ok = "<think>\nlet me see\n</think>\n<answer>42</answer>";
-        assert_eq!(f.score(&s, &Completion::from_text(ok)).value, 1.0);
+        assert_eq!(f.score(&s, &Completion::from_text(ok)).unwrap().value, 1.0);
         for bad in [
             "<answer>42</answer>",
             "<think>x</think>",
             "<think>x</think><answer>42</answer> trailing",
             "",
         ] {
-            assert_eq!(f.score(&s, &Completion::from_text(bad)).value, 0.0, "{bad}");
+            assert_eq!(
+                f.score(&s, &Completion::from_text(bad)).unwrap().value,
+                0.0,
+                "{bad}"
+            );
         }
     }
 }

@@ -1,0 +1,157 @@
+//! Batch building: pure functions from scored rollouts to the trainer's batch.
+
+use rlrun_rollout::AdvantageOutput;
+use rlrun_trainer::{SeqValues, TrainSequence};
+
+use super::rollouts::ScoredGroup;
+use super::Rollout;
+
+/// The sequences of a step, flat (group-major), with what advantages and metrics need.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct StepBatch {
+    pub seqs: Vec<TrainSequence>,
+    /// Which group (prompt) each sequence belongs to.
+    pub group_ids: Vec<u64>,
+    pub rewards: Vec<f32>,
+    /// (prompt, completion) texts.
+    pub texts: Vec<(String, String)>,
+    /// The policy version that generated each sequence.
+    pub versions: Vec<u64>,
+    pub lengths: Vec<usize>,
+}
+
+/// One training sequence per completion of `groups`, carrying the generator's log-probs.
+pub(crate) fn build(groups: &[ScoredGroup]) -> StepBatch {
+    let mut b = StepBatch::default();
+    for (gi, g) in groups.iter().enumerate() {
+        for ((comp, &reward), text) in g.completions.iter().zip(&g.rewards).zip(&g.texts) {
+            b.seqs.push(TrainSequence {
+                prompt: g.prompt_ids.clone(),
+                response: comp.token_ids.clone(),
+                advantages: Vec::new(),
+                behavior_logprobs: Some(comp.logprobs.clone()),
+                returns: None,
+                old_values: None,
+                ref_logprobs: None,
+            });
+            b.group_ids.push(gi as u64);
+            b.rewards.push(reward);
+            b.texts.push((g.prompt_text.clone(), text.clone()));
+            b.versions.push(comp.policy_version);
+            b.lengths.push(comp.token_ids.len());
+        }
+    }
+    b
+}
+
+/// Puts the estimator's advantages (and, with a critic, returns and old values) on the sequences.
+pub(crate) fn set_advantages(
+    seqs: &mut [TrainSequence],
+    adv: AdvantageOutput,
+    values: Option<SeqValues>,
+) {
+    let mut returns = adv.returns.into_iter();
+    let mut values = values.map(Vec::into_iter);
+    for (s, a) in seqs.iter_mut().zip(adv.advantages) {
+        s.advantages = a;
+        let r = returns.next();
+        if let Some(v) = values.as_mut().and_then(Iterator::next) {
+            s.returns = r;
+            s.old_values = Some(v);
+        }
+    }
+}
+
+/// The step's rollouts for inspection ([`super::Run::last_rollouts`]).
+pub(crate) fn rollouts(b: &StepBatch) -> Vec<Rollout> {
+    b.seqs
+        .iter()
+        .zip(&b.texts)
+        .zip(&b.rewards)
+        .zip(&b.versions)
+        .map(
+            |(((s, (prompt, completion)), &reward), &policy_version)| Rollout {
+                prompt: prompt.clone(),
+                completion: completion.clone(),
+                prompt_ids: s.prompt.clone(),
+                token_ids: s.response.clone(),
+                logprobs: s.behavior_logprobs.clone().unwrap_or_default(),
+                reward,
+                advantages: s.advantages.clone(),
+                policy_version,
+            },
+        )
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rlrun_generator::{Completion, FinishReason, Timings};
+
+    fn completion(tokens: Vec<i64>, version: u64) -> Completion {
+        Completion {
+            request_id: 0,
+            index: 0,
+            prompt_len: 2,
+            logprobs: tokens.iter().map(|&t| -(t as f32)).collect(),
+            token_ids: tokens,
+            finish_reason: FinishReason::Stop,
+            policy_version: version,
+            timings: Timings::default(),
+        }
+    }
+
+    fn group(prompt: Vec<i64>, comps: Vec<Completion>, rewards: Vec<f32>) -> ScoredGroup {
+        ScoredGroup {
+            prompt_text: format!("{prompt:?}"),
+            prompt_ids: prompt,
+            texts: comps.iter().map(|c| format!("{:?}", c.token_ids)).collect(),
+            completions: comps,
+            rewards,
+        }
+    }
+
+    #[test]
+    fn one_sequence_per_completion_group_major() {
+        let groups = vec![
+            group(
+                vec![1, 2],
+                vec![completion(vec![3], 0), completion(vec![4, 5], 1)],
+                vec![0.0, 1.0],
+            ),
+            group(vec![6], vec![completion(vec![7, 8, 9], 1)], vec![0.5]),
+        ];
+        let b = build(&groups);
+        assert_eq!(b.group_ids, vec![0, 0, 1]);
+        assert_eq!(b.rewards, vec![0.0, 1.0, 0.5]);
+        assert_eq!(b.lengths, vec![1, 2, 3]);
+        assert_eq!(b.versions, vec![0, 1, 1]);
+        assert_eq!(b.seqs[1].prompt, vec![1, 2]);
+        assert_eq!(b.seqs[2].response, vec![7, 8, 9]);
+        assert_eq!(b.seqs[2].behavior_logprobs, Some(vec![-7.0, -8.0, -9.0]));
+        assert_eq!(b.texts[2], ("[6]".to_string(), "[7, 8, 9]".to_string()));
+    }
+
+    #[test]
+    fn advantages_and_critic_targets_land_on_their_sequences() {
+        let groups = vec![group(
+            vec![1],
+            vec![completion(vec![3], 0), completion(vec![4, 5], 0)],
+            vec![0.0, 1.0],
+        )];
+        let mut b = build(&groups);
+        let mut adv = AdvantageOutput::default();
+        adv.advantages = vec![vec![-1.0], vec![1.0, 1.0]];
+        adv.returns = vec![vec![0.0], vec![1.0, 1.0]];
+        set_advantages(&mut b.seqs, adv.clone(), None);
+        assert_eq!(b.seqs[1].advantages, vec![1.0, 1.0]);
+        assert!(b.seqs[1].returns.is_none() && b.seqs[1].old_values.is_none());
+        set_advantages(&mut b.seqs, adv, Some(vec![vec![0.1], vec![0.2, 0.3]]));
+        assert_eq!(b.seqs[1].returns, Some(vec![1.0, 1.0]));
+        assert_eq!(b.seqs[1].old_values, Some(vec![0.2, 0.3]));
+        let r = rollouts(&b);
+        assert_eq!(r[1].advantages, vec![1.0, 1.0]);
+        assert_eq!(r[1].token_ids, vec![4, 5]);
+    }
+}

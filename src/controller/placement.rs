@@ -1,0 +1,220 @@
+//! Placement: the actors of a run, built from the recipe's `[placement]`: trainer and generator
+//! in this process, in child processes (`rlrun actor ...`), or generators reached by address.
+//! The weight-sync backend follows from the placement ([`SyncBackend::resolve`]).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rlrun_generator::{EngineConfig, GeneratorActor};
+use rlrun_model::{Kind, ModelFiles, Tokenizer};
+use rlrun_trainer::{CriticConfig, OptimConfig, TrainerActor, TrainerConfig};
+use tch::Device;
+
+use crate::actors::{self, ActorConfig, ActorProcess, GeneratorPool, Role};
+use crate::error::{Error, Result};
+use crate::recipe::{DeviceChoice, DtypeChoice, Recipe, RecipeConfig};
+use crate::sync::SyncBackend;
+
+/// The actors a run drives.
+pub(crate) struct Actors {
+    pub generator: Box<dyn GeneratorActor>,
+    pub trainer: Box<dyn TrainerActor>,
+    /// The generator processes, when there are any (also `generator`).
+    pub pool: Option<Arc<GeneratorPool>>,
+    /// The trainer's device.
+    pub device: Device,
+    /// The weight-sync backend this placement uses (resolved, never `auto`).
+    pub sync: SyncBackend,
+    /// Actor processes this run spawned (killed on drop).
+    _processes: Vec<ActorProcess>,
+}
+
+/// Builds the actors for `recipe` on the model `files`.
+pub(crate) fn place(
+    recipe: &Recipe,
+    files: &ModelFiles,
+    tokenizer: Arc<Tokenizer>,
+) -> Result<Actors> {
+    let c = &recipe.config;
+    let pl = &c.placement;
+    let device = pick_device(pl.trainer.device, pl.trainer.devices[0])?;
+    let gen_device = pick_device(pl.generator.device, pl.generator.devices[0])?;
+    if pl.trainer.threads > 0 {
+        tch::set_num_threads(pl.trainer.threads as i32);
+    }
+    let kind = compute_kind(c.model.dtype, device);
+    let uses_ref = c.algorithm.loss.kl.is_some() || c.algorithm.kl_in_reward.is_some();
+    let dtype = rlrun_weights_sync::shm::kind_name(kind).to_string();
+    let mut processes = Vec::new();
+
+    // Trainer: f32 master on its device, computing in `kind`; here or in its own process.
+    let tcfg = trainer_config(c);
+    let trainer: Box<dyn TrainerActor> = if pl.trainer_process {
+        let cfg = ActorConfig {
+            model: recipe.model_path.clone(),
+            dtype: dtype.clone(),
+            device: process_device(device),
+            threads: pl.trainer.threads,
+            engine: None,
+            trainer: Some(tcfg),
+            reference: uses_ref,
+        };
+        let p = actors::spawn(
+            Role::Trainer,
+            &cfg,
+            &visible_devices(device, &pl.trainer.devices),
+        )?;
+        let client = rlrun_trainer::RemoteTrainer::connect(
+            &p.addr,
+            None,
+            std::time::Duration::from_secs(60),
+        )
+        .map_err(|e| Error::Actor {
+            role: Role::Trainer,
+            addr: Some(p.addr.clone()),
+            message: e.to_string(),
+        })?;
+        processes.push(p);
+        Box::new(client)
+    } else {
+        Box::new(actors::build_trainer(files, kind, device, tcfg, uses_ref)?)
+    };
+
+    // Generators: one in this process (its own copy of the weights), or a pool of processes.
+    let engine_cfg = engine_config(c);
+    let (generator, pool): (Box<dyn GeneratorActor>, Option<Arc<GeneratorPool>>) =
+        if pl.generator_processes > 0 || !pl.generator_addresses.is_empty() {
+            let pool = if pl.generator_addresses.is_empty() {
+                let cfg = ActorConfig {
+                    model: recipe.model_path.clone(),
+                    dtype,
+                    device: process_device(gen_device),
+                    threads: pl.generator.threads,
+                    engine: Some(engine_cfg),
+                    trainer: None,
+                    reference: false,
+                };
+                // Generator i runs on the group's device i (round robin) when on CUDA.
+                let d = &pl.generator.devices;
+                let envs = (0..pl.generator_processes)
+                    .map(|i| visible_devices(gen_device, &[d[i % d.len()]]))
+                    .collect();
+                GeneratorPool::spawn(cfg, envs)?
+            } else {
+                let token = match &pl.token_file {
+                    Some(f) => Some(
+                        rlrun_proto::auth::read_token(Path::new(f))
+                            .map_err(|e| Error::Usage(format!("placement.token_file: {e}")))?,
+                    ),
+                    None => None,
+                };
+                GeneratorPool::connect(&pl.generator_addresses, token)?
+            };
+            (Box::new(pool.clone()), Some(pool))
+        } else {
+            let g = actors::build_generator(files, tokenizer, kind, gen_device, engine_cfg)?;
+            (Box::new(g), None)
+        };
+    let share_process = pool.is_none() && !pl.trainer_process;
+    Ok(Actors {
+        generator,
+        trainer,
+        pool,
+        device,
+        sync: c.sync.backend.resolve(share_process),
+        _processes: processes,
+    })
+}
+
+/// The trainer's settings from the recipe.
+fn trainer_config(c: &RecipeConfig) -> TrainerConfig {
+    TrainerConfig {
+        optim: c.trainer.optim(),
+        loss: c.algorithm.loss.clone(),
+        ppo_epochs: c.trainer.ppo_epochs,
+        mini_batches: c.trainer.mini_batches,
+        micro_batch_tokens: c.trainer.micro_batch_tokens,
+        logprob_chunk: c.trainer.logprob_chunk,
+        temperature: c.rollout.temperature,
+        critic: c.trainer.critic.as_ref().map(|cs| CriticConfig {
+            optim: OptimConfig {
+                lr: cs.lr,
+                weight_decay: cs.weight_decay,
+                grad_clip: (cs.grad_clip > 0.0).then_some(cs.grad_clip),
+                ..c.trainer.optim()
+            },
+            cliprange_value: cs.cliprange_value,
+        }),
+    }
+}
+
+/// The generator engine's settings: slots for a step's rollouts (and evaluation), room for the
+/// longest prompt plus the longest completion.
+fn engine_config(c: &RecipeConfig) -> EngineConfig {
+    let slots = c
+        .rollout
+        .max_slots
+        .unwrap_or(c.data.prompts_per_step * c.rollout.n)
+        .max(c.rollout.n);
+    let eval_slots = c.eval.size.unwrap_or(256).min(256);
+    EngineConfig {
+        max_slots: slots.max(eval_slots),
+        max_len: c.data.max_prompt_tokens
+            + c.rollout.max_tokens.max(c.eval.max_tokens.unwrap_or(0))
+            + 1,
+        max_prefill_tokens: 16_384,
+        seed: c.seed,
+        update_policy: c.rollout.update_policy,
+    }
+}
+
+/// The compute dtype: `auto` is bf16 on CUDA, f32 on the CPU.
+fn compute_kind(choice: DtypeChoice, device: Device) -> Kind {
+    match choice {
+        DtypeChoice::Auto if device.is_cuda() => Kind::BFloat16,
+        DtypeChoice::Auto | DtypeChoice::F32 => Kind::Float,
+        DtypeChoice::Bf16 => Kind::BFloat16,
+        DtypeChoice::F16 => Kind::Half,
+    }
+}
+
+/// An actor process sees only its devices (`CUDA_VISIBLE_DEVICES`): its first is `cuda:0`.
+fn process_device(d: Device) -> String {
+    match d {
+        Device::Cuda(_) => "cuda:0".to_string(),
+        _ => "cpu".to_string(),
+    }
+}
+
+/// The environment that pins an actor process to `devices` (nothing on the CPU). The indices
+/// are this process's: mapped through its own `CUDA_VISIBLE_DEVICES` when that is set.
+fn visible_devices(device: Device, devices: &[usize]) -> Vec<(String, String)> {
+    let Device::Cuda(_) = device else {
+        return Vec::new();
+    };
+    let ours: Option<Vec<String>> = std::env::var("CUDA_VISIBLE_DEVICES")
+        .ok()
+        .map(|v| v.split(',').map(|x| x.trim().to_string()).collect());
+    let names: Vec<String> = devices
+        .iter()
+        .map(|&d| match &ours {
+            Some(list) => list.get(d).cloned().unwrap_or_else(|| d.to_string()),
+            None => d.to_string(),
+        })
+        .collect();
+    vec![("CUDA_VISIBLE_DEVICES".to_string(), names.join(","))]
+}
+
+fn pick_device(choice: DeviceChoice, index: usize) -> Result<Device> {
+    Ok(match choice {
+        DeviceChoice::Cpu => Device::Cpu,
+        DeviceChoice::Cuda if !tch::Cuda::is_available() => {
+            return Err(Error::Placement(
+                "placement asks for CUDA but no CUDA device is available".into(),
+            ))
+        }
+        DeviceChoice::Cuda => Device::Cuda(index),
+        DeviceChoice::Auto if tch::Cuda::is_available() => Device::Cuda(index),
+        DeviceChoice::Auto => Device::Cpu,
+    })
+}

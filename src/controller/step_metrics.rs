@@ -1,0 +1,141 @@
+//! Step metrics: what one step reports (JSONL, TensorBoard scalars, histograms, sample texts).
+
+use std::collections::BTreeMap;
+
+use rlrun_generator::GeneratorActor;
+
+use super::batch::StepBatch;
+use super::rollouts::StepRollouts;
+use crate::recipe::RecipeConfig;
+
+pub(crate) type Metrics = BTreeMap<String, f64>;
+
+/// Rewards (over everything generated, before any filter), dynamic sampling, generation and
+/// reward timings of a step's rollouts.
+pub(crate) fn rollouts(r: &StepRollouts, c: &RecipeConfig) -> Metrics {
+    let mut m = Metrics::new();
+    let n_all = r.all_rewards.len().max(1) as f64;
+    let mean = r.all_rewards.iter().map(|&x| f64::from(x)).sum::<f64>() / n_all;
+    let var = r
+        .all_rewards
+        .iter()
+        .map(|&x| (f64::from(x) - mean).powi(2))
+        .sum::<f64>()
+        / n_all;
+    m.insert("reward/mean".into(), mean);
+    m.insert("reward/std".into(), var.sqrt());
+    let correct = r
+        .all_rewards
+        .iter()
+        .filter(|&&x| x >= c.eval.correct_threshold)
+        .count();
+    m.insert("reward/accuracy".into(), correct as f64 / n_all);
+    // The reward runner's counters (errors, panics, timeouts, per-reward means), averaged over rounds.
+    for s in &r.reward_stats {
+        for (k, v) in s.to_metrics("reward") {
+            if k != "reward/mean" {
+                *m.entry(k).or_insert(0.0) += v / r.reward_stats.len() as f64;
+            }
+        }
+    }
+    if let Some(dropped) = r.dropped_groups {
+        m.insert("dynamic_sampling/dropped_groups".into(), dropped as f64);
+        m.insert("dynamic_sampling/rounds".into(), r.rounds as f64);
+        m.insert("dynamic_sampling/kept_groups".into(), r.kept.len() as f64);
+    }
+    m.insert("prompts/skipped_too_long".into(), r.skipped as f64);
+    m.insert("time/generate_s".into(), r.generate_s);
+    // Generation time the controller waited for (the rest overlapped earlier steps' work).
+    m.insert("time/generate_wait_s".into(), r.generate_wait_s);
+    m.insert(
+        "time/overlap_s".into(),
+        (r.generate_s - r.generate_wait_s).max(0.0),
+    );
+    m.insert("time/reward_s".into(), r.reward_s);
+    m.insert(
+        "perf/generate_tokens_per_s".into(),
+        r.tokens as f64 / r.generate_s.max(1e-9),
+    );
+    m
+}
+
+/// Peak RSS since the last reset and the generator's KV cache, under `memory/*_{phase}`.
+pub(crate) fn memory(m: &mut Metrics, phase: &str, generator: &dyn GeneratorActor) {
+    if let Some(b) = crate::metrics::peak_rss() {
+        m.insert(format!("memory/peak_rss_{phase}_bytes"), b as f64);
+    }
+    if let Ok(s) = generator.stats() {
+        let key = match phase {
+            "generate" => "memory/kv_cache_bytes".to_string(),
+            _ => format!("memory/kv_cache_bytes_during_{phase}ing"),
+        };
+        m.insert(key, s.kv_cache_bytes as f64);
+    }
+}
+
+/// Response lengths and the staleness of the batch against the trainer's `version`.
+pub(crate) fn batch(b: &StepBatch, version: u64) -> Metrics {
+    let mut m = Metrics::new();
+    let n = b.lengths.len().max(1) as f64;
+    m.insert(
+        "response_length/mean".into(),
+        b.lengths.iter().sum::<usize>() as f64 / n,
+    );
+    m.insert(
+        "response_length/max".into(),
+        *b.lengths.iter().max().unwrap_or(&0) as f64,
+    );
+    let staleness = b
+        .versions
+        .iter()
+        .map(|&v| version.saturating_sub(1).saturating_sub(v))
+        .max()
+        .unwrap_or(0);
+    m.insert("policy/staleness_max".into(), staleness as f64);
+    m.insert(
+        "policy/rollout_version_min".into(),
+        b.versions.iter().copied().min().unwrap_or(0) as f64,
+    );
+    m.insert("policy/version".into(), version as f64);
+    m
+}
+
+/// Histograms of a step: rewards, advantages, response lengths.
+pub(crate) fn histograms(
+    all_rewards: &[f32],
+    b: Option<&StepBatch>,
+) -> Vec<(&'static str, Vec<f64>)> {
+    let mut h = vec![(
+        "reward",
+        all_rewards.iter().map(|&r| f64::from(r)).collect(),
+    )];
+    if let Some(b) = b {
+        let adv = b
+            .seqs
+            .iter()
+            .flat_map(|s| s.advantages.iter().map(|&a| f64::from(a)))
+            .collect();
+        h.push(("advantage", adv));
+        h.push((
+            "response_length",
+            b.lengths.iter().map(|&l| l as f64).collect(),
+        ));
+    }
+    h
+}
+
+/// The first `n` samples of a step as Markdown (TensorBoard's text tab).
+pub(crate) fn sample_texts(b: &StepBatch, n: usize) -> Vec<String> {
+    b.texts
+        .iter()
+        .zip(&b.rewards)
+        .take(n)
+        .map(|((p, t), r)| {
+            format!(
+                "**reward {r}**\n\n**prompt**\n\n    {}\n\n**completion**\n\n    {}",
+                p.replace('\n', "\n    "),
+                t.replace('\n', "\n    ")
+            )
+        })
+        .collect()
+}

@@ -1,0 +1,30 @@
+//! `in-process`: trainer and generator share this process; the generator copies the trainer's
+//! flat buffer (one copy, no serialization).
+
+use std::time::Instant;
+
+use rlrun_generator::WeightUpdate;
+use rlrun_trainer::TrainerActor;
+
+use super::{Published, SyncBackend, WeightSync};
+use crate::error::Result;
+
+pub struct InProcessSync;
+
+impl WeightSync for InProcessSync {
+    fn backend(&self) -> SyncBackend {
+        SyncBackend::InProcess
+    }
+
+    fn publish(&mut self, trainer: &dyn TrainerActor) -> Result<Published> {
+        let t = Instant::now();
+        let (version, flat) = trainer.sync_weights()?;
+        let bytes = flat.numel() as u64 * flat.kind().elt_size_in_bytes() as u64;
+        Ok(Published {
+            version,
+            bytes,
+            seconds: t.elapsed().as_secs_f64(),
+            update: WeightUpdate::Flat(flat),
+        })
+    }
+}
