@@ -261,12 +261,46 @@ fn bad_override_is_reported_against_its_key() {
 
 #[test]
 fn sync_backends_that_do_not_fit_the_placement_are_rejected() {
+    // `sync.backend` is a closed set: what is not built is not accepted.
     let e = check_error(|t| format!("{t}\n[sync]\nbackend = \"nccl\"\n"));
-    assert_has(&e, &["sync.backend", "not implemented yet"]);
+    assert_has(
+        &e,
+        &[
+            "sync.backend",
+            "unknown variant `nccl`",
+            "`auto`, `in-process`, `shm`",
+        ],
+    );
     let e = check_error(|t| {
         format!("{t}\n[sync]\nbackend = \"in-process\"\n[placement]\ngenerator_processes = 2\n")
     });
     assert_has(&e, &["sync.backend", "in-process", "generator"]);
     let e = check_error(|t| format!("{t}\n[sync]\nbackend = \"carrier-pigeon\"\n"));
-    assert_has(&e, &["sync.backend", "unknown backend"]);
+    assert_has(&e, &["sync.backend", "unknown variant"]);
+}
+
+#[test]
+fn keys_that_nothing_reads_are_rejected() {
+    // `sync.bucket_mb` was accepted and ignored; it is gone.
+    let e = check_error(|t| format!("{t}\n[sync]\nbucket_mb = 64\n"));
+    assert_has(&e, &["sync.bucket_mb", "unknown field"]);
+}
+
+#[test]
+fn a_trainer_on_several_devices_is_a_clear_error() {
+    let e = check_error(|t| {
+        format!("{t}\n[placement]\ntrainer = {{ device = \"cpu\", devices = [0, 1] }}\n")
+    });
+    assert_has(
+        &e,
+        &[
+            "placement.trainer.devices",
+            "one device",
+            "data parallelism",
+        ],
+    );
+    let e = check_error(|t| format!("{t}\n[placement]\ngenerator = {{ devices = [0, 1] }}\n"));
+    assert_has(&e, &["placement.generator.devices", "generator_processes"]);
+    let e = check_error(|t| format!("{t}\n[placement]\ntrainer = {{ devices = [] }}\n"));
+    assert_has(&e, &["placement.trainer.devices", "at least one"]);
 }

@@ -88,3 +88,48 @@ fn every_recipe_runs_two_tiny_steps() {
         );
     }
 }
+
+/// Every dotted key path of a TOML table (tables recursed into; arrays of tables by element).
+fn key_paths(prefix: &str, t: &toml::Table, out: &mut std::collections::BTreeSet<String>) {
+    for (k, v) in t {
+        let path = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match v {
+            toml::Value::Table(sub) => key_paths(&path, sub, out),
+            toml::Value::Array(items)
+                if items.iter().all(|i| i.is_table()) && !items.is_empty() =>
+            {
+                for i in items {
+                    key_paths(&path, i.as_table().unwrap(), out);
+                }
+            }
+            _ => {
+                out.insert(path);
+            }
+        }
+    }
+}
+
+#[test]
+fn the_recipe_reference_lists_every_key_the_shipped_recipes_resolve_to() {
+    // `rlrun check` prints a recipe resolved: every section with its defaults filled in. Each key
+    // of it must be documented in docs/recipes.md (as `a.b.c`), so no key goes undocumented.
+    let doc = std::fs::read_to_string(root().join("docs/recipes.md")).unwrap();
+    let mut keys = std::collections::BTreeSet::new();
+    for r in recipes() {
+        let out = rlrun(&["check".into(), r.display().to_string()]);
+        assert!(out.status.success(), "{}", r.display());
+        let resolved: toml::Table = String::from_utf8_lossy(&out.stdout).parse().unwrap();
+        key_paths("", &resolved, &mut keys);
+    }
+    assert!(keys.len() > 60, "{keys:?}");
+    // Tagged enums resolve to their variant's keys under the same path.
+    let missing: Vec<&String> = keys
+        .iter()
+        .filter(|k| !doc.contains(&format!("`{k}`")))
+        .collect();
+    assert!(missing.is_empty(), "undocumented recipe keys: {missing:?}");
+}

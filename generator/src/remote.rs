@@ -296,7 +296,7 @@ impl GeneratorRpc for GeneratorService {
 
 /// A client of a generator actor at an address, usable as a [`GeneratorActor`].
 pub struct RemoteGenerator {
-    rt: tokio::runtime::Runtime,
+    rt: &'static tokio::runtime::Runtime,
     client: GeneratorClient<InterceptedService<Channel, TokenAttach>>,
     addr: String,
 }

@@ -15,21 +15,35 @@ pub const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_se
 /// A ping unanswered this long fails the connection and its calls.
 pub const HEARTBEAT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
-/// A client's runtime and a channel to `http://addr` with heartbeats, retrying the connection
-/// for up to `timeout` (the actor may still be starting). `role` names the peer in errors.
+/// The one async runtime every actor client of this process shares (two worker threads; calls
+/// block on it from any thread). Never dropped, so a client dropped inside async code is safe.
+pub fn client_runtime() -> Result<&'static tokio::runtime::Runtime, String> {
+    static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    if let Some(rt) = RT.get() {
+        return Ok(rt);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("rlrun-client")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the client runtime: {e}"))?;
+    Ok(RT.get_or_init(|| rt))
+}
+
+/// The shared client runtime and a channel to `http://addr` with heartbeats, retrying the connection
+/// for up to `timeout` (the actor may still be starting) with exponential backoff (50 ms doubling
+/// to 1 s between attempts). `role` names the peer in errors.
 pub fn connect(
     addr: &str,
     role: &str,
     timeout: std::time::Duration,
-) -> Result<(tokio::runtime::Runtime, tonic::transport::Channel), String> {
+) -> Result<(&'static tokio::runtime::Runtime, tonic::transport::Channel), String> {
     use std::time::{Duration, Instant};
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
+    let rt = client_runtime()?;
     let url = format!("http://{addr}");
     let deadline = Instant::now() + timeout;
+    let mut backoff = Duration::from_millis(50);
     loop {
         let endpoint = tonic::transport::Channel::from_shared(url.clone())
             .map_err(|e| e.to_string())?
@@ -44,7 +58,10 @@ pub fn connect(
             Err(e) if Instant::now() >= deadline => {
                 return Err(format!("cannot connect to the {role} at {addr}: {e}"))
             }
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            Err(_) => {
+                std::thread::sleep(backoff.min(deadline.saturating_duration_since(Instant::now())));
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
         }
     }
 }

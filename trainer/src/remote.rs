@@ -215,7 +215,7 @@ impl TrainerRpc for TrainerService {
 
 /// A client of a trainer actor at an address, usable as a [`TrainerActor`].
 pub struct RemoteTrainer {
-    rt: tokio::runtime::Runtime,
+    rt: &'static tokio::runtime::Runtime,
     client: TrainerClient<InterceptedService<Channel, TokenAttach>>,
     addr: String,
 }
