@@ -31,12 +31,16 @@ fn metrics_and_tensorboard_hold_the_step_metrics() {
     let tmp = rlrun_testkit::tempdir();
     let mut args = vec!["recipes/quickstart.toml".to_string()];
     args.extend(set_args(&quickstart_tiny(tmp.path(), 3)));
-    let out = rlrun(&args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new(bin())
+        .args(&args)
+        .current_dir(root())
+        .env("RLRUN_LOG", "info")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    // The log goes to a pipe here, not a terminal: plain text, no colour escape codes.
+    assert!(log.contains("INFO") && !log.contains('\u{1b}'), "{log}");
     let run = run_dir(tmp.path());
     let m = metrics(&run);
     let train: Vec<_> = m.iter().filter(|l| l["kind"] == "train").collect();
