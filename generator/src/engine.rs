@@ -35,16 +35,6 @@ pub struct Request {
 }
 
 impl Request {
-    /// A request with an ad-hoc draw key.
-    pub fn new(id: u64, prompt: Vec<i64>, params: SamplingParams) -> Self {
-        Request {
-            id,
-            prompt,
-            params,
-            key: None,
-        }
-    }
-
     /// The key its draws derive from.
     pub fn draw_key(&self) -> DrawKey {
         self.key.unwrap_or(DrawKey {

@@ -211,10 +211,16 @@ impl Run {
         let version = self.actors.trainer.version()?;
         let collected = self.rollouts.collect_step(&context!(self), step, version)?;
         let mut m = step_metrics::rollouts(&collected, &self.recipe.config);
-        step_metrics::memory(&mut m, "generate", self.actors.generator.as_ref());
+        let generator = self.actors.generator.as_ref();
+        step_metrics::memory(
+            &mut m,
+            "memory/peak_rss_generate_bytes",
+            "memory/kv_cache_bytes",
+            generator,
+        );
         self.between_generation_and_training(step, &mut m)?;
         if collected.kept.is_empty() {
-            return self.finish_without_update(step, &collected.all_rewards, m, t_step);
+            return self.finish_without_update(step, &collected, m, t_step);
         }
         // 4. Advantages.
         let mut batch = batch::build(&collected.kept);
@@ -255,7 +261,7 @@ impl Run {
     fn finish_without_update(
         &mut self,
         step: u64,
-        all_rewards: &[f32],
+        collected: &rollouts::StepRollouts,
         mut m: Metrics,
         t_step: Instant,
     ) -> Result<Metrics> {
@@ -271,12 +277,13 @@ impl Run {
         }
         tracing::warn!(
             "step {step}: every group had equal rewards after {} rounds; no update this step",
-            m.get("dynamic_sampling/rounds").copied().unwrap_or(0.0)
+            collected.rounds
         );
         m.insert("dynamic_sampling/skipped_update".into(), 1.0);
         self.step = step;
         self.last_rollouts.clear();
-        self.log_step(m, &step_metrics::histograms(all_rewards, None), &[], t_step)
+        let hist = step_metrics::histograms(&collected.all_rewards, None);
+        self.log_step(m, &hist, &[], t_step)
     }
 
     /// KL in the reward, critic values, then the estimator's advantages on `b`'s sequences.
@@ -329,7 +336,12 @@ impl Run {
         };
         crate::metrics::reset_peak_rss();
         let mut m = self.actors.trainer.train_step(batch)?;
-        step_metrics::memory(&mut m, "train", self.actors.generator.as_ref());
+        step_metrics::memory(
+            &mut m,
+            "memory/peak_rss_train_bytes",
+            "memory/kv_cache_bytes_during_training",
+            self.actors.generator.as_ref(),
+        );
         Ok(m)
     }
 

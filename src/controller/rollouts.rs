@@ -248,13 +248,7 @@ pub(crate) struct Context<'a> {
     pub config: &'a RecipeConfig,
 }
 
-impl Context<'_> {
-    /// The recipe's sampling settings for training rollouts.
-    pub fn sampling(&self) -> SamplingParams {
-        sampling(self.config)
-    }
-}
-
+/// The recipe's sampling settings for training rollouts.
 pub(crate) fn sampling(c: &RecipeConfig) -> SamplingParams {
     let r = &c.rollout;
     SamplingParams {
@@ -309,7 +303,7 @@ impl Rollouts {
         trainer_version: u64,
     ) -> Result<StepRollouts> {
         let c = cx.config;
-        let params = cx.sampling();
+        let params = sampling(c);
         let p = c.data.prompts_per_step;
         let dynamic = c.algorithm.dynamic_sampling;
         let mut sampler: DynamicSampler<ScoredGroup> =
@@ -452,7 +446,7 @@ impl Rollouts {
     pub fn prefetch(&mut self, cx: &Context<'_>, step: u64) -> Result<()> {
         let c = cx.config;
         let last = (step + c.rollout.max_staleness).min(c.steps);
-        let params = cx.sampling();
+        let params = sampling(c);
         let mut next = self
             .prefetched
             .back()

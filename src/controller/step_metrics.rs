@@ -59,17 +59,13 @@ pub(crate) fn rollouts(r: &StepRollouts, c: &RecipeConfig) -> Metrics {
     m
 }
 
-/// Peak RSS since the last reset and the generator's KV cache, under `memory/*_{phase}`.
-pub(crate) fn memory(m: &mut Metrics, phase: &str, generator: &dyn GeneratorActor) {
+/// Peak RSS since the last reset under `rss_key`, the generator's KV cache under `kv_key`.
+pub(crate) fn memory(m: &mut Metrics, rss_key: &str, kv_key: &str, generator: &dyn GeneratorActor) {
     if let Some(b) = crate::metrics::peak_rss() {
-        m.insert(format!("memory/peak_rss_{phase}_bytes"), b as f64);
+        m.insert(rss_key.into(), b as f64);
     }
     if let Ok(s) = generator.stats() {
-        let key = match phase {
-            "generate" => "memory/kv_cache_bytes".to_string(),
-            _ => format!("memory/kv_cache_bytes_during_{phase}ing"),
-        };
-        m.insert(key, s.kv_cache_bytes as f64);
+        m.insert(kv_key.into(), s.kv_cache_bytes as f64);
     }
 }
 
