@@ -566,7 +566,8 @@ fn shm_sync(
     checksum: bool,
     json_path: Option<&Path>,
 ) -> anyhow::Result<()> {
-    use rlrun_generator::{GeneratorActor, RemoteGenerator, WeightUpdate};
+    use rlrun::actors::RemoteGenerator;
+    use rlrun_generator::{GeneratorActor, WeightUpdate};
     let iters = iters.max(1);
     let files = ModelFiles::open(model)?;
     let weights = files.load_weights(Kind::Float, Device::Cpu)?;

@@ -246,6 +246,8 @@ pub struct TrainerSection {
     pub mini_batches: usize,
     pub micro_batch_tokens: usize,
     pub logprob_chunk: i64,
+    /// Recompute each layer in the backward instead of keeping its activations.
+    pub activation_checkpointing: bool,
     pub critic: Option<CriticSection>,
 }
 
@@ -263,6 +265,7 @@ impl Default for TrainerSection {
             mini_batches: 1,
             micro_batch_tokens: 4096,
             logprob_chunk: 1024,
+            activation_checkpointing: false,
             critic: None,
         }
     }

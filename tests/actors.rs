@@ -361,7 +361,8 @@ fn serve_generator(dir: &Path, listen: &str, token: Option<&str>) -> Result<Serv
 
 #[test]
 fn non_loopback_listeners_need_a_token_and_calls_without_it_are_rejected() {
-    use rlrun_generator::{GeneratorActor, RemoteGenerator};
+    use rlrun::actors::RemoteGenerator;
+    use rlrun_generator::GeneratorActor;
     let dir = rlrun_testkit::tempdir();
     let err = serve_generator(dir.path(), "0.0.0.0:0", None)
         .err()
@@ -395,7 +396,8 @@ fn non_loopback_listeners_need_a_token_and_calls_without_it_are_rejected() {
 
 #[test]
 fn malformed_messages_get_an_error_status_and_the_actor_keeps_serving() {
-    use rlrun_generator::{GeneratorActor, RemoteGenerator, WeightUpdate};
+    use rlrun::actors::RemoteGenerator;
+    use rlrun_generator::{GeneratorActor, WeightUpdate};
     let dir = rlrun_testkit::tempdir();
     let served = serve_generator(dir.path(), "127.0.0.1:0", None).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();

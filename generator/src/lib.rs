@@ -9,7 +9,6 @@
 pub mod actor;
 pub mod engine;
 pub mod error;
-pub mod remote;
 pub mod sampling;
 
 pub use actor::{CompletionStream, GeneratorActor, LocalGenerator};
@@ -18,5 +17,4 @@ pub use engine::{
     WeightUpdate,
 };
 pub use error::{GenError, Result};
-pub use remote::{GeneratorService, RemoteGenerator};
 pub use sampling::{DrawKey, Purpose, SamplingParams};

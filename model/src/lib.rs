@@ -29,7 +29,7 @@ use std::sync::Arc;
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{Config, GenerationConfig};
 pub use error::{ModelError, Result};
-pub use llama::{CacheWrite, KvCache, Model};
+pub use llama::{CacheWrite, KvCache, Model, Pass};
 pub use params::{ParamLayout, Weights};
 pub use tch::{Device, Kind};
 pub use tokenizer::Tokenizer;

@@ -148,6 +148,27 @@ pub struct CacheWrite<'a> {
     pub lens: &'a [i64],
 }
 
+/// The per-pass inputs of the layers (rotary tables, masks) of a [`Model::forward`]
+/// ([`Model::pass_full`]) or [`Model::forward_grouped`] ([`Model::pass_grouped`]) pass, for
+/// running the model one layer at a time ([`Model::layer`]).
+pub enum Pass {
+    Full {
+        cos: Tensor,
+        sin: Tensor,
+        mask: Option<Tensor>,
+    },
+    Grouped {
+        cos_p: Tensor,
+        sin_p: Tensor,
+        cos_c: Tensor,
+        sin_c: Tensor,
+        /// `(N,)` the prompt of each continuation.
+        gidx: Tensor,
+        /// `(N, 1, R, P + R)` keys each continuation token sees.
+        mask: Tensor,
+    },
+}
+
 impl Model {
     /// Builds the model over `chunks`, the views returned by [`ParamLayout::chunk_views`].
     pub fn new(cfg: Arc<Config>, layout: &ParamLayout, chunks: &[Tensor]) -> Result<Self> {
@@ -363,8 +384,24 @@ impl Model {
         positions: &Tensor,
         valid: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let t = ids.size()[1];
-        let device = ids.device();
+        let pass = self.pass_full(positions, valid)?;
+        let mut out = self.run_layers(&pass, self.embed(&[ids])?)?;
+        Ok(out.remove(0))
+    }
+
+    /// Every layer, then the final norm, of a pass whose first state is `state`.
+    fn run_layers(&self, pass: &Pass, mut state: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        for i in 0..self.layers.len() {
+            state = self.layer(i, pass, &state)?;
+        }
+        self.final_norm(&state)
+    }
+
+    /// What every layer of a [`Model::forward`] pass needs besides its input state `[h]`: the
+    /// rotary tables and the attention mask. No parameters are involved.
+    pub fn pass_full(&self, positions: &Tensor, valid: Option<&Tensor>) -> Result<Pass> {
+        let t = positions.size()[1];
+        let device = positions.device();
         let mask = match valid {
             Some(valid) => {
                 let causal = Tensor::f_ones([t, t], (Kind::Bool, device))?.f_tril(0)?; // (T, T)
@@ -380,15 +417,71 @@ impl Model {
             None => None,
         };
         let (cos, sin) = self.rope(positions)?;
-        let mut h = Tensor::f_embedding(&self.embed, ids, -1, false, false)?; // (B, T, hidden)
-        for l in &self.layers {
-            let x = self.rms_norm(&h, &l.input_layernorm)?;
-            let (q, k, v) = self.qkv(l, &x, &cos, &sin)?;
-            let attn = self.attend(&q, &k, &v, mask.as_ref())?;
-            h = h.f_add(&self.o_proj(l, &attn)?)?;
-            h = self.mlp_block(l, &h)?;
+        Ok(Pass::Full { cos, sin, mask })
+    }
+
+    /// The first state of a pass: the embeddings of each of its inputs (`[ids]` for a
+    /// [`Model::pass_full`] pass, `[prompts, conts]` for a [`Model::pass_grouped`] one).
+    pub fn embed(&self, ids: &[&Tensor]) -> Result<Vec<Tensor>> {
+        ids.iter()
+            .map(|x| Ok(Tensor::f_embedding(&self.embed, x, -1, false, false)?))
+            .collect()
+    }
+
+    /// Number of decoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Decoder layer `i` of a pass: the state after it. Layer by layer with [`Model::embed`] and
+    /// [`Model::final_norm`] this is exactly [`Model::forward`] / [`Model::forward_grouped`];
+    /// the trainer uses it to recompute one layer at a time (activation checkpointing).
+    pub fn layer(&self, i: usize, pass: &Pass, state: &[Tensor]) -> Result<Vec<Tensor>> {
+        let l = self.layers.get(i).ok_or_else(|| {
+            ModelError::Invalid(format!("layer {i} of a {}-layer model", self.layers.len()))
+        })?;
+        match (pass, state) {
+            (Pass::Full { cos, sin, mask }, [h]) => {
+                let x = self.rms_norm(h, &l.input_layernorm)?;
+                let (q, k, v) = self.qkv(l, &x, cos, sin)?;
+                let attn = self.attend(&q, &k, &v, mask.as_ref())?;
+                let h = h.f_add(&self.o_proj(l, &attn)?)?;
+                Ok(vec![self.mlp_block(l, &h)?])
+            }
+            (
+                Pass::Grouped {
+                    cos_p,
+                    sin_p,
+                    cos_c,
+                    sin_c,
+                    gidx,
+                    mask,
+                },
+                [hp, hc],
+            ) => {
+                let xp = self.rms_norm(hp, &l.input_layernorm)?;
+                let (qp, kp, vp) = self.qkv(l, &xp, cos_p, sin_p)?; // (G, heads, P, hd)
+                let ap = self.attend(&qp, &kp, &vp, None)?;
+                let xc = self.rms_norm(hc, &l.input_layernorm)?;
+                let (qc, kc, vc) = self.qkv(l, &xc, cos_c, sin_c)?; // (N, heads, R, hd)
+                let keys = Tensor::f_cat(&[kp.f_index_select(0, gidx)?, kc], 2)?; // (N, nkv, P + R, hd)
+                let values = Tensor::f_cat(&[vp.f_index_select(0, gidx)?, vc], 2)?;
+                let ac = self.attend(&qc, &keys, &values, Some(mask))?;
+                Ok(vec![
+                    self.mlp_block(l, &hp.f_add(&self.o_proj(l, &ap)?)?)?,
+                    self.mlp_block(l, &hc.f_add(&self.o_proj(l, &ac)?)?)?,
+                ])
+            }
+            _ => Err(ModelError::Invalid(format!(
+                "layer {i}: a state of {} tensors does not fit this pass",
+                state.len()
+            ))),
         }
-        self.rms_norm(&h, &self.norm)
+    }
+
+    /// The final norm of each tensor of the last state: the hidden states the head reads.
+    pub fn final_norm(&self, state: &[Tensor]) -> Result<Vec<Tensor>> {
+        state.iter().map(|h| self.rms_norm(h, &self.norm)).collect()
     }
 
     /// Forward through a KV cache: writes the keys/values of the valid tokens of each row into
@@ -528,9 +621,26 @@ impl Model {
         conts: &Tensor,
         groups: &[i64],
     ) -> Result<(Tensor, Tensor)> {
-        let (g, p) = (prompts.size()[0], prompts.size()[1]);
-        let (n, r) = (conts.size()[0], conts.size()[1]);
-        let device = prompts.device();
+        let pass = self.pass_grouped(prompts.size(), prompt_lens, conts.size(), groups)?;
+        let mut out = self.run_layers(&pass, self.embed(&[prompts, conts])?)?;
+        let hc = out.remove(1);
+        Ok((out.remove(0), hc))
+    }
+
+    /// The pass of [`Model::forward_grouped`] for prompts of shape `(G, P)` and continuations
+    /// of shape `(N, R)`: rotary tables of both, each continuation's group, and the mask by which
+    /// a continuation sees its prompt's valid keys and its own earlier tokens. Its states are
+    /// `[prompt hidden (G, P, H), continuation hidden (N, R, H)]`.
+    pub fn pass_grouped(
+        &self,
+        prompts_shape: Vec<i64>,
+        prompt_lens: &[i64],
+        conts_shape: Vec<i64>,
+        groups: &[i64],
+    ) -> Result<Pass> {
+        let (g, p) = (prompts_shape[0], prompts_shape[1]);
+        let (n, r) = (conts_shape[0], conts_shape[1]);
+        let device = self.device();
         if prompt_lens.len() as i64 != g
             || groups.len() as i64 != n
             || groups.iter().any(|&x| x < 0 || x >= g)
@@ -559,24 +669,14 @@ impl Model {
             .f_tril(0)?
             .f_expand([n, r, r], false)?; // (N, R, R)
         let mask = Tensor::f_cat(&[prompt_keys, own], 2)?.f_unsqueeze(1)?; // (N, 1, R, P + R)
-        let mut hp = Tensor::f_embedding(&self.embed, prompts, -1, false, false)?; // (G, P, H)
-        let mut hc = Tensor::f_embedding(&self.embed, conts, -1, false, false)?; // (N, R, H)
-        for l in &self.layers {
-            let xp = self.rms_norm(&hp, &l.input_layernorm)?;
-            let (qp, kp, vp) = self.qkv(l, &xp, &cos_p, &sin_p)?; // (G, heads, P, hd)
-            let ap = self.attend(&qp, &kp, &vp, None)?;
-            let xc = self.rms_norm(&hc, &l.input_layernorm)?;
-            let (qc, kc, vc) = self.qkv(l, &xc, &cos_c, &sin_c)?; // (N, heads, R, hd)
-            let keys = Tensor::f_cat(&[kp.f_index_select(0, &gidx)?, kc], 2)?; // (N, nkv, P + R, hd)
-            let values = Tensor::f_cat(&[vp.f_index_select(0, &gidx)?, vc], 2)?;
-            let ac = self.attend(&qc, &keys, &values, Some(&mask))?;
-            hp = self.mlp_block(l, &hp.f_add(&self.o_proj(l, &ap)?)?)?;
-            hc = self.mlp_block(l, &hc.f_add(&self.o_proj(l, &ac)?)?)?;
-        }
-        Ok((
-            self.rms_norm(&hp, &self.norm)?,
-            self.rms_norm(&hc, &self.norm)?,
-        ))
+        Ok(Pass::Grouped {
+            cos_p,
+            sin_p,
+            cos_c,
+            sin_c,
+            gidx,
+            mask,
+        })
     }
 
     /// Logits `(..., vocab)` of hidden states, in the model dtype.

@@ -64,16 +64,13 @@ pub(crate) fn place(
             &cfg,
             &visible_devices(device, &pl.trainer.devices),
         )?;
-        let client = rlrun_trainer::RemoteTrainer::connect(
-            &p.addr,
-            None,
-            std::time::Duration::from_secs(60),
-        )
-        .map_err(|e| Error::Actor {
-            role: Role::Trainer,
-            addr: Some(p.addr.clone()),
-            message: e.to_string(),
-        })?;
+        let client =
+            actors::RemoteTrainer::connect(&p.addr, None, std::time::Duration::from_secs(60))
+                .map_err(|e| Error::Actor {
+                    role: Role::Trainer,
+                    addr: Some(p.addr.clone()),
+                    message: e.to_string(),
+                })?;
         processes.push(p);
         Box::new(client)
     } else {
@@ -136,6 +133,7 @@ fn trainer_config(c: &RecipeConfig) -> TrainerConfig {
         micro_batch_tokens: c.trainer.micro_batch_tokens,
         logprob_chunk: c.trainer.logprob_chunk,
         temperature: c.rollout.temperature,
+        activation_checkpointing: c.trainer.activation_checkpointing,
         critic: c.trainer.critic.as_ref().map(|cs| CriticConfig {
             optim: OptimConfig {
                 lr: cs.lr,

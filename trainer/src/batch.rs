@@ -1,5 +1,6 @@
 //! Training batches: sequences with per-token advantages, and their packing into micro-batches.
 
+use rlrun_model::{Model, Pass};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
@@ -239,23 +240,78 @@ impl MicroBatch {
     }
 
     /// Final hidden states `(M, hidden)` of the rows that predict the response tokens.
-    pub fn hidden_rows(&self, model: &rlrun_model::Model) -> Result<Tensor> {
-        let all = match &self.layout {
+    pub fn hidden_rows(&self, model: &Model) -> Result<Tensor> {
+        Ok(self.forward(model, false)?.rows)
+    }
+
+    /// The forward pass to the hidden rows, for a backward pass to follow
+    /// ([`Forward::backward`]). With `checkpoint`, the layers run without autograd and only each
+    /// layer's input is kept; the backward recomputes one layer at a time (activation
+    /// checkpointing: the activations of one layer are alive at once instead of all of them).
+    pub fn forward(&self, model: &Model, checkpoint: bool) -> Result<Forward> {
+        let (pass, ids) = match &self.layout {
             Layout::Grouped {
                 prompts,
                 prompt_lens,
                 conts,
                 groups,
-            } => {
-                let (hp, hc) = model.forward_grouped(prompts, prompt_lens, conts, groups)?;
-                let h = hp.size()[2];
-                Tensor::f_cat(&[hp.f_reshape([-1, h])?, hc.f_reshape([-1, h])?], 0)?
-            }
+            } => (
+                model.pass_grouped(prompts.size(), prompt_lens, conts.size(), groups)?,
+                vec![prompts.shallow_clone(), conts.shallow_clone()],
+            ),
             Layout::Full { ids, positions } => {
-                let h = model.forward(ids, positions, None)?;
-                let hidden = h.size()[2];
-                h.f_reshape([-1, hidden])?
+                (model.pass_full(positions, None)?, vec![ids.shallow_clone()])
             }
+        };
+        let id_refs: Vec<&Tensor> = ids.iter().collect();
+        if !checkpoint {
+            let mut state = model.embed(&id_refs)?;
+            for i in 0..model.num_layers() {
+                state = model.layer(i, &pass, &state)?;
+            }
+            let rows = self.select_rows(&model.final_norm(&state)?)?;
+            return Ok(Forward { rows, saved: None });
+        }
+        let mut inputs = Vec::with_capacity(model.num_layers());
+        let mut state = {
+            let _g = tch::no_grad_guard();
+            model.embed(&id_refs)?
+        };
+        for i in 0..model.num_layers() {
+            let _g = tch::no_grad_guard();
+            let next = model.layer(i, &pass, &state)?;
+            inputs.push(std::mem::replace(&mut state, next));
+        }
+        let last = state
+            .iter()
+            .map(|t| t.f_detach()?.f_set_requires_grad(true))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let rows = self.select_rows(&model.final_norm(&last)?)?;
+        Ok(Forward {
+            rows,
+            saved: Some(Saved {
+                pass,
+                ids,
+                inputs,
+                last,
+            }),
+        })
+    }
+
+    /// `(M, hidden)`: the rows of the final hidden states (as the layout lays them out) that
+    /// predict the response tokens.
+    fn select_rows(&self, hidden: &[Tensor]) -> Result<Tensor> {
+        let flat = hidden
+            .iter()
+            .map(|h| {
+                let width = h.size()[h.dim() - 1];
+                h.f_reshape([-1, width])
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let all = if flat.len() == 1 {
+            flat.into_iter().next().expect("one")
+        } else {
+            Tensor::f_cat(&flat, 0)?
         };
         Ok(all.f_index_select(0, &self.rows)?)
     }
@@ -280,6 +336,73 @@ impl MicroBatch {
                 .f_to_device(self.mask.device())?,
         ))
     }
+}
+
+/// A micro-batch's forward pass to its hidden rows ([`MicroBatch::forward`]).
+pub struct Forward {
+    /// `(M, hidden)` final hidden states predicting the response tokens, in the autograd graph.
+    pub rows: Tensor,
+    /// With activation checkpointing: what the backward recomputes the layers from.
+    saved: Option<Saved>,
+}
+
+struct Saved {
+    pass: Pass,
+    ids: Vec<Tensor>,
+    /// The state entering each layer (no autograd).
+    inputs: Vec<Vec<Tensor>>,
+    /// The final state as leaves: the graph of `rows` starts there.
+    last: Vec<Tensor>,
+}
+
+impl Forward {
+    /// Back-propagates `objective` (a scalar computed from [`Forward::rows`] and anything else)
+    /// into the model's parameters. With activation checkpointing the graph of `rows` ends at the
+    /// last layer's output; the layers are then recomputed last to first, one at a time, each
+    /// back-propagating the gradient of its output into its parameters and its input.
+    pub fn backward(self, model: &Model, objective: &Tensor) -> Result<()> {
+        objective.f_backward()?;
+        let Some(mut saved) = self.saved else {
+            return Ok(());
+        };
+        let mut grads = leaf_grads(&saved.last)?;
+        for i in (0..model.num_layers()).rev() {
+            let x = saved
+                .inputs
+                .pop()
+                .ok_or_else(|| TrainError::Invalid("checkpointed layer inputs missing".into()))?
+                .into_iter()
+                .map(|t| t.f_set_requires_grad(true))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            let y = model.layer(i, &saved.pass, &x)?;
+            weighted_sum(&y, &grads)?.f_backward()?;
+            grads = leaf_grads(&x)?;
+        }
+        let ids: Vec<&Tensor> = saved.ids.iter().collect();
+        let embedded = model.embed(&ids)?;
+        weighted_sum(&embedded, &grads)?.f_backward()?;
+        Ok(())
+    }
+}
+
+/// The gradients accumulated in leaves (zeros where none arrived).
+fn leaf_grads(leaves: &[Tensor]) -> Result<Vec<Tensor>> {
+    leaves
+        .iter()
+        .map(|t| {
+            let g = t.f_grad()?;
+            Ok(if g.defined() { g } else { t.f_zeros_like()? })
+        })
+        .collect()
+}
+
+/// `sum_k sum(y_k * g_k)` in f32: back-propagating it sends `g_k` into `y_k`'s graph.
+fn weighted_sum(ys: &[Tensor], grads: &[Tensor]) -> Result<Tensor> {
+    let mut total = Tensor::f_zeros([], (tch::Kind::Float, ys[0].device()))?;
+    for (y, g) in ys.iter().zip(grads) {
+        total = total.f_add(&y.f_mul(g)?.f_sum(tch::Kind::Float)?)?;
+    }
+    Ok(total)
 }
 
 #[cfg(test)]

@@ -17,6 +17,10 @@ pub enum TrainError {
         path: std::path::PathBuf,
         message: String,
     },
+    /// The request cannot be served as given (bad input, wrong state).
     #[error("{0}")]
     Invalid(String),
+    /// The trainer (a process, named with its address) is gone or unreachable.
+    #[error("{0}")]
+    Unavailable(String),
 }

@@ -11,12 +11,10 @@ pub mod error;
 pub mod kl;
 pub mod loss;
 pub mod optim;
-pub mod remote;
 pub mod trainer;
 
 pub use actor::{LocalTrainer, TrainerActor};
 pub use batch::{TrainBatch, TrainSequence};
 pub use error::{Result, TrainError};
 pub use optim::{AdamW, OptimConfig, Schedule};
-pub use remote::{RemoteTrainer, TrainerService};
 pub use trainer::{CriticConfig, SeqValues, StepMetrics, Trainer, TrainerConfig};

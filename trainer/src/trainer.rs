@@ -14,7 +14,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use rlrun_model::logprobs::token_logprobs;
+use rlrun_model::logprobs::{token_logprobs, token_logprobs_backward};
 use rlrun_model::{Config, Kind, Model, ParamLayout, Weights};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
@@ -40,6 +40,9 @@ pub struct TrainerConfig {
     pub logprob_chunk: i64,
     /// Sampling temperature of the rollouts: log-probs are of `softmax(logits / temperature)`.
     pub temperature: f64,
+    /// Keep only each layer's input in the forward and recompute the layer in the backward
+    /// (less memory for activations, one more forward of compute).
+    pub activation_checkpointing: bool,
     pub critic: Option<CriticConfig>,
 }
 
@@ -53,6 +56,7 @@ impl Default for TrainerConfig {
             micro_batch_tokens: 4096,
             logprob_chunk: 1024,
             temperature: 1.0,
+            activation_checkpointing: false,
             critic: None,
         }
     }
@@ -564,6 +568,10 @@ impl Trainer {
         Ok(info)
     }
 
+    /// Back-propagates one micro-batch's share of the policy loss. The log-probs (and entropies)
+    /// are computed chunk by chunk without autograd; the loss is differentiated with respect to
+    /// them; the head's backward then recomputes each chunk's logits
+    /// ([`token_logprobs_backward`]), so no `(tokens, vocab)` logits are kept for backward.
     fn policy_micro_step(
         &self,
         mseqs: &[&TrainSequence],
@@ -576,8 +584,29 @@ impl Trainer {
     ) -> Result<()> {
         let model = self.policy.model()?;
         let want_entropy = self.cfg.loss.entropy_coef != 0.0;
-        let (lp, ent) = self.log_probs_of(&model, mb, true)?;
-        let ent_metric = ent.as_ref().map(|e| e.f_detach()).transpose()?;
+        let fwd = mb.forward(&model, self.cfg.activation_checkpointing)?;
+        let rows = fwd.rows.f_detach()?;
+        let lm_head = model.lm_head_weight();
+        let (lp_flat, ent_flat) = {
+            let _g = tch::no_grad_guard();
+            token_logprobs(
+                &rows,
+                lm_head,
+                &mb.targets,
+                self.cfg.temperature,
+                self.cfg.logprob_chunk,
+                true,
+            )?
+        };
+        let lp_leaf = lp_flat.f_set_requires_grad(true)?;
+        let ent_flat = ent_flat.expect("entropy asked for");
+        let ent_leaf = if want_entropy {
+            Some(ent_flat.f_detach()?.f_set_requires_grad(true)?)
+        } else {
+            None
+        };
+        let lp = mb.to_padded(&lp_leaf)?;
+        let ent = ent_leaf.as_ref().map(|e| mb.to_padded(e)).transpose()?;
         let field = |f: &dyn Fn(&TrainSequence) -> Option<&Vec<f32>>| {
             mb.padded(|k| f(mseqs[k]).map(Vec::as_slice))
         };
@@ -603,27 +632,55 @@ impl Trainer {
             mask: &mb.mask,
             ref_logprobs: ref_lp.as_ref(),
             behavior_logprobs: behavior.as_ref(),
-            entropy: if want_entropy { ent.as_ref() } else { None },
+            entropy: ent.as_ref(),
             norm,
         };
         let out = self.loss.compute(&input)?;
         out.loss.f_backward()?;
+        // The head: gradients of the loss with respect to the hidden rows and the output
+        // projection, recomputing the logits a chunk at a time.
+        let grad_lp = lp_leaf.f_grad()?;
+        let grad_lp = if grad_lp.defined() {
+            grad_lp
+        } else {
+            lp_leaf.f_zeros_like()?
+        };
+        let grad_ent = match &ent_leaf {
+            Some(e) => Some(e.f_grad()?).filter(Tensor::defined),
+            None => None,
+        };
+        let (grad_rows, grad_head) = token_logprobs_backward(
+            &rows,
+            lm_head,
+            &mb.targets,
+            self.cfg.temperature,
+            self.cfg.logprob_chunk,
+            &grad_lp,
+            grad_ent.as_ref(),
+        )?;
+        // Then the transformer (and the head's weight, a view of the same parameters).
+        let objective = fwd.rows.f_mul(&grad_rows)?.f_sum(Kind::Float)?.f_add(
+            &lm_head
+                .f_to_kind(Kind::Float)?
+                .f_mul(&grad_head)?
+                .f_sum(Kind::Float)?,
+        )?;
+        fwd.backward(&model, &objective)?;
         for (name, m) in out.metrics {
             acc.add(&format!("actor/{name}"), m.sum, m.count, m.max);
         }
         if !want_entropy {
-            if let Some(e) = ent_metric {
-                let s = e
-                    .f_mul(&mb.mask)?
-                    .f_sum(Kind::Double)?
-                    .f_double_value(&[])?;
-                acc.add(
-                    "actor/entropy",
-                    s,
-                    mb.mask.f_sum(Kind::Double)?.f_double_value(&[])?,
-                    None,
-                );
-            }
+            let s = mb
+                .to_padded(&ent_flat)?
+                .f_mul(&mb.mask)?
+                .f_sum(Kind::Double)?
+                .f_double_value(&[])?;
+            acc.add(
+                "actor/entropy",
+                s,
+                mb.mask.f_sum(Kind::Double)?.f_double_value(&[])?,
+                None,
+            );
         }
         if let Some(b) = &behavior {
             // Generator vs trainer log-prob mismatch on the rollout tokens (before the update).
@@ -652,7 +709,8 @@ impl Trainer {
             TrainError::Invalid("PPO with a critic needs `returns` on every sequence".into())
         })?;
         let model = c.body.model()?;
-        let values = critic_values(&model, &c.head.params, mb)?;
+        let fwd = mb.forward(&model, self.cfg.activation_checkpointing)?;
+        let values = head_values(&fwd.rows, &c.head.params, mb)?;
         let err = values.f_sub(&returns)?.f_square()?;
         let per_token = match mb.padded(|k| mseqs[k].old_values.as_deref())? {
             Some(old) if c.cfg.cliprange_value > 0.0 => {
@@ -681,7 +739,7 @@ impl Trainer {
             .f_mul(&mb.mask)?
             .f_sum(Kind::Float)?
             .f_div_scalar(norm.tokens)?;
-        loss.f_backward()?;
+        fwd.backward(&model, &loss)?;
         acc.add(
             "critic/vf_loss",
             loss.f_double_value(&[])? * norm.tokens,
@@ -823,7 +881,12 @@ impl Trainer {
 
 /// Values `(N, L)` of a critic body + head at the response positions.
 fn critic_values(model: &Model, head: &Tensor, mb: &MicroBatch) -> Result<Tensor> {
-    let rows = mb.hidden_rows(model)?.f_to_kind(Kind::Float)?; // (M, H)
+    head_values(&mb.hidden_rows(model)?, head, mb)
+}
+
+/// Values `(N, L)` of the critic head on hidden rows `(M, H)`.
+fn head_values(rows: &Tensor, head: &Tensor, mb: &MicroBatch) -> Result<Tensor> {
+    let rows = rows.f_to_kind(Kind::Float)?; // (M, H)
     let hidden = rows.size()[1];
     let w = head.f_narrow(0, 0, hidden)?;
     let b = head.f_narrow(0, hidden, 1)?;

@@ -91,6 +91,15 @@ fn gradients_and_adamw_steps_match_pytorch() {
             .collect()
     };
     let g1 = trainer.gradients(&b).unwrap();
+    // The same gradients with activation checkpointing (layers recomputed in the backward).
+    let ckpt_cfg = TrainerConfig {
+        activation_checkpointing: true,
+        ..cfg.clone()
+    };
+    let g1_ckpt = Trainer::new(f.config.clone(), &w, Kind::Float, None, ckpt_cfg)
+        .unwrap()
+        .gradients(&b)
+        .unwrap();
     let info1 = trainer.apply_gradients(g1.copy()).unwrap();
     let w1 = trainer.weights().flat.copy();
     let g2 = trainer.gradients(&b).unwrap();
@@ -124,14 +133,17 @@ fn gradients_and_adamw_steps_match_pytorch() {
         out.to_str().unwrap(),
     ]);
     let r = read_safetensors(&out);
-    // Gradients: ours vs autograd through transformers.
-    let mut worst_g: f64 = 0.0;
-    for (name, t) in named(&g1, "x") {
-        let name = name.trim_start_matches("x.");
-        worst_g = worst_g.max(max_abs_diff(&t, &r[&format!("torch_grad.{name}")]));
+    // Gradients: ours (with and without activation checkpointing) vs autograd through
+    // transformers.
+    for (g, what) in [(&g1, "stored activations"), (&g1_ckpt, "checkpointing")] {
+        let mut worst_g: f64 = 0.0;
+        for (name, t) in named(g, "x") {
+            let name = name.trim_start_matches("x.");
+            worst_g = worst_g.max(max_abs_diff(&t, &r[&format!("torch_grad.{name}")]));
+        }
+        eprintln!("{what}: max |grad - torch grad| = {worst_g:e}");
+        assert!(worst_g <= 1e-5, "{what}: {worst_g:e}");
     }
-    eprintln!("max |grad - torch grad| = {worst_g:e}");
-    assert!(worst_g <= 1e-5, "{worst_g:e}");
     // Pre-clip norms and the parameters after each step.
     for (info, step) in [(info1, 1), (info2, 2)] {
         let want = r[&format!("pre_clip_norm{step}")].double_value(&[0]);
@@ -197,18 +209,35 @@ fn micro_batch_split_does_not_change_the_update() {
     let w = weights(&f);
     let b = batch(8, f.config.vocab_size);
     let mut results = Vec::new();
-    for budget in [10_000, 40, 20, 1] {
+    // The last run also recomputes activations in the backward (checkpointing): same update.
+    for (budget, checkpointing) in [
+        (10_000, false),
+        (40, false),
+        (20, false),
+        (1, false),
+        (20, true),
+    ] {
         let mut t = Trainer::new(
             f.config.clone(),
             &w,
             Kind::Float,
             Some(weights(&f)),
-            ppo_kl_config(budget),
+            TrainerConfig {
+                activation_checkpointing: checkpointing,
+                ..ppo_kl_config(budget)
+            },
         )
         .unwrap();
         let m = t.train_step(&b).unwrap();
         t.train_step(&b).unwrap();
-        results.push((budget, t.weights().flat.copy(), m));
+        results.push((
+            format!(
+                "{budget}{}",
+                if checkpointing { " checkpointed" } else { "" }
+            ),
+            t.weights().flat.copy(),
+            m,
+        ));
     }
     let (_, base, m0) = &results[0];
     assert!(

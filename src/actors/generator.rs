@@ -1,26 +1,28 @@
 //! The Generator actor over gRPC: [`GeneratorService`] serves a [`LocalGenerator`] in an actor
 //! process (`rlrun actor generator`), and [`RemoteGenerator`] is the client the controller uses,
-//! implementing the same [`GeneratorActor`] trait as the in-process actor.
+//! implementing the same [`GeneratorActor`] trait as the in-process actor. Calls, statuses and
+//! streams go through [`super::rpc`].
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rlrun_proto::auth::{TokenAttach, TokenCheck};
+use rlrun_generator::{
+    Completion, CompletionStream, DrawKey, EngineStats, FinishReason, GenError, GeneratorActor,
+    LocalGenerator, Purpose, Request, SamplingParams, Timings, WeightUpdate,
+};
+use rlrun_proto::auth::TokenCheck;
 use rlrun_proto::v1 as pb;
 use rlrun_proto::v1::generator_client::GeneratorClient;
 use rlrun_proto::v1::generator_server::{Generator as GeneratorRpc, GeneratorServer};
 use rlrun_proto::MAX_MESSAGE_BYTES;
 use rlrun_weights_sync::shm::{kind_from_name, kind_name, WeightsRef};
-use tokio_stream::Stream;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 use tonic::{Request as RpcRequest, Response, Status};
 
-use crate::actor::{CompletionStream, GeneratorActor, LocalGenerator};
-use crate::engine::{Completion, EngineStats, FinishReason, Request, Timings, WeightUpdate};
-use crate::error::{GenError, Result};
-use crate::sampling::{DrawKey, Purpose, SamplingParams};
+use super::rpc::{self, Channel, Client, RpcStream};
+use super::Role;
+
+type Result<T, E = GenError> = std::result::Result<T, E>;
 
 fn purpose_to_pb(p: Purpose) -> u32 {
     match p {
@@ -47,7 +49,7 @@ fn purpose_from_pb(p: u32) -> std::result::Result<Purpose, Status> {
     })
 }
 
-pub fn request_to_pb(r: &Request) -> pb::Request {
+fn request_to_pb(r: &Request) -> pb::Request {
     let p = &r.params;
     pb::Request {
         id: r.id,
@@ -73,7 +75,7 @@ pub fn request_to_pb(r: &Request) -> pb::Request {
     }
 }
 
-pub fn request_from_pb(r: pb::Request) -> std::result::Result<Request, Status> {
+fn request_from_pb(r: pb::Request) -> std::result::Result<Request, Status> {
     let p = r.params.ok_or_else(|| {
         Status::invalid_argument(format!("request {}: no sampling parameters", r.id))
     })?;
@@ -103,13 +105,13 @@ pub fn request_from_pb(r: pb::Request) -> std::result::Result<Request, Status> {
     })
 }
 
-pub fn completion_to_pb(c: &Completion) -> pb::Completion {
+fn completion_to_pb(c: Completion) -> pb::Completion {
     pb::Completion {
         request_id: c.request_id,
         index: c.index as u32,
         prompt_len: c.prompt_len as u32,
-        token_ids: c.token_ids.clone(),
-        logprobs: c.logprobs.clone(),
+        token_ids: c.token_ids,
+        logprobs: c.logprobs,
         finish_reason: match c.finish_reason {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
@@ -123,7 +125,7 @@ pub fn completion_to_pb(c: &Completion) -> pb::Completion {
     }
 }
 
-pub fn completion_from_pb(c: pb::Completion) -> Completion {
+fn completion_from_pb(c: pb::Completion) -> Completion {
     Completion {
         request_id: c.request_id,
         index: c.index as usize,
@@ -144,7 +146,7 @@ pub fn completion_from_pb(c: pb::Completion) -> Completion {
     }
 }
 
-pub fn weights_ref_to_pb(r: &WeightsRef) -> pb::WeightsRef {
+pub(crate) fn weights_ref_to_pb(r: &WeightsRef) -> pb::WeightsRef {
     pb::WeightsRef {
         version: r.version,
         path: r.path.display().to_string(),
@@ -154,7 +156,7 @@ pub fn weights_ref_to_pb(r: &WeightsRef) -> pb::WeightsRef {
     }
 }
 
-pub fn weights_ref_from_pb(r: pb::WeightsRef) -> std::result::Result<WeightsRef, Status> {
+pub(crate) fn weights_ref_from_pb(r: pb::WeightsRef) -> std::result::Result<WeightsRef, Status> {
     Ok(WeightsRef {
         version: r.version,
         path: r.path.into(),
@@ -163,13 +165,6 @@ pub fn weights_ref_from_pb(r: pb::WeightsRef) -> std::result::Result<WeightsRef,
             .ok_or_else(|| Status::invalid_argument(format!("unknown dtype `{}`", r.dtype)))?,
         checksums: r.checksums,
     })
-}
-
-fn status(e: GenError) -> Status {
-    match e {
-        GenError::InvalidRequest(m) => Status::invalid_argument(m),
-        other => Status::internal(other.to_string()),
-    }
 }
 
 /// Serves a [`LocalGenerator`] over gRPC.
@@ -196,99 +191,70 @@ impl GeneratorService {
     }
 }
 
-type CompletionRpcStream =
-    Pin<Box<dyn Stream<Item = std::result::Result<pb::Completion, Status>> + Send>>;
-
 #[tonic::async_trait]
 impl GeneratorRpc for GeneratorService {
-    type GenerateStream = CompletionRpcStream;
+    type GenerateStream = RpcStream<pb::Completion>;
 
     async fn generate(
         &self,
         req: RpcRequest<pb::GenerateRequest>,
-    ) -> std::result::Result<Response<Self::GenerateStream>, Status> {
+    ) -> Result<Response<Self::GenerateStream>, Status> {
         let reqs = req
             .into_inner()
             .requests
             .into_iter()
             .map(request_from_pb)
-            .collect::<std::result::Result<Vec<_>, _>>()?;
+            .collect::<Result<Vec<_>, _>>()?;
         let expected: usize = reqs.iter().map(|r| r.params.n).sum();
-        let actor = self.actor.clone();
-        let rx = tokio::task::spawn_blocking(move || actor.generate(reqs))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(status)?;
-        let (tx, out) = tokio::sync::mpsc::channel(64);
-        tokio::task::spawn_blocking(move || {
-            for c in rx.iter().take(expected) {
-                let item = c.map(|c| completion_to_pb(&c)).map_err(status);
-                if tx.blocking_send(item).is_err() {
-                    break;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(out),
+        let rx = rpc::blocking(&self.actor, move |a| a.generate(reqs)).await?;
+        Ok(Response::new(rpc::stream_out(
+            rx,
+            expected,
+            completion_to_pb,
         )))
     }
 
     async fn update_weights(
         &self,
         req: RpcRequest<pb::WeightsRef>,
-    ) -> std::result::Result<Response<pb::Empty>, Status> {
+    ) -> Result<Response<pb::Empty>, Status> {
         let r = weights_ref_from_pb(req.into_inner())?;
-        let actor = self.actor.clone();
-        tokio::task::spawn_blocking(move || {
-            actor.update_weights(r.version, WeightUpdate::Shared(r))
+        rpc::blocking(&self.actor, move |a| {
+            a.update_weights(r.version, WeightUpdate::Shared(r))
         })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(status)?;
+        .await?;
         Ok(Response::new(pb::Empty {}))
     }
 
     async fn abort(
         &self,
         req: RpcRequest<pb::AbortRequest>,
-    ) -> std::result::Result<Response<pb::Empty>, Status> {
-        self.actor.abort(req.into_inner().ids).map_err(status)?;
+    ) -> Result<Response<pb::Empty>, Status> {
+        self.actor
+            .abort(req.into_inner().ids)
+            .map_err(rpc::status)?;
         Ok(Response::new(pb::Empty {}))
     }
 
-    async fn stats(
-        &self,
-        _req: RpcRequest<pb::Empty>,
-    ) -> std::result::Result<Response<pb::JsonReply>, Status> {
-        let actor = self.actor.clone();
-        let s = tokio::task::spawn_blocking(move || actor.stats())
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(status)?;
+    async fn stats(&self, _req: RpcRequest<pb::Empty>) -> Result<Response<pb::JsonReply>, Status> {
+        let s = rpc::blocking(&self.actor, |a| a.stats()).await?;
         Ok(Response::new(pb::JsonReply {
-            json: serde_json::to_string(&s).unwrap_or_default(),
+            json: serde_json::to_string(&s).map_err(|e| Status::internal(e.to_string()))?,
         }))
     }
 
     async fn health(
         &self,
         _req: RpcRequest<pb::Empty>,
-    ) -> std::result::Result<Response<pb::HealthReply>, Status> {
-        let actor = self.actor.clone();
-        let s = tokio::task::spawn_blocking(move || actor.stats())
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(status)?;
+    ) -> Result<Response<pb::HealthReply>, Status> {
+        let s = rpc::blocking(&self.actor, |a| a.stats()).await?;
         Ok(Response::new(pb::HealthReply {
-            role: "generator".into(),
+            role: Role::Generator.to_string(),
             policy_version: s.policy_version,
         }))
     }
 
-    async fn shutdown(
-        &self,
-        _req: RpcRequest<pb::Empty>,
-    ) -> std::result::Result<Response<pb::Empty>, Status> {
+    async fn shutdown(&self, _req: RpcRequest<pb::Empty>) -> Result<Response<pb::Empty>, Status> {
         self.shutdown.notify_one();
         Ok(Response::new(pb::Empty {}))
     }
@@ -296,47 +262,30 @@ impl GeneratorRpc for GeneratorService {
 
 /// A client of a generator actor at an address, usable as a [`GeneratorActor`].
 pub struct RemoteGenerator {
-    rt: &'static tokio::runtime::Runtime,
-    client: GeneratorClient<InterceptedService<Channel, TokenAttach>>,
-    addr: String,
+    client: Client<GeneratorClient<Channel>>,
 }
 
 impl RemoteGenerator {
     /// Connects (retrying for up to `timeout`) to `http://addr`.
     pub fn connect(addr: &str, token: Option<&str>, timeout: Duration) -> Result<Self> {
-        let attach = TokenAttach::new(token).map_err(GenError::InvalidRequest)?;
-        let (rt, channel) =
-            rlrun_proto::connect(addr, "generator", timeout).map_err(GenError::Unavailable)?;
-        let client = GeneratorClient::with_interceptor(channel, attach)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        Ok(RemoteGenerator {
-            rt,
-            client,
-            addr: addr.to_string(),
-        })
+        let client = Client::connect(Role::Generator, addr, token, timeout, |ch| {
+            GeneratorClient::new(ch)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES)
+        })?;
+        Ok(RemoteGenerator { client })
     }
 
     pub fn addr(&self) -> &str {
-        &self.addr
-    }
-
-    fn unavailable(&self, s: Status) -> GenError {
-        match s.code() {
-            tonic::Code::InvalidArgument => GenError::InvalidRequest(s.message().to_string()),
-            _ => GenError::Unavailable(format!("generator at {}: {}", self.addr, s.message())),
-        }
+        self.client.addr()
     }
 
     /// Asks the actor process to exit.
     pub fn shutdown(&self) -> Result<()> {
-        let mut c = self.client.clone();
-        self.rt
-            .block_on(async {
-                tokio::time::timeout(Duration::from_secs(5), c.shutdown(pb::Empty {})).await
-            })
-            .map_err(|_| GenError::Unavailable("shutdown timed out".into()))?
-            .map_err(|s| self.unavailable(s))?;
+        self.client
+            .call_within(Duration::from_secs(5), |mut c| async move {
+                c.shutdown(pb::Empty {}).await
+            })?;
         Ok(())
     }
 }
@@ -347,91 +296,46 @@ impl GeneratorActor for RemoteGenerator {
         let msg = pb::GenerateRequest {
             requests: requests.iter().map(request_to_pb).collect(),
         };
-        let mut c = self.client.clone();
-        let mut stream = self
-            .rt
-            .block_on(c.generate(msg))
-            .map_err(|s| self.unavailable(s))?
-            .into_inner();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let handle = self.rt.handle().clone();
-        let addr = self.addr.clone();
-        std::thread::spawn(move || {
-            handle.block_on(async move {
-                let mut got = 0;
-                loop {
-                    match stream.message().await {
-                        Ok(Some(c)) => {
-                            got += 1;
-                            if tx.send(Ok(completion_from_pb(c))).is_err() {
-                                return;
-                            }
-                        }
-                        Ok(None) => {
-                            if got < expected {
-                                let _ = tx.send(Err(GenError::Unavailable(format!(
-                                    "generator at {addr} ended the stream after {got} of {expected} completions"
-                                ))));
-                            }
-                            return;
-                        }
-                        Err(s) => {
-                            let _ = tx.send(Err(GenError::Unavailable(format!("generator at {addr}: {}", s.message()))));
-                            return;
-                        }
-                    }
-                }
-            })
-        });
-        Ok(rx)
+        let stream = self
+            .client
+            .call(|mut c| async move { c.generate(msg).await })?;
+        Ok(self.client.stream(stream, expected, completion_from_pb))
     }
 
     fn update_weights(&self, version: u64, update: WeightUpdate) -> Result<()> {
         let WeightUpdate::Shared(r) = update else {
             return Err(GenError::Weights(format!(
                 "a generator in another process ({}) takes weights through shared memory only",
-                self.addr
+                self.addr()
             )));
         };
-        let mut pbr = weights_ref_to_pb(&r);
-        pbr.version = version;
-        let mut c = self.client.clone();
-        self.rt
-            .block_on(c.update_weights(pbr))
-            .map_err(|s| self.unavailable(s))?;
+        let mut msg = weights_ref_to_pb(&r);
+        msg.version = version;
+        self.client
+            .call(|mut c| async move { c.update_weights(msg).await })?;
         Ok(())
     }
 
     fn abort(&self, request_ids: Vec<u64>) -> Result<()> {
-        let mut c = self.client.clone();
-        self.rt
-            .block_on(c.abort(pb::AbortRequest { ids: request_ids }))
-            .map_err(|s| self.unavailable(s))?;
+        let msg = pb::AbortRequest { ids: request_ids };
+        self.client
+            .call(|mut c| async move { c.abort(msg).await })?;
         Ok(())
     }
 
     fn stats(&self) -> Result<EngineStats> {
-        let mut c = self.client.clone();
         let r = self
-            .rt
-            .block_on(c.stats(pb::Empty {}))
-            .map_err(|s| self.unavailable(s))?;
-        serde_json::from_str(&r.into_inner().json).map_err(|e| GenError::Unavailable(e.to_string()))
+            .client
+            .call(|mut c| async move { c.stats(pb::Empty {}).await })?;
+        serde_json::from_str(&r.json)
+            .map_err(|e| GenError::Unavailable(format!("generator at {}: stats: {e}", self.addr())))
     }
 
     fn health(&self) -> Result<()> {
-        let mut c = self.client.clone();
-        self.rt
-            .block_on(async {
-                tokio::time::timeout(Duration::from_secs(10), c.health(pb::Empty {})).await
-            })
-            .map_err(|_| {
-                GenError::Unavailable(format!(
-                    "generator at {}: no heartbeat within 10 s",
-                    self.addr
-                ))
-            })?
-            .map_err(|s| self.unavailable(s))?;
+        self.client
+            .call_within(Duration::from_secs(10), |mut c| async move {
+                c.health(pb::Empty {}).await
+            })?;
         Ok(())
     }
 }

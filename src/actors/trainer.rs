@@ -1,28 +1,30 @@
 //! The Trainer actor over gRPC: [`TrainerService`] serves a [`LocalTrainer`] in an actor process
 //! (`rlrun actor trainer`); [`RemoteTrainer`] is the controller's client, implementing the same
-//! [`TrainerActor`] trait.
+//! [`TrainerActor`] trait. Calls and statuses go through [`super::rpc`].
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rlrun_proto::auth::{TokenAttach, TokenCheck};
+use rlrun_proto::auth::TokenCheck;
 use rlrun_proto::v1 as pb;
 use rlrun_proto::v1::trainer_client::TrainerClient;
 use rlrun_proto::v1::trainer_server::{Trainer as TrainerRpc, TrainerServer};
 use rlrun_proto::MAX_MESSAGE_BYTES;
-use rlrun_weights_sync::shm::{kind_from_name, kind_name, WeightsRef};
+use rlrun_trainer::{
+    LocalTrainer, SeqValues, StepMetrics, TrainBatch, TrainError, TrainSequence, TrainerActor,
+};
+use rlrun_weights_sync::shm::WeightsRef;
 use rlrun_weights_sync::SyncReport;
 use tch::Tensor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 use tonic::{Request as RpcRequest, Response, Status};
 
-use crate::actor::{LocalTrainer, TrainerActor};
-use crate::batch::{TrainBatch, TrainSequence};
-use crate::error::{Result, TrainError};
-use crate::trainer::{SeqValues, StepMetrics};
+use super::generator::{weights_ref_from_pb, weights_ref_to_pb};
+use super::rpc::{self, Channel, Client};
+use super::Role;
+
+type Result<T, E = TrainError> = std::result::Result<T, E>;
 
 fn seq_to_pb(s: &TrainSequence) -> pb::TrainSequence {
     pb::TrainSequence {
@@ -61,13 +63,6 @@ fn rows_to_pb(v: SeqValues) -> pb::FloatRows {
     }
 }
 
-fn status(e: TrainError) -> Status {
-    match e {
-        TrainError::Invalid(m) => Status::invalid_argument(m),
-        other => Status::internal(other.to_string()),
-    }
-}
-
 /// Serves a [`LocalTrainer`] over gRPC.
 pub struct TrainerService {
     trainer: Arc<LocalTrainer>,
@@ -90,30 +85,19 @@ impl TrainerService {
         InterceptedService::new(server, TokenCheck::new(token))
     }
 
-    async fn blocking<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&LocalTrainer) -> Result<T> + Send + 'static,
-    ) -> std::result::Result<T, Status> {
-        let t = self.trainer.clone();
-        tokio::task::spawn_blocking(move || f(&t))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(status)
-    }
-
     /// Sequences in, one row of values per sequence out.
     async fn per_token(
         &self,
         req: RpcRequest<pb::Sequences>,
         f: fn(&LocalTrainer, &[TrainSequence]) -> Result<SeqValues>,
-    ) -> std::result::Result<Response<pb::FloatRows>, Status> {
+    ) -> Result<Response<pb::FloatRows>, Status> {
         let seqs: Vec<TrainSequence> = req
             .into_inner()
             .sequences
             .into_iter()
             .map(seq_from_pb)
             .collect();
-        let rows = self.blocking(move |t| f(t, &seqs)).await?;
+        let rows = rpc::blocking(&self.trainer, move |t| f(t, &seqs)).await?;
         Ok(Response::new(rows_to_pb(rows)))
     }
 }
@@ -123,13 +107,13 @@ impl TrainerRpc for TrainerService {
     async fn train_step(
         &self,
         req: RpcRequest<pb::TrainBatch>,
-    ) -> std::result::Result<Response<pb::Metrics>, Status> {
+    ) -> Result<Response<pb::Metrics>, Status> {
         let b = req.into_inner();
         let batch = TrainBatch {
             sequences: b.sequences.into_iter().map(seq_from_pb).collect(),
             max_response_len: b.max_response_len as usize,
         };
-        let m = self.blocking(move |t| t.train_step(batch)).await?;
+        let m = rpc::blocking(&self.trainer, move |t| t.train_step(batch)).await?;
         Ok(Response::new(pb::Metrics {
             values: m.into_iter().collect(),
         }))
@@ -138,7 +122,7 @@ impl TrainerRpc for TrainerService {
     async fn compute_logprobs(
         &self,
         req: RpcRequest<pb::Sequences>,
-    ) -> std::result::Result<Response<pb::FloatRows>, Status> {
+    ) -> Result<Response<pb::FloatRows>, Status> {
         self.per_token(req, |t, seqs| t.compute_logprobs(seqs))
             .await
     }
@@ -146,7 +130,7 @@ impl TrainerRpc for TrainerService {
     async fn compute_ref_logprobs(
         &self,
         req: RpcRequest<pb::Sequences>,
-    ) -> std::result::Result<Response<pb::FloatRows>, Status> {
+    ) -> Result<Response<pb::FloatRows>, Status> {
         self.per_token(req, |t, seqs| t.compute_ref_logprobs(seqs))
             .await
     }
@@ -154,60 +138,46 @@ impl TrainerRpc for TrainerService {
     async fn compute_values(
         &self,
         req: RpcRequest<pb::Sequences>,
-    ) -> std::result::Result<Response<pb::FloatRows>, Status> {
+    ) -> Result<Response<pb::FloatRows>, Status> {
         self.per_token(req, |t, seqs| t.compute_values(seqs)).await
     }
 
     async fn publish_weights(
         &self,
         req: RpcRequest<pb::PublishRequest>,
-    ) -> std::result::Result<Response<pb::WeightsRef>, Status> {
+    ) -> Result<Response<pb::WeightsRef>, Status> {
         let r = req.into_inner();
-        let (w, _) = self
-            .blocking(move |t| t.publish_weights(Path::new(&r.path), r.checksums))
-            .await?;
-        Ok(Response::new(pb::WeightsRef {
-            version: w.version,
-            path: w.path.display().to_string(),
-            numel: w.numel,
-            dtype: kind_name(w.kind).into(),
-            checksums: w.checksums,
-        }))
+        let (w, _) = rpc::blocking(&self.trainer, move |t| {
+            t.publish_weights(Path::new(&r.path), r.checksums)
+        })
+        .await?;
+        Ok(Response::new(weights_ref_to_pb(&w)))
     }
 
-    async fn save(
-        &self,
-        req: RpcRequest<pb::PathRequest>,
-    ) -> std::result::Result<Response<pb::Empty>, Status> {
+    async fn save(&self, req: RpcRequest<pb::PathRequest>) -> Result<Response<pb::Empty>, Status> {
         let p = req.into_inner().path;
-        self.blocking(move |t| t.save(Path::new(&p))).await?;
+        rpc::blocking(&self.trainer, move |t| t.save(Path::new(&p))).await?;
         Ok(Response::new(pb::Empty {}))
     }
 
-    async fn load(
-        &self,
-        req: RpcRequest<pb::PathRequest>,
-    ) -> std::result::Result<Response<pb::Empty>, Status> {
+    async fn load(&self, req: RpcRequest<pb::PathRequest>) -> Result<Response<pb::Empty>, Status> {
         let p = req.into_inner().path;
-        self.blocking(move |t| t.load(Path::new(&p))).await?;
+        rpc::blocking(&self.trainer, move |t| t.load(Path::new(&p))).await?;
         Ok(Response::new(pb::Empty {}))
     }
 
     async fn health(
         &self,
         _req: RpcRequest<pb::Empty>,
-    ) -> std::result::Result<Response<pb::HealthReply>, Status> {
-        let v = self.blocking(|t| t.version()).await?;
+    ) -> Result<Response<pb::HealthReply>, Status> {
+        let v = rpc::blocking(&self.trainer, |t| t.version()).await?;
         Ok(Response::new(pb::HealthReply {
-            role: "trainer".into(),
+            role: Role::Trainer.to_string(),
             policy_version: v,
         }))
     }
 
-    async fn shutdown(
-        &self,
-        _req: RpcRequest<pb::Empty>,
-    ) -> std::result::Result<Response<pb::Empty>, Status> {
+    async fn shutdown(&self, _req: RpcRequest<pb::Empty>) -> Result<Response<pb::Empty>, Status> {
         self.shutdown.notify_one();
         Ok(Response::new(pb::Empty {}))
     }
@@ -215,64 +185,43 @@ impl TrainerRpc for TrainerService {
 
 /// A client of a trainer actor at an address, usable as a [`TrainerActor`].
 pub struct RemoteTrainer {
-    rt: &'static tokio::runtime::Runtime,
-    client: TrainerClient<InterceptedService<Channel, TokenAttach>>,
-    addr: String,
+    client: Client<TrainerClient<Channel>>,
 }
 
 impl RemoteTrainer {
     /// Connects (retrying for up to `timeout`) to `http://addr`.
     pub fn connect(addr: &str, token: Option<&str>, timeout: Duration) -> Result<Self> {
-        let attach = TokenAttach::new(token).map_err(TrainError::Invalid)?;
-        let (rt, channel) =
-            rlrun_proto::connect(addr, "trainer", timeout).map_err(TrainError::Invalid)?;
-        let client = TrainerClient::with_interceptor(channel, attach)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        Ok(RemoteTrainer {
-            rt,
-            client,
-            addr: addr.to_string(),
-        })
+        let client = Client::connect(Role::Trainer, addr, token, timeout, |ch| {
+            TrainerClient::new(ch)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES)
+        })?;
+        Ok(RemoteTrainer { client })
     }
 
-    fn err(&self, s: Status) -> TrainError {
-        match s.code() {
-            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled => TrainError::Invalid(format!(
-                "the trainer process at {} is gone or unreachable ({}); the run cannot continue without it",
-                self.addr,
-                s.message()
-            )),
-            _ => TrainError::Invalid(format!("trainer at {}: {}", self.addr, s.message())),
-        }
+    pub fn addr(&self) -> &str {
+        self.client.addr()
     }
 
     /// A call that sends sequences and gets one row of values per sequence.
     fn per_token<F, Fut>(&self, seqs: &[TrainSequence], call: F) -> Result<SeqValues>
     where
-        F: FnOnce(TrainerClient<InterceptedService<Channel, TokenAttach>>, pb::Sequences) -> Fut,
-        Fut: std::future::Future<Output = std::result::Result<Response<pb::FloatRows>, Status>>,
+        F: FnOnce(TrainerClient<Channel>, pb::Sequences) -> Fut,
+        Fut: std::future::Future<Output = Result<Response<pb::FloatRows>, Status>>,
     {
         let msg = pb::Sequences {
             sequences: seqs.iter().map(seq_to_pb).collect(),
         };
-        let rows = self
-            .rt
-            .block_on(call(self.client.clone(), msg))
-            .map_err(|s| self.err(s))?
-            .into_inner();
+        let rows = self.client.call(|c| call(c, msg))?;
         Ok(rows.rows.into_iter().map(|row| row.values).collect())
     }
 
     /// Asks the actor process to exit.
     pub fn shutdown(&self) -> Result<()> {
-        let mut c = self.client.clone();
-        self.rt
-            .block_on(async {
-                tokio::time::timeout(Duration::from_secs(5), c.shutdown(pb::Empty {})).await
-            })
-            .map_err(|_| TrainError::Invalid("shutdown timed out".into()))?
-            .map_err(|s| self.err(s))?;
+        self.client
+            .call_within(Duration::from_secs(5), |mut c| async move {
+                c.shutdown(pb::Empty {}).await
+            })?;
         Ok(())
     }
 }
@@ -283,13 +232,10 @@ impl TrainerActor for RemoteTrainer {
             sequences: batch.sequences.iter().map(seq_to_pb).collect(),
             max_response_len: batch.max_response_len as u64,
         };
-        let mut c = self.client.clone();
         let m = self
-            .rt
-            .block_on(c.train_step(msg))
-            .map_err(|s| self.err(s))?
-            .into_inner();
-        Ok(m.values.into_iter().collect::<BTreeMap<_, _>>())
+            .client
+            .call(|mut c| async move { c.train_step(msg).await })?;
+        Ok(m.values.into_iter().collect())
     }
 
     fn compute_logprobs(&self, seqs: &[TrainSequence]) -> Result<SeqValues> {
@@ -315,32 +261,25 @@ impl TrainerActor for RemoteTrainer {
     fn sync_weights(&self) -> Result<(u64, Tensor)> {
         Err(TrainError::Invalid(format!(
             "the trainer at {} is in another process: weights go through shared memory (publish_weights)",
-            self.addr
+            self.addr()
         )))
     }
 
     fn publish_weights(&self, path: &Path, checksums: bool) -> Result<(WeightsRef, SyncReport)> {
         let t0 = std::time::Instant::now();
-        let mut c = self.client.clone();
+        let msg = pb::PublishRequest {
+            path: path.display().to_string(),
+            checksums,
+        };
         let r = self
-            .rt
-            .block_on(c.publish_weights(pb::PublishRequest {
-                path: path.display().to_string(),
-                checksums,
-            }))
-            .map_err(|s| self.err(s))?
-            .into_inner();
-        let kind = kind_from_name(&r.dtype)
-            .ok_or_else(|| TrainError::Invalid(format!("unknown dtype `{}`", r.dtype)))?;
-        let bytes = r.numel * kind.elt_size_in_bytes() as u64;
+            .client
+            .call(|mut c| async move { c.publish_weights(msg).await })?;
+        let w = weights_ref_from_pb(r).map_err(|s| {
+            TrainError::Invalid(format!("trainer at {}: {}", self.addr(), s.message()))
+        })?;
+        let bytes = w.numel * w.kind.elt_size_in_bytes() as u64;
         Ok((
-            WeightsRef {
-                version: r.version,
-                path: r.path.into(),
-                numel: r.numel,
-                kind,
-                checksums: r.checksums,
-            },
+            w,
             SyncReport {
                 bytes,
                 seconds: t0.elapsed().as_secs_f64(),
@@ -349,39 +288,27 @@ impl TrainerActor for RemoteTrainer {
     }
 
     fn version(&self) -> Result<u64> {
-        let mut c = self.client.clone();
         let h = self
-            .rt
-            .block_on(async {
-                tokio::time::timeout(Duration::from_secs(30), c.health(pb::Empty {})).await
-            })
-            .map_err(|_| {
-                TrainError::Invalid(format!(
-                    "trainer at {}: no heartbeat within 30 s",
-                    self.addr
-                ))
-            })?
-            .map_err(|s| self.err(s))?;
-        Ok(h.into_inner().policy_version)
+            .client
+            .call_within(Duration::from_secs(30), |mut c| async move {
+                c.health(pb::Empty {}).await
+            })?;
+        Ok(h.policy_version)
     }
 
     fn save(&self, dir: &Path) -> Result<()> {
-        let mut c = self.client.clone();
-        self.rt
-            .block_on(c.save(pb::PathRequest {
-                path: dir.display().to_string(),
-            }))
-            .map_err(|s| self.err(s))?;
+        let msg = pb::PathRequest {
+            path: dir.display().to_string(),
+        };
+        self.client.call(|mut c| async move { c.save(msg).await })?;
         Ok(())
     }
 
     fn load(&self, dir: &Path) -> Result<()> {
-        let mut c = self.client.clone();
-        self.rt
-            .block_on(c.load(pb::PathRequest {
-                path: dir.display().to_string(),
-            }))
-            .map_err(|s| self.err(s))?;
+        let msg = pb::PathRequest {
+            path: dir.display().to_string(),
+        };
+        self.client.call(|mut c| async move { c.load(msg).await })?;
         Ok(())
     }
 }
