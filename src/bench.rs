@@ -79,6 +79,9 @@ pub struct TrainArgs {
     seq: i64,
     #[arg(long, default_value_t = 3)]
     iters: usize,
+    /// Recompute each layer in the backward (trainer.activation_checkpointing).
+    #[arg(long)]
+    activation_checkpointing: bool,
 }
 
 #[derive(Args)]
@@ -482,6 +485,7 @@ fn train(a: &TrainArgs) -> anyhow::Result<()> {
             ..Default::default()
         },
         micro_batch_tokens: (a.batch * a.seq) as usize,
+        activation_checkpointing: a.activation_checkpointing,
         ..Default::default()
     };
     let mut trainer = Trainer::new(files.config.clone(), &master, kind, None, cfg)?;
@@ -541,6 +545,17 @@ fn train(a: &TrainArgs) -> anyhow::Result<()> {
         ],
     )?;
     println!("  rlrun phases per step: {phases:?}");
+    // This process's peak resident memory (host memory; the CUDA allocator's is not read here).
+    let peak = rlrun::metrics::peak_rss();
+    println!(
+        "  rlrun peak resident memory: {:.2} GB (activation checkpointing {})",
+        peak.unwrap_or(0) as f64 / 1e9,
+        if a.activation_checkpointing {
+            "on"
+        } else {
+            "off"
+        }
+    );
     report(
         &format!(
             "training step (forward+backward+AdamW), batch {} x {} tokens, {:?} on {device:?}",
@@ -548,7 +563,8 @@ fn train(a: &TrainArgs) -> anyhow::Result<()> {
         ),
         "tokens/s",
         &r,
-        json!({"batch": a.batch, "seq": a.seq, "seconds": (a.batch * a.seq) as f64 / r.ours, "phases": phases}),
+        json!({"batch": a.batch, "seq": a.seq, "seconds": (a.batch * a.seq) as f64 / r.ours, "phases": phases,
+               "activation_checkpointing": a.activation_checkpointing, "peak_rss_bytes": peak}),
         c.json.as_deref(),
     )
 }

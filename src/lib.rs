@@ -13,7 +13,7 @@ pub mod sync;
 pub mod tensorboard;
 mod util;
 
-pub use controller::{EvalResult, Run, TrainSummary};
+pub use controller::{EvalResult, MemorySummary, Run, TrainSummary};
 pub use error::{Error, Result};
 pub use recipe::{Recipe, RecipeError};
 

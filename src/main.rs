@@ -194,6 +194,7 @@ fn train(mut run: Run) -> anyhow::Result<()> {
         "steps: {}, wall time: {:.0}s",
         summary.steps, summary.seconds
     );
+    println!("{}", summary.memory);
     println!(
         "logs: {}/metrics.jsonl, TensorBoard: tensorboard --logdir {}/tensorboard",
         run.run_dir.display(),

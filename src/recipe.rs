@@ -265,7 +265,7 @@ impl Default for TrainerSection {
             mini_batches: 1,
             micro_batch_tokens: 4096,
             logprob_chunk: 1024,
-            activation_checkpointing: false,
+            activation_checkpointing: true,
             critic: None,
         }
     }

@@ -17,9 +17,10 @@ use tch::{Kind, Tensor};
 use crate::error::{GenError, Result};
 use crate::sampling::{sample, DrawKey, RowParams, SamplingParams};
 
-/// Positions per slot the KV cache starts with; it grows in steps of [`CACHE_LEN_STEP`].
-const INITIAL_CACHE_LEN: usize = 128;
+/// The KV cache starts empty and grows to what admitted requests need: positions in steps of
+/// [`CACHE_LEN_STEP`], slots in steps of [`CACHE_SLOT_STEP`] (up to `max_len` and `max_slots`).
 const CACHE_LEN_STEP: usize = 64;
+const CACHE_SLOT_STEP: usize = 8;
 
 /// One generation request: a tokenized prompt and how to sample it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -143,7 +144,14 @@ pub struct EngineStats {
     pub slots: usize,
     /// Fraction of KV-cache positions in use by active sequences.
     pub kv_utilization: f64,
+    /// Bytes allocated for the KV cache (it grows to what admitted requests need).
     pub kv_cache_bytes: i64,
+    /// Bytes of the KV cache holding active sequences' positions now.
+    #[serde(default)]
+    pub kv_cache_used_bytes: i64,
+    /// The most bytes of the KV cache in use at once since it was last released.
+    #[serde(default)]
+    pub kv_cache_peak_used_bytes: i64,
     pub generated_tokens: u64,
     pub prefill_tokens: u64,
     pub decode_steps: u64,
@@ -256,15 +264,8 @@ impl Engine {
             ));
         }
         let model = rlrun_model::build_model(config.clone(), &weights)?;
-        // The cache starts short and grows to what admitted requests need (up to max_len).
-        let initial = cfg.max_len.min(INITIAL_CACHE_LEN) as i64;
-        let cache = KvCache::new(
-            &config,
-            cfg.max_slots as i64,
-            initial,
-            weights.kind(),
-            weights.device(),
-        )?;
+        // Empty: it grows to what admitted requests need (see `admit`).
+        let cache = KvCache::new(&config, 0, 0, weights.kind(), weights.device())?;
         let mut stats = EngineStats {
             slots: cfg.max_slots,
             kv_cache_bytes: cache.bytes(),
@@ -332,12 +333,13 @@ impl Engine {
         let freed = self.cache.bytes();
         self.cache = KvCache::new(
             &self.config,
-            self.cfg.max_slots as i64,
+            0,
             0,
             self.weights.kind(),
             self.weights.device(),
         )?;
         self.stats.kv_cache_bytes = 0;
+        self.stats.kv_cache_peak_used_bytes = 0;
         Ok(freed)
     }
 
@@ -569,7 +571,8 @@ impl Engine {
         s.queue_depth = self.queue.iter().map(|p| p.samples.len()).sum();
         s.active = self.slots.iter().flatten().count();
         let used: i64 = self.slots.iter().flatten().map(|q| q.pos + 1).sum();
-        let capacity = self.cfg.max_slots as f64 * self.cache.max_len() as f64;
+        s.kv_cache_used_bytes = used * self.cache.bytes_per_position();
+        let capacity = self.cache.slots() as f64 * self.cache.max_len() as f64;
         s.kv_utilization = if capacity > 0.0 {
             used as f64 / capacity
         } else {
@@ -612,7 +615,18 @@ impl Engine {
             .unwrap_or(0)
             .min(self.cfg.max_len);
         let need = need.div_ceil(CACHE_LEN_STEP) * CACHE_LEN_STEP;
-        self.cache.ensure_len(need.min(self.cfg.max_len) as i64)?;
+        // Slots up to the highest one assigned (free slots are taken lowest first).
+        let slots = groups
+            .iter()
+            .flat_map(|(_, s)| s.iter().copied())
+            .chain(self.slots.iter().rposition(Option::is_some))
+            .max()
+            .map_or(0, |s| s + 1);
+        let slots = slots.div_ceil(CACHE_SLOT_STEP) * CACHE_SLOT_STEP;
+        self.cache.reserve(
+            slots.min(self.cfg.max_slots) as i64,
+            need.min(self.cfg.max_len) as i64,
+        )?;
         self.stats.kv_cache_bytes = self.cache.bytes();
         let device = self.weights.device();
         let g = groups.len() as i64;
@@ -742,6 +756,11 @@ impl Engine {
             *self.stats.profile.entry(k).or_insert(0.0) += v;
         }
         self.stats.decode_steps += 1;
+        let used: i64 = self.slots.iter().flatten().map(|q| q.pos + 1).sum();
+        self.stats.kv_cache_peak_used_bytes = self
+            .stats
+            .kv_cache_peak_used_bytes
+            .max(used * self.cache.bytes_per_position());
         for (k, &row) in active_rows.iter().enumerate() {
             let slot = row as usize;
             let Some(seq) = self.slots[slot].as_mut() else {

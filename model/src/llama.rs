@@ -47,7 +47,8 @@ pub struct Model {
 }
 
 /// A key/value cache of `slots` sequences of up to `max_len` positions each, per layer
-/// `(slots, n_kv_heads, max_len, head_dim)`. Owned by the caller (generator), not the model.
+/// `(slots, n_kv_heads, max_len, head_dim)`. Owned by the caller (generator), not the model;
+/// it can start empty and grow in both slots and positions ([`KvCache::reserve`]).
 pub struct KvCache {
     pub k: Vec<Tensor>,
     pub v: Vec<Tensor>,
@@ -96,19 +97,45 @@ impl KvCache {
 
     /// Grows every slot to hold at least `len` positions (content kept; new positions zero).
     pub fn ensure_len(&mut self, len: i64) -> Result<()> {
-        if len <= self.max_len {
+        self.reserve(self.slots, len)
+    }
+
+    /// Grows the cache to at least `slots` slots of at least `len` positions, in one
+    /// reallocation (content kept; new slots and positions zero).
+    pub fn reserve(&mut self, slots: i64, len: i64) -> Result<()> {
+        let (slots, len) = (slots.max(self.slots), len.max(self.max_len));
+        if slots == self.slots && len == self.max_len {
             return Ok(());
         }
         for cache in self.k.iter_mut().chain(self.v.iter_mut()) {
             let mut shape = cache.size();
+            shape[0] = slots;
             shape[2] = len;
             let grown = Tensor::f_zeros(shape.as_slice(), (cache.kind(), cache.device()))
                 .map_err(|e| alloc_err(e, &shape))?;
-            grown.f_narrow(2, 0, self.max_len)?.f_copy_(cache)?;
+            if self.slots > 0 && self.max_len > 0 {
+                grown
+                    .f_narrow(0, 0, self.slots)?
+                    .f_narrow(2, 0, self.max_len)?
+                    .f_copy_(cache)?;
+            }
             *cache = grown;
         }
+        self.slots = slots;
         self.max_len = len;
         Ok(())
+    }
+
+    /// Bytes of one position of one slot (keys and values of every layer).
+    pub fn bytes_per_position(&self) -> i64 {
+        self.k
+            .iter()
+            .chain(&self.v)
+            .map(|t| {
+                let s = t.size();
+                s[1] * s[3] * t.kind().elt_size_in_bytes() as i64
+            })
+            .sum()
     }
 
     /// Copies the first `len` positions of slot `src` into each slot of `dst` (shared prompts).

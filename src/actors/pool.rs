@@ -284,6 +284,8 @@ impl GeneratorActor for GeneratorPool {
             total.generated_tokens += s.generated_tokens;
             total.busy_s += s.busy_s;
             total.kv_cache_bytes += s.kv_cache_bytes;
+            total.kv_cache_used_bytes += s.kv_cache_used_bytes;
+            total.kv_cache_peak_used_bytes += s.kv_cache_peak_used_bytes;
             total.policy_version = s.policy_version;
         }
         Ok(total)

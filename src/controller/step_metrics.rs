@@ -59,13 +59,23 @@ pub(crate) fn rollouts(r: &StepRollouts, c: &RecipeConfig) -> Metrics {
     m
 }
 
-/// Peak RSS since the last reset under `rss_key`, the generator's KV cache under `kv_key`.
-pub(crate) fn memory(m: &mut Metrics, rss_key: &str, kv_key: &str, generator: &dyn GeneratorActor) {
+/// Peak RSS since the last reset under `rss_key`, the generator's KV cache (allocated) under
+/// `kv_key` and, with `kv_used_key`, the most of it in use at once.
+pub(crate) fn memory(
+    m: &mut Metrics,
+    rss_key: &str,
+    kv_key: &str,
+    kv_used_key: Option<&str>,
+    generator: &dyn GeneratorActor,
+) {
     if let Some(b) = crate::metrics::peak_rss() {
         m.insert(rss_key.into(), b as f64);
     }
     if let Ok(s) = generator.stats() {
         m.insert(kv_key.into(), s.kv_cache_bytes as f64);
+        if let Some(k) = kv_used_key {
+            m.insert(k.into(), s.kv_cache_peak_used_bytes as f64);
+        }
     }
 }
 

@@ -70,10 +70,12 @@ impl TrainBatch {
     }
 }
 
-/// Splits `indices` into micro-batches of about `token_budget` computed tokens. Sequences that
-/// share a prompt (a GRPO group) stay together when they fit, because a micro-batch runs each
-/// distinct prompt once (see [`MicroBatch`]); a micro-batch's cost is its distinct prompts' tokens
-/// plus its responses' tokens.
+/// Splits `indices` into micro-batches of at most `token_budget` computed (padded) tokens, so
+/// the budget bounds a micro-batch's activation memory. Sequences that share a prompt (a GRPO
+/// group) stay together when they fit, because a micro-batch runs each distinct prompt once (see
+/// [`MicroBatch`]): its cost is `prompts × longest prompt + sequences × longest response` when
+/// prompts are shared, `sequences × longest sequence` otherwise. A sequence over the budget on
+/// its own gets a micro-batch of its own.
 pub fn pack_micro_batches(
     seqs: &[TrainSequence],
     indices: &[usize],
@@ -93,26 +95,57 @@ pub fn pack_micro_batches(
     }
     let mut out: Vec<Vec<usize>> = Vec::new();
     let mut cur: Vec<usize> = Vec::new();
-    let mut cost = 0;
+    let mut shape = Padded::default();
     for g in groups {
-        let plen = seqs[g[0]].prompt.len();
-        let mut part_cost = plen;
-        for i in g.iter().copied() {
-            let r = seqs[i].response.len();
-            if !cur.is_empty() && cost + part_cost + r > token_budget {
+        let mut new_prompt = true;
+        for i in g {
+            let (p, r) = (seqs[i].prompt.len(), seqs[i].response.len());
+            if !cur.is_empty() && shape.with(p, r, new_prompt).cost() > token_budget {
                 out.push(std::mem::take(&mut cur));
-                cost = 0;
-                part_cost = plen;
+                shape = Padded::default();
+                new_prompt = true;
             }
+            shape = shape.with(p, r, new_prompt);
             cur.push(i);
-            part_cost += r;
+            new_prompt = false;
         }
-        cost += part_cost;
     }
     if !cur.is_empty() {
         out.push(cur);
     }
     out
+}
+
+/// The padded shape of a micro-batch being packed.
+#[derive(Default, Clone, Copy)]
+struct Padded {
+    sequences: usize,
+    prompts: usize,
+    longest_prompt: usize,
+    longest_response: usize,
+    longest_sequence: usize,
+}
+
+impl Padded {
+    /// This shape with one more sequence, of a prompt not yet in it when `new_prompt`.
+    fn with(self, p: usize, r: usize, new_prompt: bool) -> Padded {
+        Padded {
+            sequences: self.sequences + 1,
+            prompts: self.prompts + new_prompt as usize,
+            longest_prompt: self.longest_prompt.max(p),
+            longest_response: self.longest_response.max(r),
+            longest_sequence: self.longest_sequence.max(p + r),
+        }
+    }
+
+    /// Tokens the forward computes, padding included (see [`MicroBatch`]'s two layouts).
+    fn cost(self) -> usize {
+        if self.prompts < self.sequences {
+            self.prompts * self.longest_prompt + self.sequences * self.longest_response
+        } else {
+            self.sequences * self.longest_sequence
+        }
+    }
 }
 
 /// Device tensors of one micro-batch. When sequences share prompts (GRPO groups) each distinct
@@ -245,7 +278,7 @@ impl MicroBatch {
     }
 
     /// The forward pass to the hidden rows, for a backward pass to follow
-    /// ([`Forward::backward`]). With `checkpoint`, the layers run without autograd and only each
+    /// (`Trainer`'s `FlatModel::backward`). With `checkpoint`, the layers run without autograd and only each
     /// layer's input is kept; the backward recomputes one layer at a time (activation
     /// checkpointing: the activations of one layer are alive at once instead of all of them).
     pub fn forward(&self, model: &Model, checkpoint: bool) -> Result<Forward> {
@@ -343,50 +376,22 @@ pub struct Forward {
     /// `(M, hidden)` final hidden states predicting the response tokens, in the autograd graph.
     pub rows: Tensor,
     /// With activation checkpointing: what the backward recomputes the layers from.
-    saved: Option<Saved>,
+    pub saved: Option<Saved>,
 }
 
-struct Saved {
-    pass: Pass,
-    ids: Vec<Tensor>,
+/// What activation checkpointing keeps of a forward pass.
+pub struct Saved {
+    pub pass: Pass,
+    /// The token ids the pass embedded.
+    pub ids: Vec<Tensor>,
     /// The state entering each layer (no autograd).
-    inputs: Vec<Vec<Tensor>>,
+    pub inputs: Vec<Vec<Tensor>>,
     /// The final state as leaves: the graph of `rows` starts there.
-    last: Vec<Tensor>,
-}
-
-impl Forward {
-    /// Back-propagates `objective` (a scalar computed from [`Forward::rows`] and anything else)
-    /// into the model's parameters. With activation checkpointing the graph of `rows` ends at the
-    /// last layer's output; the layers are then recomputed last to first, one at a time, each
-    /// back-propagating the gradient of its output into its parameters and its input.
-    pub fn backward(self, model: &Model, objective: &Tensor) -> Result<()> {
-        objective.f_backward()?;
-        let Some(mut saved) = self.saved else {
-            return Ok(());
-        };
-        let mut grads = leaf_grads(&saved.last)?;
-        for i in (0..model.num_layers()).rev() {
-            let x = saved
-                .inputs
-                .pop()
-                .ok_or_else(|| TrainError::Invalid("checkpointed layer inputs missing".into()))?
-                .into_iter()
-                .map(|t| t.f_set_requires_grad(true))
-                .collect::<std::result::Result<Vec<_>, _>>()?;
-            let y = model.layer(i, &saved.pass, &x)?;
-            weighted_sum(&y, &grads)?.f_backward()?;
-            grads = leaf_grads(&x)?;
-        }
-        let ids: Vec<&Tensor> = saved.ids.iter().collect();
-        let embedded = model.embed(&ids)?;
-        weighted_sum(&embedded, &grads)?.f_backward()?;
-        Ok(())
-    }
+    pub last: Vec<Tensor>,
 }
 
 /// The gradients accumulated in leaves (zeros where none arrived).
-fn leaf_grads(leaves: &[Tensor]) -> Result<Vec<Tensor>> {
+pub fn leaf_grads(leaves: &[Tensor]) -> Result<Vec<Tensor>> {
     leaves
         .iter()
         .map(|t| {
@@ -397,7 +402,7 @@ fn leaf_grads(leaves: &[Tensor]) -> Result<Vec<Tensor>> {
 }
 
 /// `sum_k sum(y_k * g_k)` in f32: back-propagating it sends `g_k` into `y_k`'s graph.
-fn weighted_sum(ys: &[Tensor], grads: &[Tensor]) -> Result<Tensor> {
+pub fn weighted_sum(ys: &[Tensor], grads: &[Tensor]) -> Result<Tensor> {
     let mut total = Tensor::f_zeros([], (tch::Kind::Float, ys[0].device()))?;
     for (y, g) in ys.iter().zip(grads) {
         total = total.f_add(&y.f_mul(g)?.f_sum(tch::Kind::Float)?)?;
@@ -441,6 +446,41 @@ mod tests {
             assert!(mb.len() == 1 || m * mb.len() <= 30, "{mbs:?}");
         }
         assert_eq!(pack_micro_batches(&seqs, &idx, 10_000).len(), 1);
+    }
+
+    /// The budget bounds the tokens a micro-batch's forward computes, padding included, in both
+    /// layouts (measured on the tensors `MicroBatch` builds).
+    #[test]
+    fn budget_bounds_the_padded_tokens_of_each_micro_batch() {
+        let mut seqs = Vec::new();
+        for g in 0..6usize {
+            for k in 0..4usize {
+                seqs.push(TrainSequence {
+                    prompt: vec![g as i64 + 1; 5 + 7 * g],
+                    ..seq(0, 1 + (g * 13 + k * 29) % 40)
+                });
+            }
+        }
+        seqs.push(seq(90, 3)); // over the budget alone
+        let idx: Vec<usize> = (0..seqs.len()).collect();
+        for budget in [60, 97, 150, 400] {
+            let mbs = pack_micro_batches(&seqs, &idx, budget);
+            let mut all: Vec<usize> = mbs.iter().flatten().copied().collect();
+            all.sort();
+            assert_eq!(all, idx);
+            for mb in &mbs {
+                let refs: Vec<&TrainSequence> = mb.iter().map(|&i| &seqs[i]).collect();
+                let built = MicroBatch::new(&refs, Device::Cpu).unwrap();
+                let computed = match &built.layout {
+                    Layout::Grouped { prompts, conts, .. } => prompts.numel() + conts.numel(),
+                    Layout::Full { ids, .. } => ids.numel(),
+                };
+                assert!(
+                    mb.len() == 1 || computed <= budget,
+                    "budget {budget}: {computed} tokens in {mb:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -105,21 +105,17 @@ pub struct ParamGroup {
     pub decay: Option<Vec<(i64, i64)>>,
     pub exp_avg: Tensor,
     pub exp_avg_sq: Tensor,
-    /// Work buffer of the update (no allocation per step).
-    scratch: Tensor,
 }
 
 impl ParamGroup {
     pub fn new(params: Tensor, decay: Option<Vec<(i64, i64)>>) -> Result<Self> {
         let exp_avg = params.f_zeros_like()?;
         let exp_avg_sq = params.f_zeros_like()?;
-        let scratch = params.f_zeros_like()?;
         Ok(ParamGroup {
             params,
             decay,
             exp_avg,
             exp_avg_sq,
-            scratch,
         })
     }
 }
@@ -152,7 +148,9 @@ impl AdamW {
     }
 
     /// Clips the gradients (global norm over all groups, like `clip_grad_norm_`) and applies one
-    /// AdamW step. `grads[i]` is the f32 gradient of `groups[i]` (modified in place by clipping).
+    /// AdamW step. `grads[i]` is the f32 gradient of `groups[i]`; once its moments are updated
+    /// the step uses it as its work buffer (no buffer of the parameters' size is kept for that),
+    /// so it holds no gradient afterwards.
     /// A non-finite gradient norm skips the step (reported), leaving parameters and moments as they were.
     pub fn step(
         &mut self,
@@ -197,7 +195,7 @@ impl AdamW {
         let bias2_sqrt = (1.0 - b2.powi(step)).sqrt();
         let step_size = lr / bias1;
         let decay = 1.0 - lr * self.cfg.weight_decay;
-        for (g, grad) in groups.iter_mut().zip(grads.iter()) {
+        for (g, grad) in groups.iter_mut().zip(grads.iter_mut()) {
             // In place, in torch's order of operations (see `_single_tensor_adamw`).
             if self.cfg.weight_decay != 0.0 {
                 match &g.decay {
@@ -212,21 +210,21 @@ impl AdamW {
                 }
             }
             let _ = g.exp_avg.f_lerp_(grad, 1.0 - b1)?;
-            // exp_avg_sq = exp_avg_sq * b2 + ((1 - b2) * grad) * grad
-            let _ = grad.f_mul_scalar_out(&g.scratch, 1.0 - b2)?;
-            let _ = g
-                .exp_avg_sq
-                .f_mul_scalar_(b2)?
-                .f_addcmul_(&g.scratch, grad)?;
+            // exp_avg_sq = exp_avg_sq * b2 + (grad * grad) * (1 - b2); the gradient is not
+            // needed after this, and its buffer becomes the work buffer.
+            let _ = grad
+                .f_mul_(&grad.shallow_clone())?
+                .f_mul_scalar_(1.0 - b2)?;
+            let _ = g.exp_avg_sq.f_mul_scalar_(b2)?.f_add_(grad)?;
             // denom = sqrt(exp_avg_sq) / sqrt(bias2) + eps; params += -step_size * (exp_avg / denom)
-            let _ = g.exp_avg_sq.f_sqrt_out(&g.scratch)?;
-            let _ = g
-                .scratch
+            let work = grad;
+            let _ = g.exp_avg_sq.f_sqrt_out(work)?;
+            let _ = work
                 .f_div_scalar_(bias2_sqrt)?
                 .f_add_scalar_(self.cfg.eps)?;
-            let _ = g.exp_avg.f_div_out(&g.scratch, &g.scratch)?;
-            let _ = g.scratch.f_mul_scalar_(-step_size)?;
-            let _ = g.params.f_add_(&g.scratch)?;
+            let _ = g.exp_avg.f_div_out(work, work)?;
+            let _ = work.f_mul_scalar_(-step_size)?;
+            let _ = g.params.f_add_(work)?;
         }
         Ok(StepInfo {
             grad_norm,
