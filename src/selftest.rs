@@ -4,8 +4,9 @@
 //! any check failed.
 //!
 //! Checks: model logits on CUDA (f32 against transformers' reference, bf16 against f32), the
-//! generator's bf16 log-probs against the trainer's (train/inference mismatch), trainer steps in
-//! bf16 with f32 master weights.
+//! generator's bf16 log-probs against the trainer's (train/inference mismatch), trainer gradients
+//! with activation checkpointing against stored activations, trainer steps in bf16 with f32
+//! master weights.
 
 use std::path::Path;
 
@@ -86,6 +87,45 @@ pub fn cuda(fixtures: &Path, smollm2: Option<&Path>, out: Option<&Path>) -> Resu
             &format!("model parity {name} (CUDA)"),
             d32 <= 1e-4 && dbf <= 0.05 * scale.max(1.0),
             json!({"f32_vs_transformers_max_abs": d32, "bf16_vs_transformers_max_abs": dbf, "logit_scale": scale}),
+        );
+    }
+
+    // 1b. Trainer gradients on CUDA: activation checkpointing (layers recomputed in the
+    // backward, CUDA attention kernels) against stored activations.
+    for name in ["tiny-llama3", "tiny-qwen3"] {
+        let files = ModelFiles::open(&fixtures.join(name))?;
+        let master = files.load_weights(Kind::Float, dev)?;
+        let batch = TrainBatch {
+            sequences: (0..6i64)
+                .map(|i| TrainSequence {
+                    prompt: (0..5 + i % 2).map(|j| 3 + (j * 7 + i / 2) % 50).collect(),
+                    response: (0..3 + i).map(|j| 3 + (j * 11 + i) % 50).collect(),
+                    advantages: (0..3 + i)
+                        .map(|j| if (i + j) % 3 == 0 { -0.5 } else { 1.0 })
+                        .collect(),
+                    behavior_logprobs: None,
+                    returns: None,
+                    old_values: None,
+                    ref_logprobs: None,
+                })
+                .collect(),
+            max_response_len: 8,
+        };
+        let grads = |checkpointing: bool| -> Result<Tensor> {
+            let cfg = TrainerConfig {
+                activation_checkpointing: checkpointing,
+                ..TrainerConfig::default()
+            };
+            let mut t = Trainer::new(files.config.clone(), &master, Kind::Float, None, cfg)?;
+            Ok(t.gradients(&batch)?)
+        };
+        let (stored, recomputed) = (grads(false)?, grads(true)?);
+        let d = max_diff(&stored, &recomputed);
+        let scale = stored.abs().max().double_value(&[]);
+        rep.record(
+            &format!("trainer gradients with activation checkpointing {name} (CUDA f32)"),
+            d <= 1e-5 * scale.max(1.0),
+            json!({"max_abs_diff": d, "grad_scale": scale}),
         );
     }
 

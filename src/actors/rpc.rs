@@ -191,9 +191,11 @@ impl<C: Clone> Client<C> {
     where
         Fut: std::future::Future<Output = Result<Response<T>, Status>>,
     {
+        // The timer is created inside the runtime (it needs its time driver).
+        let call = f(self.stub.clone());
         match self
             .rt
-            .block_on(tokio::time::timeout(limit, f(self.stub.clone())))
+            .block_on(async move { tokio::time::timeout(limit, call).await })
         {
             Ok(r) => r.map(Response::into_inner).map_err(|s| self.error(s)),
             Err(_) => Err(self.error(Status::deadline_exceeded(format!(

@@ -37,6 +37,7 @@ use rlrun_trainer::{TrainBatch, TrainError};
 
 pub use checkpoint::latest_checkpoint;
 pub use eval::EvalResult;
+pub use step_metrics::MemorySummary;
 
 use crate::error::{Error, IoContext, Result};
 use crate::metrics::MetricsSink;
@@ -108,53 +109,6 @@ pub struct TrainSummary {
     pub seconds: f64,
     /// The largest of each memory metric over the steps run.
     pub memory: MemorySummary,
-}
-
-/// Peak memory of a run's steps (bytes; `None` when no step reported it).
-#[derive(Debug, Clone, Default)]
-pub struct MemorySummary {
-    /// Peak resident memory of this process while generating, and while training.
-    pub generate_peak_rss: Option<f64>,
-    pub train_peak_rss: Option<f64>,
-    /// The generator's KV cache: allocated, and the most of it in use at once.
-    pub kv_cache: Option<f64>,
-    pub kv_cache_peak_used: Option<f64>,
-}
-
-impl MemorySummary {
-    fn of(history: &[Metrics]) -> Self {
-        let max = |key: &str| {
-            history
-                .iter()
-                .filter_map(|m| m.get(key).copied())
-                .reduce(f64::max)
-        };
-        MemorySummary {
-            generate_peak_rss: max("memory/peak_rss_generate_bytes"),
-            train_peak_rss: max("memory/peak_rss_train_bytes"),
-            kv_cache: max("memory/kv_cache_bytes"),
-            kv_cache_peak_used: max("memory/kv_cache_peak_used_bytes"),
-        }
-    }
-}
-
-impl std::fmt::Display for MemorySummary {
-    /// One line: `memory (peak resident, this process): generation 6.2 GB, training 9.9 GB; KV
-    /// cache 1.5 GB allocated, 0.8 GB used at most`.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let gb = |b: Option<f64>| match b {
-            Some(b) => format!("{:.1} GB", b / 1e9),
-            None => "n/a".into(),
-        };
-        write!(
-            f,
-            "memory (peak resident, this process): generation {}, training {}; KV cache {} allocated, {} used at most",
-            gb(self.generate_peak_rss),
-            gb(self.train_peak_rss),
-            gb(self.kv_cache),
-            gb(self.kv_cache_peak_used)
-        )
-    }
 }
 
 /// A rollout context borrowing the run's parts (a macro so that the borrows stay disjoint from

@@ -145,3 +145,50 @@ pub(crate) fn sample_texts(b: &StepBatch, n: usize) -> Vec<String> {
         })
         .collect()
 }
+
+/// Peak memory of a run's steps (bytes; `None` when no step reported it).
+#[derive(Debug, Clone, Default)]
+pub struct MemorySummary {
+    /// Peak resident memory of this process while generating, and while training.
+    pub generate_peak_rss: Option<f64>,
+    pub train_peak_rss: Option<f64>,
+    /// The generator's KV cache: allocated, and the most of it in use at once.
+    pub kv_cache: Option<f64>,
+    pub kv_cache_peak_used: Option<f64>,
+}
+
+impl MemorySummary {
+    pub(crate) fn of(history: &[Metrics]) -> Self {
+        let max = |key: &str| {
+            history
+                .iter()
+                .filter_map(|m| m.get(key).copied())
+                .reduce(f64::max)
+        };
+        MemorySummary {
+            generate_peak_rss: max("memory/peak_rss_generate_bytes"),
+            train_peak_rss: max("memory/peak_rss_train_bytes"),
+            kv_cache: max("memory/kv_cache_bytes"),
+            kv_cache_peak_used: max("memory/kv_cache_peak_used_bytes"),
+        }
+    }
+}
+
+impl std::fmt::Display for MemorySummary {
+    /// One line: `memory (peak resident, this process): generation 6.2 GB, training 9.9 GB; KV
+    /// cache 1.5 GB allocated, 0.8 GB used at most`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let gb = |b: Option<f64>| match b {
+            Some(b) => format!("{:.1} GB", b / 1e9),
+            None => "n/a".into(),
+        };
+        write!(
+            f,
+            "memory (peak resident, this process): generation {}, training {}; KV cache {} allocated, {} used at most",
+            gb(self.generate_peak_rss),
+            gb(self.train_peak_rss),
+            gb(self.kv_cache),
+            gb(self.kv_cache_peak_used)
+        )
+    }
+}
