@@ -783,6 +783,10 @@ impl TensorSource for GgufModel {
         dst.f_copy_(&x)
             .ctx(|| format!("copying `{name}` from {}", self.file.path.display()))
     }
+
+    fn release_pages(&self) {
+        crate::loader::release_mapped_pages(&self.file.mmap);
+    }
 }
 
 /// Kind used when dequantized GGUF weights are materialized on the host.

@@ -107,7 +107,9 @@ impl ModelFiles {
 
     /// Reads the weights onto `device` in `kind`.
     pub fn load_weights(&self, kind: Kind, device: Device) -> Result<Weights> {
-        loader::load_weights(self.layout.clone(), self.source.as_ref(), kind, device)
+        let w = loader::load_weights(self.layout.clone(), self.source.as_ref(), kind, device);
+        self.source.release_pages();
+        w
     }
 
     /// The chat template, if the tokenizer has one.

@@ -256,6 +256,7 @@ impl Run {
         } else if c.rollout.release_cache && self.actors.pool.is_none() {
             let freed = self.actors.generator.release_cache()?;
             m.insert("memory/kv_cache_released_bytes".into(), freed as f64);
+            crate::release_free_memory();
         }
         Ok(())
     }
@@ -340,6 +341,8 @@ impl Run {
         };
         crate::metrics::reset_peak_rss();
         let mut m = self.actors.trainer.train_step(batch)?;
+        // The trainer's activations are free again: give them back before generation grows.
+        crate::release_free_memory();
         step_metrics::memory(
             &mut m,
             "memory/peak_rss_train_bytes",
