@@ -12,7 +12,7 @@ use common::*;
 
 /// The cap on the process's data (heap and anonymous mappings).
 const DATA_LIMIT_BYTES: u64 = 6 << 30;
-/// What the step may hold resident at its peak (measured 5.6 GB): the trainer (f32 weights,
+/// What the step may hold resident at its peak (measured 5.4 GB): the trainer (f32 weights,
 /// gradient, two AdamW moments), the frozen reference for KL and the generator's copy (0.54 GB
 /// each), the mapped model file and the copies made while loading (kept by the allocator for
 /// reuse), libtorch, and the activations of a tiny batch. Before the KV cache was sized to the
