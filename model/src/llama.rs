@@ -95,11 +95,6 @@ impl KvCache {
             .sum()
     }
 
-    /// Grows every slot to hold at least `len` positions (content kept; new positions zero).
-    pub fn ensure_len(&mut self, len: i64) -> Result<()> {
-        self.reserve(self.slots, len)
-    }
-
     /// Grows the cache to at least `slots` slots of at least `len` positions, in one
     /// reallocation (content kept; new slots and positions zero).
     pub fn reserve(&mut self, slots: i64, len: i64) -> Result<()> {
@@ -416,8 +411,9 @@ impl Model {
         Ok(out.remove(0))
     }
 
-    /// Every layer, then the final norm, of a pass whose first state is `state`.
-    fn run_layers(&self, pass: &Pass, mut state: Vec<Tensor>) -> Result<Vec<Tensor>> {
+    /// Every layer, then the final norm, of a pass whose first state is `state` (from
+    /// [`Model::embed`]).
+    pub fn run_layers(&self, pass: &Pass, mut state: Vec<Tensor>) -> Result<Vec<Tensor>> {
         for i in 0..self.layers.len() {
             state = self.layer(i, pass, &state)?;
         }

@@ -298,11 +298,8 @@ impl MicroBatch {
         };
         let id_refs: Vec<&Tensor> = ids.iter().collect();
         if !checkpoint {
-            let mut state = model.embed(&id_refs)?;
-            for i in 0..model.num_layers() {
-                state = model.layer(i, &pass, &state)?;
-            }
-            let rows = self.select_rows(&model.final_norm(&state)?)?;
+            let hidden = model.run_layers(&pass, model.embed(&id_refs)?)?;
+            let rows = self.select_rows(&hidden)?;
             return Ok(Forward { rows, saved: None });
         }
         let mut inputs = Vec::with_capacity(model.num_layers());

@@ -388,26 +388,18 @@ impl Trainer {
         Ok(self.policy.compute.f_detach()?)
     }
 
-    fn log_probs_of(
-        &self,
-        model: &Model,
-        mb: &MicroBatch,
-        entropy: bool,
-    ) -> Result<(Tensor, Option<Tensor>)> {
+    /// Padded `(N, L)` log-probs of a micro-batch's response tokens (scoring: no autograd).
+    fn log_probs_of(&self, model: &Model, mb: &MicroBatch) -> Result<Tensor> {
         let rows = mb.hidden_rows(model)?; // (M, H)
-        let (lp, ent) = token_logprobs(
+        let (lp, _) = token_logprobs(
             &rows,
             model.lm_head_weight(),
             &mb.targets,
             self.cfg.temperature,
             self.cfg.logprob_chunk,
-            entropy,
+            false,
         )?;
-        let ent = match ent {
-            Some(e) => Some(mb.to_padded(&e)?),
-            None => None,
-        };
-        Ok((mb.to_padded(&lp)?, ent))
+        mb.to_padded(&lp)
     }
 
     fn score(&self, seqs: &[&TrainSequence], model: &Model) -> Result<SeqValues> {
@@ -418,7 +410,7 @@ impl Trainer {
         for mb_idx in pack_micro_batches(&owned, &idx, self.cfg.micro_batch_tokens) {
             let mb_seqs: Vec<&TrainSequence> = mb_idx.iter().map(|&i| seqs[i]).collect();
             let mb = MicroBatch::new(&mb_seqs, self.device)?;
-            let (lp, _) = self.log_probs_of(model, &mb, false)?;
+            let lp = self.log_probs_of(model, &mb)?;
             let lp = lp.f_to_device(Device::Cpu)?;
             for (k, &i) in mb_idx.iter().enumerate() {
                 let row = Vec::<f32>::try_from(lp.f_get(k as i64)?)?;
