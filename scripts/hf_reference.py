@@ -394,7 +394,73 @@ def cmd_compare_gguf(gguf, model_dir):
     print(json.dumps(report))
 
 
+def _peft_inputs(model_dir):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(model_dir, "reference.safetensors"))
+
+
+def _peft_name(name):
+    """PEFT parameter name -> rlrun's adapter name (no `base_model.model.` prefix, no adapter name)."""
+    return name.removeprefix("base_model.model.").replace(".default.weight", ".weight")
+
+
+def cmd_lora_check(model_dir, spec_json, out_dir):
+    """A PEFT LoRA model on MODEL_DIR with random A and B (seeded): saves the adapter under
+    OUT_DIR/adapter and, in OUT_DIR/reference.safetensors, its logits on the model's reference
+    inputs, the autograd gradient of each adapter tensor for a token-mean policy-gradient loss on
+    the spec's sequences (as `adamw-check`), and the weights of `merge_and_unload`."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    spec = json.load(open(spec_json))
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    cfg = LoraConfig(r=spec["rank"], lora_alpha=spec["alpha"], lora_dropout=0.0, target_modules=spec["targets"],
+                     use_rslora=spec["rslora"], bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(base, cfg)
+    g = torch.Generator().manual_seed(spec["seed"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    model.save_pretrained(os.path.join(out_dir, "adapter"))
+    model.eval()
+    t = _peft_inputs(model_dir)
+    out = {"logits": hf_logits(model, t["input_ids"], t["attention_mask"], t["position_ids"]).contiguous()}
+    ntok = sum(len(s["response"]) for s in spec["sequences"])
+    model.zero_grad()
+    for s in spec["sequences"]:
+        ids = torch.tensor([s["prompt"] + s["response"]])
+        logits = model(ids).logits[0].float()
+        p = len(s["prompt"])
+        lp = torch.log_softmax(logits[p - 1:-1], -1).gather(-1, torch.tensor(s["response"])[:, None]).squeeze(-1)
+        (-(torch.tensor(s["advantages"]) * lp).sum() / ntok).backward()
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            out[f"grad.{_peft_name(name)}"] = p.grad.detach().clone()
+    with torch.no_grad():
+        merged = model.merge_and_unload()
+        for name, p in merged.state_dict().items():
+            out[f"merged.{name}"] = p.detach().clone().contiguous()
+    save_file(out, os.path.join(out_dir, "reference.safetensors"))
+
+
+@torch.no_grad()
+def cmd_peft_logits(model_dir, adapter_dir, out):
+    """Logits of MODEL_DIR with the PEFT adapter ADAPTER_DIR (`PeftModel.from_pretrained`) on the
+    model's reference inputs."""
+    from peft import PeftModel
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    t = _peft_inputs(model_dir)
+    save_file({"logits": hf_logits(model, t["input_ids"], t["attention_mask"], t["position_ids"]).contiguous()}, out)
+
+
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
     {"fixtures": cmd_fixtures, "smollm2-cases": cmd_smollm2_cases, "logits": cmd_logits,
-     "compare-gguf": cmd_compare_gguf, "generate": cmd_generate, "adamw-check": cmd_adamw_check}[cmd](*args)
+     "compare-gguf": cmd_compare_gguf, "generate": cmd_generate, "adamw-check": cmd_adamw_check,
+     "lora-check": cmd_lora_check, "peft-logits": cmd_peft_logits}[cmd](*args)

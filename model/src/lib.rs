@@ -18,6 +18,7 @@ pub mod gguf;
 pub mod llama;
 pub mod loader;
 pub mod logprobs;
+pub mod lora;
 pub mod params;
 pub mod profile;
 pub mod tokenizer;
@@ -30,6 +31,7 @@ pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{Config, GenerationConfig};
 pub use error::{ModelError, Result};
 pub use llama::{CacheWrite, KvCache, Model, Pass};
+pub use lora::{LoraConfig, Target};
 pub use params::{ParamLayout, Weights};
 pub use tch::{Device, Kind};
 pub use tokenizer::Tokenizer;
@@ -136,6 +138,18 @@ impl ModelFiles {
 pub fn build_model(config: Arc<Config>, weights: &Weights) -> Result<Model> {
     let chunks = weights.layout.chunk_views(&weights.flat)?;
     Model::new(config, &weights.layout, &chunks)
+}
+
+/// Builds the model over `weights` with the LoRA `adapters` applied in its forward (views of
+/// both, no copy).
+pub fn build_model_with_lora(
+    config: Arc<Config>,
+    weights: &Weights,
+    adapters: &Weights,
+    scale: f64,
+) -> Result<Model> {
+    let chunks = adapters.layout.chunk_views(&adapters.flat)?;
+    build_model(config, weights)?.with_lora(&adapters.layout, &chunks, scale)
 }
 
 /// Writes a Hugging Face directory (`config.json`, `generation_config.json`, `model.safetensors`,

@@ -16,6 +16,7 @@ use tch::{Kind, Tensor};
 
 use crate::config::{Config, RopeScaling};
 use crate::error::{ModelError, Result};
+use crate::lora::Target;
 use crate::params::ParamLayout;
 
 struct Layer {
@@ -29,6 +30,8 @@ struct Layer {
     post_attention_layernorm: Tensor,
     gate_up: Tensor,
     down: Tensor,
+    /// LoRA `(A, B)` of each [`Target`], indexed by [`Target::index`].
+    lora: [Option<(Tensor, Tensor)>; 7],
 }
 
 /// A Llama-family causal language model over a set of weight views.
@@ -44,6 +47,8 @@ pub struct Model {
     n_kv: i64,
     head_dim: i64,
     eps: f64,
+    /// The factor `s` of the LoRA update `s · B A` (see [`Model::with_lora`]).
+    lora_scale: f64,
 }
 
 /// A key/value cache of `slots` sequences of up to `max_len` positions each, per layer
@@ -221,6 +226,7 @@ impl Model {
                 post_attention_layernorm: get(&format!("{p}.post_attention_layernorm.weight"))?,
                 gate_up: get(&format!("{p}.mlp.gate_up_proj.weight"))?,
                 down: get(&format!("{p}.mlp.down_proj.weight"))?,
+                lora: Default::default(),
             });
         }
         let embed = get("model.embed_tokens.weight")?;
@@ -239,6 +245,64 @@ impl Model {
             inv_freq,
             attention_scaling,
             cfg,
+            lora_scale: 0.0,
+        })
+    }
+
+    /// The model with LoRA adapters applied in its forward: `chunks` are the views of an adapter
+    /// buffer of `layout` ([`ParamLayout::for_lora`]), `scale` the factor `s` of `W + s · B A`.
+    pub fn with_lora(
+        mut self,
+        layout: &ParamLayout,
+        chunks: &[Tensor],
+        scale: f64,
+    ) -> Result<Self> {
+        let view = |name: &str| {
+            layout
+                .chunk_position(name)
+                .map(|i| chunks[i].shallow_clone())
+        };
+        let mut found = 0;
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            for t in Target::ALL {
+                let m = format!("model.layers.{i}.{}", t.module());
+                if let (Some(a), Some(b)) = (
+                    view(&format!("{m}.lora_A.weight")),
+                    view(&format!("{m}.lora_B.weight")),
+                ) {
+                    l.lora[t.index()] = Some((a, b));
+                    found += 1;
+                }
+            }
+        }
+        if found * 2 != layout.chunks().len() {
+            return Err(ModelError::Invalid(format!(
+                "adapter layout has {} tensors, {} of which match this model's layers",
+                layout.chunks().len(),
+                found * 2
+            )));
+        }
+        self.lora_scale = scale;
+        Ok(self)
+    }
+
+    /// `s · (x Aᵀ) Bᵀ` of the adapter on `t`, if the layer has one.
+    fn lora_delta(&self, l: &Layer, t: Target, x: &Tensor) -> Result<Option<Tensor>> {
+        let Some((a, b)) = &l.lora[t.index()] else {
+            return Ok(None);
+        };
+        Ok(Some(
+            x.f_linear::<Tensor>(a, None)?
+                .f_linear::<Tensor>(b, None)?
+                .f_mul_scalar(self.lora_scale)?,
+        ))
+    }
+
+    /// `y` plus the adapter update of `t` on input `x`, if any.
+    fn plus_lora(&self, l: &Layer, t: Target, x: &Tensor, y: Tensor) -> Result<Tensor> {
+        Ok(match self.lora_delta(l, t, x)? {
+            Some(d) => y.f_add(&d)?,
+            None => y,
         })
     }
 
@@ -286,7 +350,20 @@ impl Model {
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t) = (x.size()[0], x.size()[1]);
         let (nh, nkv, hd) = (self.n_heads, self.n_kv, self.head_dim);
-        let qkv = x.f_linear(&l.qkv_w, l.qkv_b.as_ref())?; // (B, T, (nh + 2 nkv) hd)
+        let mut qkv = x.f_linear(&l.qkv_w, l.qkv_b.as_ref())?; // (B, T, (nh + 2 nkv) hd)
+        if [Target::Q, Target::K, Target::V]
+            .iter()
+            .any(|t| l.lora[t.index()].is_some())
+        {
+            let deltas = [(Target::Q, nh), (Target::K, nkv), (Target::V, nkv)]
+                .into_iter()
+                .map(|(target, heads)| match self.lora_delta(l, target, x)? {
+                    Some(d) => Ok(d),
+                    None => Ok(Tensor::f_zeros([b, t, heads * hd], (x.kind(), x.device()))?),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            qkv = qkv.f_add(&Tensor::f_cat(&deltas, 2)?)?;
+        }
         let qkv = qkv.f_view([b, t, nh + 2 * nkv, hd])?; // (B, T, heads, hd)
         let v = qkv.f_narrow(2, nh + nkv, nkv)?; // (B, T, nkv, hd)
         let qk = match (&l.q_norm, &l.k_norm) {
@@ -384,13 +461,17 @@ impl Model {
         // element-wise ops on its halves.
         let ff = l.gate_up.size()[0] / 2;
         let gate = x.f_linear::<Tensor>(&l.gate_up.f_narrow(0, 0, ff)?, None)?; // (B, T, ff)
+        let gate = self.plus_lora(l, Target::Gate, &x, gate)?;
         let up = x.f_linear::<Tensor>(&l.gate_up.f_narrow(0, ff, ff)?, None)?;
+        let up = self.plus_lora(l, Target::Up, &x, up)?;
         let act = gate.f_silu()?.f_mul(&up)?;
-        Ok(h.f_add(&act.f_linear::<Tensor>(&l.down, None)?)?)
+        let down = act.f_linear::<Tensor>(&l.down, None)?;
+        Ok(h.f_add(&self.plus_lora(l, Target::Down, &act, down)?)?)
     }
 
     fn o_proj(&self, l: &Layer, attn: &Tensor) -> Result<Tensor> {
-        Ok(attn.f_linear(&l.o_w, l.o_b.as_ref())?)
+        let y = attn.f_linear(&l.o_w, l.o_b.as_ref())?;
+        self.plus_lora(l, Target::O, attn, y)
     }
 
     /// Full forward without a cache: hidden states `(B, T, hidden)` after the final norm.

@@ -174,6 +174,34 @@ impl ParamLayout {
         b.layout
     }
 
+    /// The layout of LoRA adapters for `cfg`: for each layer and each of `targets` (in
+    /// [`crate::lora::Target::ALL`] order), `A` `(rank, in)` then `B` `(out, rank)`, named as
+    /// the module they adapt plus `.lora_A.weight` / `.lora_B.weight` (PEFT's names without its
+    /// `base_model.model.` prefix). Every adapter tensor gets weight decay, as in PEFT + AdamW.
+    pub fn for_lora(cfg: &Config, targets: &[crate::lora::Target], rank: i64) -> Self {
+        let mut b = Builder {
+            layout: ParamLayout {
+                params: Vec::new(),
+                chunks: Vec::new(),
+                chunk_index: HashMap::new(),
+                param_index: HashMap::new(),
+                numel: 0,
+            },
+        };
+        for i in 0..cfg.num_hidden_layers {
+            for t in crate::lora::Target::ALL {
+                if !targets.contains(&t) {
+                    continue;
+                }
+                let (fan_in, fan_out) = t.dims(cfg);
+                let m = format!("model.layers.{i}.{}", t.module());
+                b.single(format!("{m}.lora_A.weight"), vec![rank, fan_in], false);
+                b.single(format!("{m}.lora_B.weight"), vec![fan_out, rank], false);
+            }
+        }
+        b.layout
+    }
+
     /// Total number of elements.
     pub fn numel(&self) -> i64 {
         self.numel

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use rlrun_model::logprobs::{token_logprobs, token_logprobs_backward};
-use rlrun_model::{Config, Kind, Model, ParamLayout, Weights};
+use rlrun_model::{Config, Kind, LoraConfig, Model, ParamLayout, Weights};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
@@ -48,6 +48,10 @@ pub struct TrainerConfig {
     /// micro-batch of SmolLM2-135M).
     pub activation_checkpointing: bool,
     pub critic: Option<CriticConfig>,
+    /// LoRA: train adapters on the frozen base instead of the full weights (`[model.lora]`).
+    pub lora: Option<LoraConfig>,
+    /// Seed of the adapters' initialisation.
+    pub seed: u64,
 }
 
 impl Default for TrainerConfig {
@@ -62,6 +66,8 @@ impl Default for TrainerConfig {
             temperature: 1.0,
             activation_checkpointing: true,
             critic: None,
+            lora: None,
+            seed: 0,
         }
     }
 }
@@ -88,6 +94,7 @@ impl Default for CriticConfig {
 }
 
 /// A model's parameters for training: f32 master + the compute buffer the forward reads.
+/// With LoRA these are the adapters', and the model is the frozen `base` with them applied.
 struct FlatModel {
     config: Arc<Config>,
     layout: Arc<ParamLayout>,
@@ -95,6 +102,20 @@ struct FlatModel {
     /// Leaf requiring grad; the master itself when the compute dtype is f32.
     compute: Tensor,
     separate: bool,
+    base: Option<FrozenBase>,
+}
+
+/// The frozen base weights of a LoRA model (compute dtype, no gradient, shared by the policy,
+/// the critic and the reference) and the adapters' scale.
+struct FrozenBase {
+    weights: Weights,
+    scale: f64,
+}
+
+impl FrozenBase {
+    fn model(&self, config: &Arc<Config>) -> Result<Model> {
+        Ok(rlrun_model::build_model(config.clone(), &self.weights)?)
+    }
 }
 
 impl FlatModel {
@@ -114,20 +135,40 @@ impl FlatModel {
             group: ParamGroup::new(master.shallow_clone(), Some(decay))?,
             compute,
             separate,
+            base: None,
+        })
+    }
+
+    /// LoRA: `adapters` trained on the frozen `base`.
+    fn lora(
+        config: Arc<Config>,
+        base: FrozenBase,
+        adapters: &Weights,
+        compute_kind: Kind,
+    ) -> Result<Self> {
+        let mut m = FlatModel::new(config, adapters, compute_kind)?;
+        m.base = Some(base);
+        Ok(m)
+    }
+
+    /// The model whose trainable chunks are `chunks` (views of the compute buffer).
+    fn build(&self, chunks: &[Tensor]) -> Result<Model> {
+        Ok(match &self.base {
+            None => Model::new(self.config.clone(), &self.layout, chunks)?,
+            Some(b) => b
+                .model(&self.config)?
+                .with_lora(&self.layout, chunks, b.scale)?,
         })
     }
 
     /// The model over autograd views of the compute buffer.
     fn model(&self) -> Result<Model> {
-        let chunks = self.layout.chunk_views(&self.compute)?;
-        Ok(Model::new(self.config.clone(), &self.layout, &chunks)?)
+        self.build(&self.layout.chunk_views(&self.compute)?)
     }
 
     /// The model over plain views (no autograd), for scoring.
     fn model_nograd(&self) -> Result<Model> {
-        let flat = self.compute.f_detach()?;
-        let chunks = self.layout.chunk_views(&flat)?;
-        Ok(Model::new(self.config.clone(), &self.layout, &chunks)?)
+        self.build(&self.layout.chunk_views(&self.compute.f_detach()?)?)
     }
 
     /// The accumulated gradient as f32 (the buffer itself when the compute dtype is f32: it is
@@ -196,6 +237,9 @@ impl FlatModel {
             grads = leaf_grads(&x)?;
         }
         let (embed_model, leaves) = self.model_with_leaves(|n| n == "model.embed_tokens.weight")?;
+        if leaves.is_empty() {
+            return Ok(()); // a frozen embedding (LoRA)
+        }
         let ids: Vec<&Tensor> = saved.ids.iter().collect();
         weighted_sum(&embed_model.embed(&ids)?, &grads)?.f_backward()?;
         self.add_leaf_grads(&leaves)
@@ -216,10 +260,7 @@ impl FlatModel {
                 leaves.push((c.offset, t.shallow_clone()));
             }
         }
-        Ok((
-            Model::new(self.config.clone(), &self.layout, &chunks)?,
-            leaves,
-        ))
+        Ok((self.build(&chunks)?, leaves))
     }
 
     /// Adds the gradients of leaves from [`FlatModel::model_with_leaves`] into the compute
@@ -298,6 +339,7 @@ pub struct Trainer {
     loss: Box<dyn PolicyLoss>,
     version: u64,
     device: Device,
+    lora: Option<LoraConfig>,
 }
 
 /// Old and reference log-probs of a step's sequences, when computed by the trainer.
@@ -329,11 +371,48 @@ impl Trainer {
                 "trainer temperature must be > 0".into(),
             ));
         }
-        let policy = FlatModel::new(config.clone(), weights, compute_kind)?;
+        // LoRA: the settings (with those of an initial PEFT adapter) and the frozen base, in the
+        // compute dtype (the same tensor when `weights` already are).
+        let lora = match &cfg.lora {
+            Some(l) => {
+                l.validate()
+                    .map_err(|m| TrainError::Invalid(format!("lora: {m}")))?;
+                Some(l.resolved()?)
+            }
+            None => None,
+        };
+        let base_flat = match &lora {
+            Some(_) => Some(weights.flat.f_detach()?.f_to_kind(compute_kind)?),
+            None => None,
+        };
+        let base = |seed: u64| -> Result<Option<(FrozenBase, Weights)>> {
+            let (Some(l), Some(flat)) = (&lora, &base_flat) else {
+                return Ok(None);
+            };
+            let flat = flat.shallow_clone();
+            let adapters = rlrun_model::lora::init_adapters(&config, l, seed, weights.device())?;
+            Ok(Some((
+                FrozenBase {
+                    weights: Weights {
+                        layout: weights.layout.clone(),
+                        flat,
+                    },
+                    scale: l.scale(),
+                },
+                adapters,
+            )))
+        };
+        let trainable = |seed: u64| -> Result<FlatModel> {
+            match base(seed)? {
+                Some((b, adapters)) => FlatModel::lora(config.clone(), b, &adapters, compute_kind),
+                None => FlatModel::new(config.clone(), weights, compute_kind),
+            }
+        };
+        let policy = trainable(cfg.seed)?;
         let critic = match &cfg.critic {
             None => None,
             Some(c) => {
-                let body = FlatModel::new(config.clone(), weights, compute_kind)?;
+                let body = trainable(cfg.seed.wrapping_add(1))?;
                 let head =
                     Tensor::f_zeros([config.hidden_size + 1], (Kind::Float, weights.device()))?
                         .f_set_requires_grad(true)?;
@@ -345,9 +424,10 @@ impl Trainer {
                 })
             }
         };
+        // With LoRA the reference is the base with the adapters off: no copy.
         let reference = match reference {
-            Some(r) => Some(r.to(compute_kind, weights.device())?),
-            None => None,
+            Some(r) if lora.is_none() => Some(r.to(compute_kind, weights.device())?),
+            _ => None,
         };
         Ok(Trainer {
             loss: cfg.loss.build(),
@@ -358,7 +438,13 @@ impl Trainer {
             reference,
             critic,
             version: 0,
+            lora,
         })
+    }
+
+    /// The LoRA settings (resolved against an initial adapter) when training adapters.
+    pub fn lora(&self) -> Option<&LoraConfig> {
+        self.lora.as_ref()
     }
 
     pub fn config(&self) -> &TrainerConfig {
@@ -428,10 +514,15 @@ impl Trainer {
 
     /// Log-probs of the response tokens under the reference model.
     pub fn compute_ref_logprobs(&self, seqs: &[TrainSequence]) -> Result<SeqValues> {
-        let r = self.reference.as_ref().ok_or_else(|| {
-            TrainError::Invalid("no reference model (enable KL in the recipe)".into())
-        })?;
-        let model = rlrun_model::build_model(self.policy.config.clone(), r)?;
+        let model = match (&self.policy.base, &self.reference) {
+            (Some(base), _) => base.model(&self.policy.config)?,
+            (None, Some(r)) => rlrun_model::build_model(self.policy.config.clone(), r)?,
+            (None, None) => {
+                return Err(TrainError::Invalid(
+                    "no reference model (enable KL in the recipe)".into(),
+                ))
+            }
+        };
         let refs: Vec<&TrainSequence> = seqs.iter().collect();
         self.score(&refs, &model)
     }
@@ -878,6 +969,10 @@ impl Trainer {
             ]);
         }
         write_safetensors(&dir.join("optimizer.safetensors"), &opt, &meta)?;
+        if let Some(l) = &self.lora {
+            // The adapter in PEFT's format too (what `rlrun` exports and `peft` loads).
+            rlrun_model::lora::save_peft(dir, l, &self.policy.weights(), "")?;
+        }
         write_json(
             &dir.join("trainer_state.json"),
             &serde_json::json!({
