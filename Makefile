@@ -22,7 +22,7 @@ export PATH := $(VENV)/bin:$(HOME)/.cargo/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
 export RLRUN_FIXTURES := $(FIXTURES)
 
-.PHONY: all venv build test quickstart fixtures clean-fixtures fmt lint bench device-build python
+.PHONY: all venv build test quickstart quickstart-lora fixtures clean-fixtures fmt lint bench device-build python
 
 all: build
 
@@ -74,6 +74,11 @@ models/SmolLM2-135M-Instruct/model.safetensors: | build
 quickstart: build models/SmolLM2-135M-Instruct/model.safetensors
 	@echo "== quickstart: GRPO on SmolLM2-135M-Instruct (recipes/quickstart.toml)"
 	$(BIN) recipes/quickstart.toml
+
+# The same run training LoRA adapters (recipes/quickstart_lora.toml).
+quickstart-lora: build models/SmolLM2-135M-Instruct/model.safetensors
+	@echo "== quickstart with LoRA (recipes/quickstart_lora.toml)"
+	$(BIN) recipes/quickstart_lora.toml
 
 # What scripts/device-check.sh needs on a GPU machine, under the 64 MiB a device call carries:
 # target/device (stripped binary, tiny fixtures, the second part of the SmolLM2 GGUF) and

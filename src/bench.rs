@@ -57,6 +57,44 @@ pub enum BenchCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Frugal training, in one run: LoRA adapter-only weight sync against full sync (bytes and
+    /// time through shared memory to a generator process), and activation checkpointing on
+    /// against off (peak memory and time of a training step, each in its own process).
+    Memory {
+        /// Model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// LoRA rank (all seven projections).
+        #[arg(long, default_value_t = 16)]
+        rank: i64,
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        /// Rows × tokens of the training batch for the checkpointing comparison.
+        #[arg(long, default_value_t = 8)]
+        batch: i64,
+        #[arg(long, default_value_t = 1024)]
+        seq: i64,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// LoRA on a model that full fine-tuning cannot fit in this machine's memory: a random
+    /// Qwen2.5-3B architecture (f32), generator and trainer in this process sharing the frozen
+    /// base; a few steps of generation, a LoRA update and an adapter sync, each timed, and the
+    /// process's peak memory.
+    LoraLarge {
+        #[arg(long, default_value_t = 2)]
+        steps: usize,
+        #[arg(long, default_value_t = 2)]
+        prompts: usize,
+        #[arg(long, default_value_t = 2)]
+        n: usize,
+        #[arg(long, default_value_t = 16)]
+        max_new: usize,
+        #[arg(long, default_value_t = 16)]
+        rank: i64,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Wall time per step of a recipe with asynchronous rollouts (rollout.max_staleness = 1)
     /// against the same recipe on-policy (max_staleness = 0).
     Async {
@@ -82,6 +120,9 @@ pub struct TrainArgs {
     /// Recompute each layer in the backward (trainer.activation_checkpointing).
     #[arg(long)]
     activation_checkpointing: bool,
+    /// Train LoRA adapters of this rank (all seven projections) instead of all the weights.
+    #[arg(long)]
+    lora_rank: Option<i64>,
 }
 
 #[derive(Args)]
@@ -263,6 +304,22 @@ pub fn run(what: BenchCommand) -> anyhow::Result<()> {
             json,
         } => shm_sync(&model, iters, checksum, json.as_deref()),
         BenchCommand::Async { recipe, set, json } => async_rollouts(&recipe, &set, json.as_deref()),
+        BenchCommand::Memory {
+            model,
+            rank,
+            iters,
+            batch,
+            seq,
+            json,
+        } => crate::bench_memory::memory(&model, rank, iters, batch, seq, json.as_deref()),
+        BenchCommand::LoraLarge {
+            steps,
+            prompts,
+            n,
+            max_new,
+            rank,
+            json,
+        } => crate::bench_memory::lora_large(steps, prompts, n, max_new, rank, json.as_deref()),
     }
 }
 
@@ -473,7 +530,17 @@ fn train(a: &TrainArgs) -> anyhow::Result<()> {
     let device = c.device.device();
     let kind = c.dtype.kind();
     let files = ModelFiles::open(&c.model)?;
-    let master = files.load_weights(Kind::Float, device)?;
+    let lora = a.lora_rank.map(|rank| rlrun_model::LoraConfig {
+        rank,
+        alpha: 2.0 * rank as f64,
+        ..Default::default()
+    });
+    anyhow::ensure!(
+        lora.is_none() || c.no_peer,
+        "--lora-rank: the peer here trains all the weights; pass --no-peer"
+    );
+    // LoRA trains on the base in the compute dtype; full fine-tuning keeps an f32 master.
+    let master = files.load_weights(if lora.is_some() { kind } else { Kind::Float }, device)?;
     let cfg = TrainerConfig {
         optim: OptimConfig {
             lr: 1e-6,
@@ -486,6 +553,7 @@ fn train(a: &TrainArgs) -> anyhow::Result<()> {
         },
         micro_batch_tokens: (a.batch * a.seq) as usize,
         activation_checkpointing: a.activation_checkpointing,
+        lora,
         ..Default::default()
     };
     let mut trainer = Trainer::new(files.config.clone(), &master, kind, None, cfg)?;
@@ -569,7 +637,7 @@ fn train(a: &TrainArgs) -> anyhow::Result<()> {
     )
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }

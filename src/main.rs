@@ -17,6 +17,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
 mod bench;
+mod bench_memory;
 mod cli_model;
 mod selftest;
 
@@ -174,14 +175,33 @@ fn train(mut run: Run) -> anyhow::Result<()> {
         }
     };
     let pct = |e: &Option<rlrun::EvalResult>| {
-        e.as_ref()
-            .map(|e| format!("{:.1}% of {}", 100.0 * e.accuracy, e.problems))
+        e.as_ref().map(|e| {
+            let (lo, hi) = e.accuracy_interval();
+            format!(
+                "{:.1}% of {} (95% interval {:.1}-{:.1}%)",
+                100.0 * e.accuracy,
+                e.problems,
+                100.0 * lo,
+                100.0 * hi
+            )
+        })
     };
     if let Some(b) = pct(&summary.before) {
         println!("held-out accuracy before training: {b}");
     }
     if let Some(a) = pct(&summary.after) {
         println!("held-out accuracy after training:  {a}");
+    }
+    if let (Some(b), Some(a)) = (&summary.before, &summary.after) {
+        if let Some((gain, lo, hi)) = rlrun::controller::paired_gain(b, a) {
+            println!(
+                "held-out gain: {:+.1} points (95% interval {:+.1} to {:+.1}, paired over the same {} problems)",
+                100.0 * gain,
+                100.0 * lo,
+                100.0 * hi,
+                a.problems
+            );
+        }
     }
     if summary.interrupted {
         println!(

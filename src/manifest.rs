@@ -76,13 +76,25 @@ pub fn build(recipe: &Recipe, model: &ModelFiles, parent: Option<&Path>) -> Resu
         .flat_map(|p| files_of(p))
         .map(|p| Ok(json!({"path": p.display().to_string(), "sha256": sha256_file(&p)?})))
         .collect::<Result<_>>()?;
+    // A PEFT adapter the run starts from is an input like the model.
+    let adapter: Vec<Value> = recipe
+        .config
+        .model
+        .lora
+        .as_ref()
+        .and_then(|l| l.init.as_ref())
+        .map(|dir| files_of(dir))
+        .unwrap_or_default()
+        .iter()
+        .map(|p| Ok(json!({"path": p.display().to_string(), "sha256": sha256_file(p)?})))
+        .collect::<Result<_>>()?;
     Ok(json!({
         "rlrun_version": env!("CARGO_PKG_VERSION"),
         "git_commit": option_env!("RLRUN_GIT_COMMIT").unwrap_or("unknown"),
         "created_unix": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         "recipe_source": recipe.source.display().to_string(),
         "recipe": recipe.resolved,
-        "model": {"path": model.path.display().to_string(), "files": model_files},
+        "model": {"path": model.path.display().to_string(), "files": model_files, "lora_init": adapter},
         "datasets": datasets,
         "parent_checkpoint": parent.map(|p| p.display().to_string()),
         "torch_threads": tch::get_num_threads(),

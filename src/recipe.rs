@@ -100,6 +100,10 @@ pub struct ModelSection {
     /// `auto` (bf16 on CUDA, f32 on CPU), `f32`, `bf16`, `f16`.
     #[serde(default)]
     pub dtype: DtypeChoice,
+    /// `[model.lora]`: train LoRA adapters on the frozen model instead of all its weights
+    /// (`rank`, `alpha`, `targets`, `rslora`, `init` = a PEFT adapter directory to start from).
+    #[serde(default)]
+    pub lora: Option<rlrun_model::LoraConfig>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -605,7 +609,7 @@ impl Recipe {
             column: e.span().map(|s| line_col(&text, s.start).1),
             message: e.message().trim().to_string(),
         })?;
-        let config: RecipeConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+        let mut config: RecipeConfig = serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();
             let inner = e.into_inner();
             let mut message = inner.message().trim().to_string();
@@ -637,6 +641,9 @@ impl Recipe {
             }
         };
         let model_path = resolve_path(&config.model.path, source);
+        if let Some(init) = config.model.lora.as_mut().and_then(|l| l.init.as_mut()) {
+            *init = resolve_path(&init.to_string_lossy(), source);
+        }
         validate(&config, &model_path, &err)?;
         let built = build(&config, &err)?;
         let resolved = toml::to_string_pretty(&config)
@@ -680,6 +687,14 @@ fn validate(
             "model.path",
             format!("no such file or directory: {}", model_path.display()),
         ));
+    }
+    if let Some(l) = &c.model.lora {
+        l.validate().map_err(|m| {
+            let field = m.split_whitespace().next().unwrap_or_default();
+            err(&format!("model.lora.{field}"), m.clone())
+        })?;
+        l.resolved()
+            .map_err(|e| err("model.lora.init", e.to_string()))?;
     }
     if c.data.prompts_per_step == 0 {
         return Err(err("data.prompts_per_step", "must be at least 1".into()));

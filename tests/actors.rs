@@ -421,6 +421,7 @@ fn malformed_messages_get_an_error_status_and_the_actor_keeps_serving() {
         numel: 10,
         kind: tch::Kind::Float,
         checksums: Vec::new(),
+        adapters: false,
     };
     let e = client
         .update_weights(1, WeightUpdate::Shared(bad))

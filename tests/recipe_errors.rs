@@ -304,3 +304,25 @@ fn a_trainer_on_several_devices_is_a_clear_error() {
     let e = check_error(|t| format!("{t}\n[placement]\ntrainer = {{ devices = [] }}\n"));
     assert_has(&e, &["placement.trainer.devices", "at least one"]);
 }
+
+#[test]
+fn lora_settings_name_their_key_and_line() {
+    let with_lora = |lora: &'static str| {
+        move |t: String| t.replace("[data]", &format!("[model.lora]\n{lora}\n\n[data]"))
+    };
+    let e = check_error(with_lora("rnk = 8"));
+    assert_has(
+        &e,
+        &["model.lora", "unknown field `rnk`", "did you mean `rank`?"],
+    );
+    let e = check_error(with_lora("dropout = 0.1"));
+    let line = line_of("[data]") + 1; // the inserted table goes where [data] was
+    assert_has(
+        &e,
+        &["`model.lora.dropout`", "only 0", &format!(":{line}:")],
+    );
+    let e = check_error(with_lora("targets = [\"qkv_proj\"]"));
+    assert_has(&e, &["model.lora.targets", "qkv_proj", "q_proj"]);
+    let e = check_error(with_lora("init = \"/nonexistent/adapter\""));
+    assert_has(&e, &["`model.lora.init`", "adapter_config.json"]);
+}

@@ -111,6 +111,10 @@ pub struct EngineConfig {
     /// Default seed of requests that give none.
     pub seed: u64,
     pub update_policy: UpdatePolicy,
+    /// LoRA: the engine applies adapters (updated by [`WeightUpdate::Adapters`]) on its weights,
+    /// which stay as loaded (and may be shared with a trainer in the same process).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<rlrun_model::LoraConfig>,
 }
 
 impl Default for EngineConfig {
@@ -121,6 +125,7 @@ impl Default for EngineConfig {
             max_prefill_tokens: 8192,
             seed: 0,
             update_policy: UpdatePolicy::Drain,
+            lora: None,
         }
     }
 }
@@ -132,8 +137,11 @@ pub enum WeightUpdate {
     /// HF-named tensors (a subset is allowed); each is copied into its view.
     Named(Vec<(String, Tensor)>),
     /// A version published in shared memory: mapped zero-copy and used in place of the current
-    /// buffer when it is on the CPU in the engine's dtype (copied in otherwise).
+    /// buffer when it is on the CPU in the engine's dtype (copied in otherwise); LoRA adapters
+    /// (`adapters` set) are copied into the engine's adapters.
     Shared(rlrun_weights_sync::shm::WeightsRef),
+    /// LoRA adapters: a flat buffer in the adapters' layout (copied in).
+    Adapters(Tensor),
 }
 
 /// Counters reported by `stats`.
@@ -234,6 +242,8 @@ pub struct Engine {
     cfg: EngineConfig,
     config: Arc<Config>,
     weights: Weights,
+    /// LoRA adapters, applied in the model's forward or merged into `weights`.
+    lora: Option<Lora>,
     model: Model,
     version: u64,
     cache: KvCache,
@@ -263,7 +273,36 @@ impl Engine {
                 "engine needs max_slots >= 1 and max_len >= 2".into(),
             ));
         }
-        let model = rlrun_model::build_model(config.clone(), &weights)?;
+        let (weights, lora) = match &cfg.lora {
+            Some(l) => {
+                let l = l.resolved()?;
+                let adapters =
+                    rlrun_model::lora::init_adapters(&config, &l, cfg.seed, weights.device())?
+                        .to(weights.kind(), weights.device())?;
+                let scale = l.scale();
+                if l.merge {
+                    // The loaded weights stay pristine (they may be a trainer's base); the
+                    // model reads a merged copy.
+                    let merged = weights.to(weights.kind(), weights.device())?;
+                    rlrun_model::lora::merge(&merged, &weights, &adapters, scale)?;
+                    let lora = Lora {
+                        adapters,
+                        scale,
+                        base: Some(weights),
+                    };
+                    (merged, Some(lora))
+                } else {
+                    let lora = Lora {
+                        adapters,
+                        scale,
+                        base: None,
+                    };
+                    (weights, Some(lora))
+                }
+            }
+            None => (weights, None),
+        };
+        let model = build(&config, &weights, lora.as_ref())?;
         // Empty: it grows to what admitted requests need (see `admit`).
         let cache = KvCache::new(&config, 0, 0, weights.kind(), weights.device())?;
         let mut stats = EngineStats {
@@ -277,6 +316,7 @@ impl Engine {
             cfg,
             config,
             weights,
+            lora,
             model,
             version: 0,
             cache,
@@ -308,9 +348,11 @@ impl Engine {
         self.stats.policy_version = v;
     }
 
-    /// Element ranges of the HF tensors, for per-tensor checksums.
+    /// Element ranges of the HF tensors (of the adapters, with LoRA), for per-tensor checksums.
     pub fn chunk_ranges(&self) -> Vec<(i64, i64)> {
-        self.weights
+        self.lora
+            .as_ref()
+            .map_or(&self.weights, |l| &l.adapters)
             .layout
             .params()
             .iter()
@@ -481,8 +523,52 @@ impl Engine {
             return Ok(());
         };
         let _guard = tch::no_grad_guard();
-        match update {
-            WeightUpdate::Shared(r) => {
+        let adapters = self.lora.as_ref().map(|l| l.adapters.shallow_clone());
+        match (update, &adapters) {
+            (WeightUpdate::Shared(r), Some(a)) if r.adapters => {
+                if r.numel as i64 != a.layout.numel() {
+                    return Err(GenError::Weights(format!(
+                        "{}: {} adapter elements, the engine's adapters have {}",
+                        r.path.display(),
+                        r.numel,
+                        a.layout.numel()
+                    )));
+                }
+                let ranges = self.chunk_ranges();
+                let (mapped, _) = rlrun_weights_sync::shm::map(&r, Some(&ranges))
+                    .map_err(|e| GenError::Weights(e.to_string()))?;
+                a.flat.shallow_clone().f_copy_(&mapped.tensor)?;
+                self.merge_adapters()?;
+            }
+            (WeightUpdate::Adapters(t), Some(a)) => {
+                if t.size() != a.flat.size() {
+                    return Err(GenError::Weights(format!(
+                        "adapter buffer of {:?} elements, the engine's adapters have {}",
+                        t.size(),
+                        a.layout.numel()
+                    )));
+                }
+                a.flat.shallow_clone().f_copy_(&t)?;
+                self.merge_adapters()?;
+            }
+            (WeightUpdate::Adapters(_), None) => {
+                return Err(GenError::Weights(
+                    "LoRA adapters sent to an engine without adapters (no [model.lora])".into(),
+                ))
+            }
+            (WeightUpdate::Shared(r), _) if r.adapters => {
+                return Err(GenError::Weights(format!(
+                    "{}: LoRA adapters sent to an engine without adapters (no [model.lora])",
+                    r.path.display()
+                )))
+            }
+            (_, Some(_)) => {
+                return Err(GenError::Weights(
+                    "full weights sent to an engine that applies LoRA adapters: send adapters"
+                        .into(),
+                ))
+            }
+            (WeightUpdate::Shared(r), None) => {
                 if r.numel as i64 != self.weights.layout.numel() {
                     return Err(GenError::Weights(format!(
                         "{}: {} elements, the model has {}",
@@ -497,14 +583,14 @@ impl Engine {
                 if self.weights.device() == tch::Device::Cpu && self.weights.kind() == r.kind {
                     // Swap: the model now reads the mapping; the previous one is released.
                     self.weights.flat = mapped.tensor.shallow_clone();
-                    self.model = rlrun_model::build_model(self.config.clone(), &self.weights)?;
+                    self.model = build(&self.config, &self.weights, None)?;
                     self.mapped = Some(mapped);
                 } else {
                     self.weights.flat.f_copy_(&mapped.tensor)?;
                     self.mapped = None;
                 }
             }
-            WeightUpdate::Flat(t) => {
+            (WeightUpdate::Flat(t), None) => {
                 if t.size() != self.weights.flat.size() {
                     return Err(GenError::Weights(format!(
                         "flat buffer of {:?} elements, the model has {}",
@@ -514,7 +600,7 @@ impl Engine {
                 }
                 self.weights.flat.f_copy_(&t)?;
             }
-            WeightUpdate::Named(list) => {
+            (WeightUpdate::Named(list), None) => {
                 for (name, t) in list {
                     let spec = self
                         .weights
@@ -536,6 +622,19 @@ impl Engine {
         }
         self.version = version;
         self.stats.policy_version = version;
+        Ok(())
+    }
+
+    /// With merged adapters: the weights recomputed from the base and the current adapters.
+    fn merge_adapters(&mut self) -> Result<()> {
+        if let Some(Lora {
+            adapters,
+            scale,
+            base: Some(base),
+        }) = &self.lora
+        {
+            rlrun_model::lora::merge(&self.weights, base, adapters, *scale)?;
+        }
         Ok(())
     }
 
@@ -866,4 +965,24 @@ fn finish(seq: Seq, reason: FinishReason, version: u64) -> Completion {
             total_s: total,
         },
     }
+}
+
+/// An engine's LoRA adapters.
+struct Lora {
+    /// The adapters (engine dtype); updates are copied into them.
+    adapters: Weights,
+    scale: f64,
+    /// When merging: the pristine base the merged weights are recomputed from at each update.
+    base: Option<Weights>,
+}
+
+/// The model over `weights`, with the adapters of `lora` applied in the forward unless they are
+/// merged into `weights`.
+fn build(config: &Arc<Config>, weights: &Weights, lora: Option<&Lora>) -> Result<Model> {
+    Ok(match lora {
+        Some(l) if l.base.is_none() => {
+            rlrun_model::build_model_with_lora(config.clone(), weights, &l.adapters, l.scale)?
+        }
+        _ => rlrun_model::build_model(config.clone(), weights)?,
+    })
 }

@@ -74,14 +74,19 @@ pub fn token_logprobs_backward(
     chunk: i64,
     grad_lp: &Tensor,
     grad_ent: Option<&Tensor>,
-) -> Result<(Tensor, Tensor)> {
+    weight_grad: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
     let n = hidden.size()[0];
     let chunk = chunk.max(1);
     let w = lm_head
         .f_detach()?
         .f_to_kind(Kind::Float)?
-        .f_set_requires_grad(true)?;
-    let mut grad_w = w.f_zeros_like()?;
+        .f_set_requires_grad(weight_grad)?;
+    let mut grad_w = if weight_grad {
+        Some(w.f_zeros_like()?)
+    } else {
+        None
+    };
     let mut grad_h = Vec::new();
     let mut start = 0;
     while start < n {
@@ -106,10 +111,12 @@ pub fn token_logprobs_backward(
             objective =
                 objective.f_add(&ent.f_mul(&g.f_narrow(0, start, len)?)?.f_sum(Kind::Float)?)?;
         }
-        let mut grads = Tensor::f_run_backward(&[objective], &[&h, &w], false, false)?;
-        let gw = grads.pop().expect("two inputs");
-        let _ = grad_w.f_add_(&gw)?;
-        grad_h.push(grads.pop().expect("two inputs").f_to_kind(hidden.kind())?);
+        let inputs: Vec<&Tensor> = if weight_grad { vec![&h, &w] } else { vec![&h] };
+        let mut grads = Tensor::f_run_backward(&[objective], &inputs, false, false)?;
+        if let Some(gw_sum) = grad_w.as_mut() {
+            let _ = gw_sum.f_add_(&grads.pop().expect("two inputs"))?;
+        }
+        grad_h.push(grads.pop().expect("one input").f_to_kind(hidden.kind())?);
         start += len;
     }
     let grad_h = if grad_h.is_empty() {
@@ -158,11 +165,15 @@ mod tests {
                 obj += (ent * &g_ent).sum(Kind::Float);
             }
             let want = Tensor::run_backward(&[obj], &[&h, &w], false, false);
-            let (gh, gw) =
-                token_logprobs_backward(&h, &w, &t, 0.8, 4, &g_lp, with_entropy.then_some(&g_ent))
-                    .unwrap();
+            let ent = with_entropy.then_some(&g_ent);
+            let (gh, gw) = token_logprobs_backward(&h, &w, &t, 0.8, 4, &g_lp, ent, true).unwrap();
+            // Without the weight's gradient (a frozen head): the same gradient of the rows.
+            let (gh_only, none) =
+                token_logprobs_backward(&h, &w, &t, 0.8, 4, &g_lp, ent, false).unwrap();
+            assert!(none.is_none());
+            assert_eq!((&gh_only - &gh).abs().max().double_value(&[]), 0.0);
             // f32 sums in another order: equal to within 1e-5 of the largest value.
-            for (got, want) in [(gh, &want[0]), (gw, &want[1])] {
+            for (got, want) in [(gh, &want[0]), (gw.unwrap(), &want[1])] {
                 let scale = want.abs().max().double_value(&[]).max(1.0);
                 let d = (got - want).abs().max().double_value(&[]) / scale;
                 assert!(d < 1e-5, "entropy {with_entropy}: relative difference {d}");

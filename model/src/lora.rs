@@ -115,6 +115,10 @@ pub struct LoraConfig {
     /// its rank, alpha, targets and scaling replace the ones above. None: PEFT's initialisation
     /// (`A` Kaiming-uniform, `B` zero, so the run starts at the base model).
     pub init: Option<PathBuf>,
+    /// Generators merge the adapters into a copy of the base at each sync (`W + s · B A`,
+    /// recomputed from the base so nothing drifts) instead of applying them in every forward:
+    /// plain projections while decoding, for one more copy of the base in the generator.
+    pub merge: bool,
 }
 
 impl Default for LoraConfig {
@@ -126,6 +130,7 @@ impl Default for LoraConfig {
             targets: Target::ALL.to_vec(),
             rslora: false,
             init: None,
+            merge: false,
         }
     }
 }
@@ -178,6 +183,7 @@ impl LoraConfig {
             Some(dir) => {
                 let mut c = read_peft_config(dir)?;
                 c.init = self.init.clone();
+                c.merge = self.merge;
                 Ok(c)
             }
         }
@@ -214,8 +220,10 @@ pub fn init_adapters(
     w.to(Kind::Float, device)
 }
 
-/// `W += sign · s · B A` for every adapter, in `base`'s dtype (computed in f32).
-pub fn merge(base: &Weights, adapters: &Weights, scale: f64, sign: f64) -> Result<()> {
+/// `dst.W = base.W + s · B A` for every adapted projection `W` (computed in f32, stored in
+/// `dst`'s dtype); `dst` and `base` may be the same weights (merging in place). Recomputed from
+/// `base` each time, so merging new adapters again and again does not drift.
+pub fn merge(dst: &Weights, base: &Weights, adapters: &Weights, scale: f64) -> Result<()> {
     let _g = tch::no_grad_guard();
     for p in adapters.layout.params() {
         let Some(module) = p.name.strip_suffix(".lora_A.weight") else {
@@ -235,13 +243,13 @@ pub fn merge(base: &Weights, adapters: &Weights, scale: f64, sign: f64) -> Resul
             .layout
             .param(&format!("{module}.weight"))
             .ok_or_else(|| ModelError::Invalid(format!("base model has no `{module}.weight`")))?;
-        let mut w = base.layout.param_view(&base.flat, spec)?;
+        let w = base.layout.param_view(&base.flat, spec)?;
         let delta = b
             .f_to_kind(Kind::Float)?
             .f_matmul(&a.f_to_kind(Kind::Float)?)?
-            .f_mul_scalar(sign * scale)?;
+            .f_mul_scalar(scale)?;
         let merged = w.f_to_kind(Kind::Float)?.f_add(&delta)?;
-        w.f_copy_(&merged)?;
+        dst.layout.param_view(&dst.flat, spec)?.f_copy_(&merged)?;
     }
     Ok(())
 }
@@ -367,6 +375,7 @@ pub fn read_peft_config(dir: &Path) -> Result<LoraConfig> {
         targets,
         rslora: v["use_rslora"].as_bool().unwrap_or(false),
         init: None,
+        merge: false,
     };
     lora.validate().map_err(|m| bad("r", m))?;
     Ok(lora)

@@ -286,6 +286,14 @@ impl Weights {
             .collect()
     }
 
+    /// The same buffer (no copy): for sharing frozen weights between a trainer and a generator.
+    pub fn shallow_clone(&self) -> Self {
+        Weights {
+            layout: self.layout.clone(),
+            flat: self.flat.shallow_clone(),
+        }
+    }
+
     /// A deep copy (on `device` in `kind`).
     pub fn to(&self, kind: Kind, device: Device) -> Result<Self> {
         let flat = self

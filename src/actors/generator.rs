@@ -153,6 +153,7 @@ pub(crate) fn weights_ref_to_pb(r: &WeightsRef) -> pb::WeightsRef {
         numel: r.numel,
         dtype: kind_name(r.kind).into(),
         checksums: r.checksums.clone(),
+        adapters: r.adapters,
     }
 }
 
@@ -164,6 +165,7 @@ pub(crate) fn weights_ref_from_pb(r: pb::WeightsRef) -> std::result::Result<Weig
         kind: kind_from_name(&r.dtype)
             .ok_or_else(|| Status::invalid_argument(format!("unknown dtype `{}`", r.dtype)))?,
         checksums: r.checksums,
+        adapters: r.adapters,
     })
 }
 

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rlrun_generator::{Engine, EngineConfig, LocalGenerator};
-use rlrun_model::{Kind, ModelFiles, Tokenizer};
+use rlrun_model::{Kind, ModelFiles, Tokenizer, Weights};
 use rlrun_trainer::{LocalTrainer, Trainer, TrainerConfig};
 use serde::{Deserialize, Serialize};
 use tch::Device;
@@ -98,15 +98,20 @@ fn device_of(s: &str) -> Result<Device> {
 }
 
 /// The generator engine on `device` in `kind`, on its own thread: the one factory for a
-/// generator in the controller's process and in `rlrun actor generator`.
+/// generator in the controller's process and in `rlrun actor generator`. `weights`: already
+/// loaded (frozen LoRA base weights shared with the trainer), else read from `files`.
 pub fn build_generator(
     files: &ModelFiles,
     tokenizer: Arc<Tokenizer>,
     kind: Kind,
     device: Device,
     cfg: EngineConfig,
+    weights: Option<Weights>,
 ) -> Result<LocalGenerator> {
-    let weights = files.load_weights(kind, device)?;
+    let weights = match weights {
+        Some(w) => w,
+        None => files.load_weights(kind, device)?,
+    };
     let engine = Engine::new(
         files.config.clone(),
         weights,
@@ -119,13 +124,24 @@ pub fn build_generator(
 
 /// The trainer: f32 master weights on `device`, computing in `kind`, with a frozen reference
 /// copy when `reference`; the one factory for the controller's process and `rlrun actor trainer`.
+/// With LoRA: the base in `kind` only (`base` when already loaded, shared with a generator), and
+/// no reference copy (the reference is the base with the adapters off).
 pub fn build_trainer(
     files: &ModelFiles,
     kind: Kind,
     device: Device,
     cfg: TrainerConfig,
     reference: bool,
+    base: Option<Weights>,
 ) -> Result<LocalTrainer> {
+    if cfg.lora.is_some() {
+        let base = match base {
+            Some(b) => b,
+            None => files.load_weights(kind, device)?,
+        };
+        let trainer = Trainer::new(files.config.clone(), &base, kind, None, cfg)?;
+        return Ok(LocalTrainer::new(trainer));
+    }
     let master = files.load_weights(Kind::Float, device)?;
     let reference = if reference {
         Some(files.load_weights(kind, device)?)
@@ -183,12 +199,14 @@ pub fn serve(role: Role, listen: &str, token_file: Option<&Path>, config: &Path)
         Role::Generator => {
             let tokenizer = Arc::new(files.tokenizer.clone());
             let engine = cfg.engine.clone().unwrap_or_default();
-            let actor = Arc::new(build_generator(&files, tokenizer, kind, device, engine)?);
+            let actor = Arc::new(build_generator(
+                &files, tokenizer, kind, device, engine, None,
+            )?);
             builder.add_service(GeneratorService::new(actor, shutdown.clone()).into_server(token))
         }
         Role::Trainer => {
             let tcfg = cfg.trainer.clone().unwrap_or_default();
-            let trainer = build_trainer(&files, kind, device, tcfg, cfg.reference)?;
+            let trainer = build_trainer(&files, kind, device, tcfg, cfg.reference, None)?;
             builder.add_service(
                 TrainerService::new(Arc::new(trainer), shutdown.clone()).into_server(token),
             )

@@ -89,21 +89,35 @@ impl Run {
     }
 
     /// Writes the current policy as a Hugging Face directory (through the trainer's checkpoint
-    /// writer, so it works wherever the trainer runs).
+    /// writer, so it works wherever the trainer runs). With LoRA: the adapter in PEFT's format
+    /// in `dir/adapter`, and the model with it merged in `dir`.
     pub fn export_hf(&self, dir: &Path) -> Result<()> {
         let tmp = tempfile::Builder::new()
             .prefix("rlrun-export-")
             .tempdir()
             .at(std::env::temp_dir())?;
         self.actors.trainer.save(tmp.path())?;
-        let policy = tmp.path().join("policy.safetensors");
-        let src = rlrun_model::loader::SafetensorsSource::open_files(policy.clone(), &[policy])?;
-        let w = rlrun_model::loader::load_weights(
-            self.files.layout().clone(),
-            &src,
-            Kind::Float,
-            Device::Cpu,
-        )?;
+        let w = if self.recipe.config.model.lora.is_some() {
+            let adapter = dir.join("adapter");
+            std::fs::create_dir_all(&adapter).at(&adapter)?;
+            for f in ["adapter_config.json", "adapter_model.safetensors"] {
+                std::fs::copy(tmp.path().join(f), adapter.join(f)).at(adapter.join(f))?;
+            }
+            let (lora, adapters) = rlrun_model::lora::load_peft(tmp.path(), &self.files.config)?;
+            let w = self.files.load_weights(Kind::Float, Device::Cpu)?;
+            rlrun_model::lora::merge(&w, &w, &adapters, lora.scale())?;
+            w
+        } else {
+            let policy = tmp.path().join("policy.safetensors");
+            let src =
+                rlrun_model::loader::SafetensorsSource::open_files(policy.clone(), &[policy])?;
+            rlrun_model::loader::load_weights(
+                self.files.layout().clone(),
+                &src,
+                Kind::Float,
+                Device::Cpu,
+            )?
+        };
         rlrun_model::save_hf_dir(
             dir,
             &self.files.config,

@@ -23,6 +23,55 @@ pub struct EvalResult {
     /// pass@k with sampling, when `eval.pass_k > 0`.
     pub pass_at_k: Option<f64>,
     pub seconds: f64,
+    /// Whether each problem's greedy completion was correct, in the evaluation set's order (for
+    /// intervals and paired comparisons between evaluations).
+    #[serde(default)]
+    pub correct: Vec<bool>,
+}
+
+impl EvalResult {
+    /// Wilson score interval (95%) of the accuracy.
+    pub fn accuracy_interval(&self) -> (f64, f64) {
+        wilson(
+            self.correct.iter().filter(|&&c| c).count(),
+            self.correct.len(),
+        )
+    }
+}
+
+/// z of a two-sided 95% normal interval.
+const Z95: f64 = 1.959_963_984_540_054;
+
+/// Wilson score interval (95%) of `k` successes out of `n`.
+pub fn wilson(k: usize, n: usize) -> (f64, f64) {
+    if n == 0 {
+        return (0.0, 1.0);
+    }
+    let (n, p) = (n as f64, k as f64 / n as f64);
+    let z2 = Z95 * Z95;
+    let center = (p + z2 / (2.0 * n)) / (1.0 + z2 / n);
+    let half = Z95 * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt() / (1.0 + z2 / n);
+    (center - half, center + half)
+}
+
+/// The accuracy gain from `before` to `after` on the same problems, and its 95% interval from the
+/// per-problem differences (paired: a problem both get right or both get wrong adds no noise).
+/// None when the evaluations are not of the same problems.
+pub fn paired_gain(before: &EvalResult, after: &EvalResult) -> Option<(f64, f64, f64)> {
+    let n = before.correct.len();
+    if n < 2 || after.correct.len() != n {
+        return None;
+    }
+    let d: Vec<f64> = before
+        .correct
+        .iter()
+        .zip(&after.correct)
+        .map(|(&b, &a)| f64::from(u8::from(a)) - f64::from(u8::from(b)))
+        .collect();
+    let mean = d.iter().sum::<f64>() / n as f64;
+    let var = d.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n as f64 - 1.0);
+    let half = Z95 * (var / n as f64).sqrt();
+    Some((mean, mean - half, mean + half))
 }
 
 impl Run {
@@ -95,6 +144,10 @@ impl Run {
             mean_response_len: mean_len,
             pass_at_k,
             seconds: t.elapsed().as_secs_f64(),
+            correct: rewards
+                .iter()
+                .map(|&r| r >= c.eval.correct_threshold)
+                .collect(),
         };
         let mut m = BTreeMap::new();
         m.insert("eval/accuracy".to_string(), res.accuracy);
@@ -150,5 +203,55 @@ impl Run {
             .zip(&c.logprobs)
             .map(|(a, b)| f64::from((a - b).abs()))
             .fold(0.0, f64::max))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(correct: &[bool]) -> EvalResult {
+        EvalResult {
+            step: 0,
+            problems: correct.len(),
+            accuracy: 0.0,
+            mean_reward: 0.0,
+            mean_response_len: 0.0,
+            pass_at_k: None,
+            seconds: 0.0,
+            correct: correct.to_vec(),
+        }
+    }
+
+    #[test]
+    fn wilson_interval_matches_the_textbook_values() {
+        // Wilson (1927) / Newcombe (1998), table I: 81 of 263 -> 0.2553 .. 0.3662.
+        let (lo, hi) = wilson(81, 263);
+        assert!(
+            (lo - 0.2553).abs() < 5e-5 && (hi - 0.3662).abs() < 5e-5,
+            "{lo} {hi}"
+        );
+        // 0 of 10: the lower end is 0, the upper one 0.2775.
+        let (lo, hi) = wilson(0, 10);
+        assert!(lo.abs() < 1e-12 && (hi - 0.2775).abs() < 5e-5, "{lo} {hi}");
+    }
+
+    #[test]
+    fn paired_gain_uses_the_per_problem_differences() {
+        // 10 problems: 4 gained, 1 lost, 5 unchanged -> mean +0.3.
+        let before = result(&[
+            false, false, false, false, true, true, true, false, true, false,
+        ]);
+        let after = result(&[
+            true, true, true, true, false, true, true, false, true, false,
+        ]);
+        let (gain, lo, hi) = paired_gain(&before, &after).unwrap();
+        assert!((gain - 0.3).abs() < 1e-12);
+        // d = [1,1,1,1,-1,0,0,0,0,0]: sample variance (5 - 10 * 0.09) / 9.
+        let half = Z95 * ((5.0 - 0.9) / 9.0 / 10.0f64).sqrt();
+        assert!((lo - (0.3 - half)).abs() < 1e-12 && (hi - (0.3 + half)).abs() < 1e-12);
+        // Unchanged results: a zero-width interval at 0; different problem sets: none.
+        assert_eq!(paired_gain(&before, &before), Some((0.0, 0.0, 0.0)));
+        assert!(paired_gain(&before, &result(&[true])).is_none());
     }
 }

@@ -36,7 +36,7 @@ use rlrun_rollout::{AdvantageEstimator, AdvantageInput, PromptStream, RewardRunn
 use rlrun_trainer::{TrainBatch, TrainError};
 
 pub use checkpoint::latest_checkpoint;
-pub use eval::EvalResult;
+pub use eval::{paired_gain, wilson, EvalResult};
 pub use step_metrics::MemorySummary;
 
 use crate::error::{Error, IoContext, Result};
@@ -159,7 +159,7 @@ impl Run {
         let tokenizer = Arc::new(files.tokenizer.clone());
         let prompts = PromptEncoder::new(tokenizer.clone(), files.chat_template()?, c);
         let actors = placement::place(&recipe, &files, tokenizer)?;
-        let sync = crate::sync::build(actors.sync, c.sync.checksum)?;
+        let sync = crate::sync::build(actors.sync, c.sync.checksum, c.model.lora.is_some())?;
         // The recipe's datasets, rewards and estimator were built (and checked) by validation.
         let built = recipe.built.clone();
         let stream = PromptStream::new(built.train.clone(), c.seed, c.data.shuffle)?;

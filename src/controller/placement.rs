@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rlrun_generator::{EngineConfig, GeneratorActor};
-use rlrun_model::{Kind, ModelFiles, Tokenizer};
+use rlrun_model::{Kind, ModelFiles, Tokenizer, Weights};
 use rlrun_trainer::{CriticConfig, OptimConfig, TrainerActor, TrainerConfig};
 use tch::Device;
 
@@ -46,6 +46,18 @@ pub(crate) fn place(
     let uses_ref = c.algorithm.loss.kl.is_some() || c.algorithm.kl_in_reward.is_some();
     let dtype = rlrun_weights_sync::shm::kind_name(kind).to_string();
     let mut processes = Vec::new();
+    let gen_in_process = pl.generator_processes == 0 && pl.generator_addresses.is_empty();
+    // LoRA with trainer and generator in this process on one device: one copy of the frozen
+    // base, read by both (the generator only ever updates its adapters).
+    let shared_base = if c.model.lora.is_some()
+        && !pl.trainer_process
+        && gen_in_process
+        && device == gen_device
+    {
+        Some(files.load_weights(kind, device)?)
+    } else {
+        None
+    };
 
     // Trainer: f32 master on its device, computing in `kind`; here or in its own process.
     let tcfg = trainer_config(c);
@@ -74,13 +86,20 @@ pub(crate) fn place(
         processes.push(p);
         Box::new(client)
     } else {
-        Box::new(actors::build_trainer(files, kind, device, tcfg, uses_ref)?)
+        Box::new(actors::build_trainer(
+            files,
+            kind,
+            device,
+            tcfg,
+            uses_ref,
+            shared_base.as_ref().map(Weights::shallow_clone),
+        )?)
     };
 
     // Generators: one in this process (its own copy of the weights), or a pool of processes.
     let engine_cfg = engine_config(c);
     let (generator, pool): (Box<dyn GeneratorActor>, Option<Arc<GeneratorPool>>) =
-        if pl.generator_processes > 0 || !pl.generator_addresses.is_empty() {
+        if !gen_in_process {
             let pool = if pl.generator_addresses.is_empty() {
                 let cfg = ActorConfig {
                     model: recipe.model_path.clone(),
@@ -109,7 +128,14 @@ pub(crate) fn place(
             };
             (Box::new(pool.clone()), Some(pool))
         } else {
-            let g = actors::build_generator(files, tokenizer, kind, gen_device, engine_cfg)?;
+            let g = actors::build_generator(
+                files,
+                tokenizer,
+                kind,
+                gen_device,
+                engine_cfg,
+                shared_base,
+            )?;
             (Box::new(g), None)
         };
     let share_process = pool.is_none() && !pl.trainer_process;
@@ -134,6 +160,8 @@ fn trainer_config(c: &RecipeConfig) -> TrainerConfig {
         logprob_chunk: c.trainer.logprob_chunk,
         temperature: c.rollout.temperature,
         activation_checkpointing: c.trainer.activation_checkpointing,
+        lora: c.model.lora.clone(),
+        seed: c.seed,
         critic: c.trainer.critic.as_ref().map(|cs| CriticConfig {
             optim: OptimConfig {
                 lr: cs.lr,
@@ -163,6 +191,7 @@ fn engine_config(c: &RecipeConfig) -> EngineConfig {
         max_prefill_tokens: 16_384,
         seed: c.seed,
         update_policy: c.rollout.update_policy,
+        lora: c.model.lora.clone(),
     }
 }
 

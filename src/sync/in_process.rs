@@ -9,7 +9,10 @@ use rlrun_trainer::TrainerActor;
 use super::{Published, SyncBackend, WeightSync};
 use crate::error::Result;
 
-pub struct InProcessSync;
+/// `adapters`: the trainer trains LoRA adapters, and the buffer it hands out is theirs.
+pub struct InProcessSync {
+    pub adapters: bool,
+}
 
 impl WeightSync for InProcessSync {
     fn backend(&self) -> SyncBackend {
@@ -24,7 +27,11 @@ impl WeightSync for InProcessSync {
             version,
             bytes,
             seconds: t.elapsed().as_secs_f64(),
-            update: WeightUpdate::Flat(flat),
+            update: if self.adapters {
+                WeightUpdate::Adapters(flat)
+            } else {
+                WeightUpdate::Flat(flat)
+            },
         })
     }
 }

@@ -137,10 +137,11 @@ pub fn sync(
 }
 
 /// Makes the backend `backend` (already resolved) for a run; `checksums` asks for per-tensor
-/// checksums verified by the receiver where the backend has them.
-pub fn build(backend: SyncBackend, checksums: bool) -> Result<Box<dyn WeightSync>> {
+/// checksums verified by the receiver where the backend has them; `adapters`: the trainer trains
+/// LoRA adapters, and only they move.
+pub fn build(backend: SyncBackend, checksums: bool, adapters: bool) -> Result<Box<dyn WeightSync>> {
     Ok(match backend {
-        SyncBackend::InProcess => Box::new(InProcessSync),
+        SyncBackend::InProcess => Box::new(InProcessSync { adapters }),
         SyncBackend::Shm => Box::new(ShmSync::new(checksums)),
         SyncBackend::Auto => {
             return Err(Error::Usage(

@@ -80,13 +80,15 @@ impl TrainerActor for LocalTrainer {
             .iter()
             .map(|p| (p.offset, p.numel))
             .collect();
-        rlrun_weights_sync::shm::write_to(
+        let (mut r, report) = rlrun_weights_sync::shm::write_to(
             path,
             t.version(),
             &flat,
             checksums.then_some(ranges.as_slice()),
         )
-        .map_err(|e| TrainError::Invalid(format!("publishing weights: {e}")))
+        .map_err(|e| TrainError::Invalid(format!("publishing weights: {e}")))?;
+        r.adapters = t.lora().is_some();
+        Ok((r, report))
     }
     fn version(&self) -> Result<u64> {
         Ok(self.lock()?.version())

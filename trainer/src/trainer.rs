@@ -823,14 +823,18 @@ impl Trainer {
             self.cfg.logprob_chunk,
             &grad_lp,
             grad_ent.as_ref(),
+            lm_head.requires_grad(), // frozen with LoRA
         )?;
         // Then the transformer (and the head's weight, a view of the same parameters).
-        let objective = fwd.rows.f_mul(&grad_rows)?.f_sum(Kind::Float)?.f_add(
-            &lm_head
-                .f_to_kind(Kind::Float)?
-                .f_mul(&grad_head)?
-                .f_sum(Kind::Float)?,
-        )?;
+        let mut objective = fwd.rows.f_mul(&grad_rows)?.f_sum(Kind::Float)?;
+        if let Some(g) = grad_head {
+            objective = objective.f_add(
+                &lm_head
+                    .f_to_kind(Kind::Float)?
+                    .f_mul(&g)?
+                    .f_sum(Kind::Float)?,
+            )?;
+        }
         self.policy.backward(&model, fwd, &objective)?;
         for (name, m) in out.metrics {
             acc.add(&format!("actor/{name}"), m.sum, m.count, m.max);

@@ -170,7 +170,7 @@ fn peft_parity(name: &str, targets: &[&str], rslora: bool) {
 
     // 3. Merged weights = merge_and_unload.
     let merged = base.to(Kind::Float, Device::Cpu).unwrap();
-    lora::merge(&merged, &adapters, scale, 1.0).unwrap();
+    lora::merge(&merged, &merged, &adapters, scale).unwrap();
     let mut worst: f64 = 0.0;
     let mut changed = 0;
     for (n, t) in merged.named_tensors().unwrap() {

@@ -24,6 +24,8 @@ pub struct WeightsRef {
     pub kind: Kind,
     /// Per-range CRC32C, when integrity checking is on.
     pub checksums: Vec<u32>,
+    /// The buffer holds LoRA adapters (the receiver keeps its base weights), not the full model.
+    pub adapters: bool,
 }
 
 pub fn kind_name(k: Kind) -> &'static str {
@@ -182,6 +184,7 @@ pub fn write_to(
             numel: numel as u64,
             kind,
             checksums: sums,
+            adapters: false,
         },
         SyncReport {
             bytes: nbytes as u64,
