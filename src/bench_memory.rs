@@ -245,13 +245,17 @@ pub fn lora_large(
     let mut rows = Vec::new();
     for step in 0..steps {
         let t_gen = Instant::now();
-        for i in 0..prompts {
-            let prompt = (0..prompt_len)
-                .map(|j| ((step * 7919 + i * 104_729 + j * 13) % 150_000) as i64)
-                .collect();
+        let prompt_ids: Vec<Vec<i64>> = (0..prompts)
+            .map(|i| {
+                (0..prompt_len)
+                    .map(|j| ((step * 7919 + i * 104_729 + j * 13) % 150_000) as i64)
+                    .collect()
+            })
+            .collect();
+        for (i, prompt) in prompt_ids.iter().enumerate() {
             engine.submit(Request {
                 id: i as u64,
-                prompt,
+                prompt: prompt.clone(),
                 params: SamplingParams {
                     n,
                     max_tokens: max_new,
@@ -268,11 +272,7 @@ pub fn lora_large(
         let sequences: Vec<TrainSequence> = done
             .iter()
             .map(|c| TrainSequence {
-                prompt: (0..prompt_len)
-                    .map(|j| {
-                        ((step * 7919 + c.request_id as usize * 104_729 + j * 13) % 150_000) as i64
-                    })
-                    .collect(),
+                prompt: prompt_ids[c.request_id as usize].clone(),
                 advantages: vec![if c.index % 2 == 0 { 1.0 } else { -1.0 }; c.token_ids.len()],
                 behavior_logprobs: Some(c.logprobs.clone()),
                 response: c.token_ids.clone(),

@@ -537,20 +537,9 @@ impl Engine {
                 let ranges = self.chunk_ranges();
                 let (mapped, _) = rlrun_weights_sync::shm::map(&r, Some(&ranges))
                     .map_err(|e| GenError::Weights(e.to_string()))?;
-                a.flat.shallow_clone().f_copy_(&mapped.tensor)?;
-                self.merge_adapters()?;
+                self.set_adapters(a, &mapped.tensor)?;
             }
-            (WeightUpdate::Adapters(t), Some(a)) => {
-                if t.size() != a.flat.size() {
-                    return Err(GenError::Weights(format!(
-                        "adapter buffer of {:?} elements, the engine's adapters have {}",
-                        t.size(),
-                        a.layout.numel()
-                    )));
-                }
-                a.flat.shallow_clone().f_copy_(&t)?;
-                self.merge_adapters()?;
-            }
+            (WeightUpdate::Adapters(t), Some(a)) => self.set_adapters(a, &t)?,
             (WeightUpdate::Adapters(_), None) => {
                 return Err(GenError::Weights(
                     "LoRA adapters sent to an engine without adapters (no [model.lora])".into(),
@@ -623,6 +612,19 @@ impl Engine {
         self.version = version;
         self.stats.policy_version = version;
         Ok(())
+    }
+
+    /// Copies a flat adapter buffer into the engine's adapters `a` (and re-merges, if merging).
+    fn set_adapters(&mut self, a: &Weights, t: &Tensor) -> Result<()> {
+        if t.size() != a.flat.size() {
+            return Err(GenError::Weights(format!(
+                "adapter buffer of {:?} elements, the engine's adapters have {}",
+                t.size(),
+                a.layout.numel()
+            )));
+        }
+        a.flat.shallow_clone().f_copy_(t)?;
+        self.merge_adapters()
     }
 
     /// With merged adapters: the weights recomputed from the base and the current adapters.
