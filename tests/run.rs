@@ -168,7 +168,8 @@ fn ctrl_c_leaves_a_resumable_checkpoint_and_resume_is_exact() {
     // Wait for the second training step, then SIGINT.
     let t0 = Instant::now();
     let run = loop {
-        assert!(t0.elapsed() < Duration::from_secs(120), "run did not start");
+        // A hang guard only: a healthy run gets there in seconds.
+        assert!(t0.elapsed() < Duration::from_secs(600), "run did not start");
         if let Ok(mut e) = std::fs::read_dir(tmp.path()) {
             if let Some(Ok(d)) = e.next() {
                 let done = std::fs::read_to_string(d.path().join("metrics.jsonl"))

@@ -125,9 +125,10 @@ fn builtins_survive_adversarial_completions_and_ground_truths() {
             }
         }
     }
-    // Linear-time extraction: all of the above in well under a minute even unoptimized.
+    // A hang guard, not a timing claim: catastrophic backtracking on these inputs would run for
+    // hours; a healthy build takes well under a second.
     assert!(
-        started.elapsed().as_secs() < 60,
+        started.elapsed().as_secs() < 600,
         "took {:?}",
         started.elapsed()
     );
