@@ -174,18 +174,7 @@ fn train(mut run: Run) -> anyhow::Result<()> {
             return Err(e.into());
         }
     };
-    let pct = |e: &Option<rlrun::EvalResult>| {
-        e.as_ref().map(|e| {
-            let (lo, hi) = e.accuracy_interval();
-            format!(
-                "{:.1}% of {} (95% interval {:.1}-{:.1}%)",
-                100.0 * e.accuracy,
-                e.problems,
-                100.0 * lo,
-                100.0 * hi
-            )
-        })
-    };
+    let pct = |e: &Option<rlrun::EvalResult>| e.as_ref().map(accuracy_text);
     if let Some(b) = pct(&summary.before) {
         println!("held-out accuracy before training: {b}");
     }
@@ -224,6 +213,18 @@ fn train(mut run: Run) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `71.0% of 200 (95% interval 64.4-76.8%)`: an accuracy with its Wilson interval.
+fn accuracy_text(e: &rlrun::EvalResult) -> String {
+    let (lo, hi) = e.accuracy_interval();
+    format!(
+        "{:.1}% of {} (95% interval {:.1}-{:.1}%)",
+        100.0 * e.accuracy,
+        e.problems,
+        100.0 * lo,
+        100.0 * hi
+    )
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     let Some(command) = cli.command else {
         let recipe = cli.recipe.context(
@@ -247,13 +248,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("--- reward {r}\n{p}{c}");
             }
             println!(
-                "held-out accuracy: {:.1}% of {} (mean reward {:.3}, mean length {:.1} tokens, {:.1}s){}",
-                100.0 * e.accuracy,
-                e.problems,
+                "held-out accuracy: {}; mean reward {:.3}, mean length {:.1} tokens, {:.1}s{}",
+                accuracy_text(&e),
                 e.mean_reward,
                 e.mean_response_len,
                 e.seconds,
-                e.pass_at_k.map(|p| format!(", pass@k {:.1}%", 100.0 * p)).unwrap_or_default()
+                e.pass_at_k
+                    .map(|p| format!(", pass@k {:.1}%", 100.0 * p))
+                    .unwrap_or_default()
             );
             Ok(())
         }

@@ -83,9 +83,14 @@ fn every_recipe_runs_two_tiny_steps() {
         assert!(run.join("manifest.json").exists());
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
-            stdout.contains("held-out accuracy after training"),
+            stdout.contains("held-out accuracy after training")
+                && stdout.contains("(95% interval "),
             "{stdout}"
         );
+        // A before and an after evaluation of the same problems: the paired gain is printed.
+        if stdout.contains("held-out accuracy before training") {
+            assert!(stdout.contains("held-out gain: "), "{stdout}");
+        }
     }
 }
 
@@ -132,4 +137,23 @@ fn the_recipe_reference_lists_every_key_the_shipped_recipes_resolve_to() {
         .filter(|k| !doc.contains(&format!("`{k}`")))
         .collect();
     assert!(missing.is_empty(), "undocumented recipe keys: {missing:?}");
+}
+
+/// `rlrun eval` prints the held-out accuracy with its 95% interval.
+#[test]
+fn eval_prints_the_accuracy_with_its_interval() {
+    let tmp = rlrun_testkit::tempdir();
+    let mut args = vec!["eval".to_string(), "recipes/quickstart.toml".to_string()];
+    args.extend(set_args(&tiny(tmp.path())));
+    let out = rlrun(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("held-out accuracy: ") && stdout.contains("of 4 (95% interval "),
+        "{stdout}"
+    );
 }
