@@ -54,6 +54,18 @@ struct Builder {
 }
 
 impl Builder {
+    fn new() -> Self {
+        Builder {
+            layout: ParamLayout {
+                params: Vec::new(),
+                chunks: Vec::new(),
+                chunk_index: HashMap::new(),
+                param_index: HashMap::new(),
+                numel: 0,
+            },
+        }
+    }
+
     /// Adds a chunk made of the given (name, shape) params concatenated along dim 0.
     fn chunk(&mut self, chunk_name: &str, members: &[(String, Vec<i64>)], no_decay: bool) {
         let l = &mut self.layout;
@@ -94,15 +106,7 @@ impl Builder {
 impl ParamLayout {
     /// The layout of a Llama-family model described by `cfg`.
     pub fn for_config(cfg: &Config) -> Self {
-        let mut b = Builder {
-            layout: ParamLayout {
-                params: Vec::new(),
-                chunks: Vec::new(),
-                chunk_index: HashMap::new(),
-                param_index: HashMap::new(),
-                numel: 0,
-            },
-        };
+        let mut b = Builder::new();
         let h = cfg.hidden_size;
         let hd = cfg.head_dim();
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_kv_heads());
@@ -179,15 +183,7 @@ impl ParamLayout {
     /// the module they adapt plus `.lora_A.weight` / `.lora_B.weight` (PEFT's names without its
     /// `base_model.model.` prefix). Every adapter tensor gets weight decay, as in PEFT + AdamW.
     pub fn for_lora(cfg: &Config, targets: &[crate::lora::Target], rank: i64) -> Self {
-        let mut b = Builder {
-            layout: ParamLayout {
-                params: Vec::new(),
-                chunks: Vec::new(),
-                chunk_index: HashMap::new(),
-                param_index: HashMap::new(),
-                numel: 0,
-            },
-        };
+        let mut b = Builder::new();
         for i in 0..cfg.num_hidden_layers {
             for t in crate::lora::Target::ALL {
                 if !targets.contains(&t) {
