@@ -6,7 +6,8 @@ Run:  .venv/bin/python scripts/loss_reference.py .fixtures/losses
 Writes, into the given directory, seeded random inputs (N=6 sequences, L=9 response tokens,
 ragged masks with a 1-token sequence and a hole) and, for every loss (ppo, ppo with clip-higher
 0.2/0.28 and dual clip 3.0, gspo, pg) x aggregation (4 modes) x KL (none, k1, k2, k3 with
-coef 0.1), plus cases with the entropy bonus, TIS and all terms together, the loss value, its
+coef 0.1), plus cases with the entropy bonus, the off-policy correction (every loss x
+{truncate, mask} x {token, sequence}) and all terms together, the loss value, its
 gradients w.r.t. `logprobs` and `entropy`, and the metrics:
 
     inputs.safetensors   logprobs, old_logprobs, advantages, mask, ref_logprobs,
@@ -15,22 +16,26 @@ gradients w.r.t. `logprobs` and `entropy`, and the metrics:
     cases.json           {"normalizer": {...}, "cases": [{"id", "config", "inputs", "metrics"}]}
 
 `config` is the `[algorithm.loss]` table as JSON; `inputs` says which optional tensors are passed;
-`metrics` maps a name to {"mean": float, "max": float (only for `ratio`)}.
+`metrics` maps a name to {"mean": float, "max": float (only for `ratio` and `is_ratio`)}.
 
-Definitions (follow verl's core_algos):
+Definitions (rlrun's, from the papers; where verl's core_algos differs, e.g. its always-on dual
+clip, its k3 value clamped to [-10, 10] and its seq-mean-token-sum-norm constant, see docs/verl.md):
   ratio r = exp(clamp(lp - old, -20, 20))
   ppo:  max(-A r, -A clip(r, 1-cl, 1+ch)); with dual clip c, for A < 0: min(that, -A c)
   gspo: s_i = exp(sum_t m (lp - old) / max(1, sum_t m)); s_it = exp(min(lp - sg(lp) + sg(log s_i), 10))
         max(-A s_it, -A clip(s_it, 1-cl, 1+ch))
   pg:   -A lp
-  TIS:  per-token loss *= min(exp(old - behavior), cap)      (detached)
+  off-policy (decoupled PPO): rho = exp(clamp(old - behavior, +-20)) per token, or per sequence
+        exp(clamp(sum_t m (old - behavior), +-20)) on each of its tokens;
+        per-token loss *= min(rho, cap) (truncate) or rho [rho <= cap] (mask)   (detached)
   KL (log r = ref - lp): k1 = -log r, k2 = (log r)^2 / 2, k3 = exp(clamp(log r, +-20)) - 1 - log r
   total = agg(pg) + kl_coef agg(kl) - entropy_coef agg(entropy)
   agg: token-mean Σ lm / T; seq-mean-token-sum Σ lm / S;
        seq-mean-token-mean Σ_i (Σ_t lm / max(1, Σ_t m)) / S; seq-mean-token-sum-norm Σ lm / (S Lmax)
 Metrics are means over masked tokens, in f64: pg_clipfrac_low (A<0 and r<1-cl),
 pg_clipfrac_high (A>0 and r>1+ch), pg_clipfrac_dual (A<0 and r>c), ppo_kl (old - lp), ratio
-(mean and max), entropy, kl (configured estimator, k3 if none), tis_weight_mean; pg_loss is the
+(mean and max), entropy, kl (configured estimator, k3 if none), behavior_kl (k3 of KL(mu || pi_old)),
+is_ratio (mean and max), is_weight_mean, is_capped_frac; pg_loss is the
 aggregated policy-gradient term.
 """
 
@@ -47,7 +52,8 @@ HOLE = (4, 3)  # a masked-out token inside sequence 4 (e.g. tool output)
 MAX_RESPONSE_LEN = 12.0  # Dr.GRPO's constant (generation budget), deliberately != L
 KL_COEF = 0.1
 ENTROPY_COEF = 0.01
-TIS_CAP = 2.0
+IS_CAP = 2.0
+TIS = {"correction": "truncate", "level": "token", "cap": IS_CAP}
 
 LOSSES = {
     "ppo": {"name": "ppo", "clip_low": 0.2, "clip_high": 0.2},
@@ -105,7 +111,8 @@ def normalizer(mask):
 
 
 def agg_loss(loss_mat, mask, mode, norm):
-    """verl's agg_loss with global (mini-batch) normalizers."""
+    """rlrun's aggregation: the mini-batch's global counts; seq-mean-token-sum-norm divides by
+    S * Lmax (Dr. GRPO), unlike verl's agg_loss (docs/verl.md)."""
     if mode == "token-mean":
         return (loss_mat * mask).sum() / norm["tokens"]
     if mode == "seq-mean-token-sum":
@@ -203,10 +210,24 @@ def run_case(inputs, norm, cfg, use):
     else:
         tokens = pg_tokens(lp, old, adv, metrics)
 
-    if cfg.get("tis_cap") is not None and use["behavior"]:
-        w = torch.exp(old - inputs["behavior_logprobs"]).clamp(max=cfg["tis_cap"]).detach()
-        metrics.mean("tis_weight_mean", w)
-        tokens = tokens * w
+    if use["behavior"]:
+        behavior = inputs["behavior_logprobs"]
+        log_rho = old - behavior  # log(pi_old / mu): proximal over behaviour policy
+        metrics.mean("behavior_kl", torch.exp(log_rho) - 1.0 - log_rho)  # k3 of KL(mu || pi_old)
+        op = cfg.get("off_policy")
+        if op is not None and op["correction"] != "off":
+            if op["level"] == "sequence":
+                log_rho = (log_rho * mask).sum(dim=-1, keepdim=True).expand_as(log_rho)
+            rho = torch.exp(torch.clamp(log_rho, min=-20.0, max=20.0)).detach()
+            cap = op["cap"]
+            if op["correction"] == "truncate":
+                w = torch.clamp(rho, max=cap)
+            else:  # mask: drop tokens (sequences) whose ratio exceeds the cap
+                w = torch.where(rho <= cap, rho, torch.zeros_like(rho))
+            metrics.mean_max("is_ratio", rho)
+            metrics.mean("is_weight_mean", w)
+            metrics.mean("is_capped_frac", (rho > cap).float())
+            tokens = tokens * w
     pg = agg_loss(tokens, mask, mode, norm)
     metrics.out["pg_loss"] = {"mean": float(pg.detach().double())}
     loss = pg
@@ -246,18 +267,27 @@ def cases():
                 aggregation=mode,
                 kl={"estimator": "k2", "coef": KL_COEF},
                 entropy_coef=ENTROPY_COEF,
-                tis_cap=TIS_CAP,
+                off_policy=dict(TIS),
             )
             out.append((f"{loss_id}/{mode}/all-terms", cfg, {"ref": True, "behavior": True, "entropy": True}))
     every = {"ref": False, "behavior": False, "entropy": False}
     out += [
         ("ppo/token-mean/entropy-bonus", dict(LOSSES["ppo"], entropy_coef=0.05), dict(every, entropy=True)),
-        ("ppo-dual/seq-mean-token-mean/tis",
-         dict(LOSSES["ppo-dual"], aggregation="seq-mean-token-mean", tis_cap=TIS_CAP), dict(every, behavior=True)),
+        ("ppo/token-mean/off-policy-off",
+         dict(LOSSES["ppo"], off_policy={"correction": "off", "level": "token", "cap": IS_CAP}),
+         dict(every, behavior=True)),
         ("ppo/token-mean/kl-metric-only", dict(LOSSES["ppo"]), dict(every, ref=True)),
         ("gspo/seq-mean-token-mean/entropy-metric-only",
          dict(LOSSES["gspo"], aggregation="seq-mean-token-mean"), dict(every, entropy=True)),
     ]
+    # The decoupled objective: every loss x {truncate, mask} x {token, sequence}.
+    for i, (loss_id, loss_cfg) in enumerate(LOSSES.items()):
+        for j, correction in enumerate(["truncate", "mask"]):
+            for k, level in enumerate(["token", "sequence"]):
+                mode = AGGREGATIONS[(i + j + k) % len(AGGREGATIONS)]
+                op = {"correction": correction, "level": level, "cap": IS_CAP}
+                cfg = dict(loss_cfg, aggregation=mode, off_policy=op)
+                out.append((f"{loss_id}/{mode}/{correction}-{level}", cfg, dict(every, behavior=True)))
     return out
 
 

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use rlrun_generator::{EngineConfig, GeneratorActor};
 use rlrun_model::{Kind, ModelFiles, Tokenizer, Weights};
+use rlrun_trainer::loss::{Correction, PolicyLossConfig};
 use rlrun_trainer::{CriticConfig, OptimConfig, TrainerActor, TrainerConfig};
 use tch::Device;
 
@@ -60,7 +61,19 @@ pub(crate) fn place(
     };
 
     // Trainer: f32 master on its device, computing in `kind`; here or in its own process.
-    let tcfg = trainer_config(c);
+    let reasons = off_policy_reasons(c, kind, device, gen_device);
+    let (loss, warning) = c.algorithm.loss.resolve_off_policy(!reasons.is_empty());
+    if let Some(w) = warning {
+        eprintln!("warning: {w} ({})", reasons.join(", "));
+    }
+    match loss.off_policy {
+        Some(op) if op.correction != Correction::Off => eprintln!(
+            "off-policy correction: {op} (the generator's policy can differ from the trainer's: {})",
+            reasons.join(", ")
+        ),
+        _ => {}
+    }
+    let tcfg = trainer_config(c, loss);
     let trainer: Box<dyn TrainerActor> = if pl.trainer_process {
         let cfg = ActorConfig {
             model: recipe.model_path.clone(),
@@ -149,11 +162,48 @@ pub(crate) fn place(
     })
 }
 
-/// The trainer's settings from the recipe.
-fn trainer_config(c: &RecipeConfig) -> TrainerConfig {
+/// Why the generator's policy (the behaviour policy) can differ from the trainer's before an
+/// update; empty when they are the same model computed the same way.
+fn off_policy_reasons(
+    c: &RecipeConfig,
+    kind: Kind,
+    device: Device,
+    gen_device: Device,
+) -> Vec<String> {
+    let pl = &c.placement;
+    let mut why = Vec::new();
+    if c.rollout.max_staleness > 0 {
+        why.push(format!(
+            "rollout.max_staleness = {}",
+            c.rollout.max_staleness
+        ));
+    }
+    if c.sync.every > 1 {
+        why.push(format!("sync.every = {}", c.sync.every));
+    }
+    if kind != Kind::Float {
+        why.push(format!("{kind:?} compute"));
+    }
+    if pl.generator_processes > 0 || !pl.generator_addresses.is_empty() {
+        why.push("generators in other processes".into());
+    }
+    if pl.trainer_process {
+        why.push("the trainer in its own process".into());
+    }
+    if device != gen_device {
+        why.push(format!(
+            "trainer on {device:?}, generator on {gen_device:?}"
+        ));
+    }
+    why
+}
+
+/// The trainer's settings from the recipe, with the run's policy loss (off-policy correction
+/// resolved).
+fn trainer_config(c: &RecipeConfig, loss: PolicyLossConfig) -> TrainerConfig {
     TrainerConfig {
         optim: c.trainer.optim(),
-        loss: c.algorithm.loss.clone(),
+        loss,
         ppo_epochs: c.trainer.ppo_epochs,
         mini_batches: c.trainer.mini_batches,
         micro_batch_tokens: c.trainer.micro_batch_tokens,

@@ -1,6 +1,7 @@
 //! Policy losses: PPO (clip-higher, dual-clip), GSPO and plain policy gradient, with one
-//! aggregation function, an optional KL-to-reference term, an entropy bonus and truncated
-//! importance sampling (TIS) between the generator and the trainer.
+//! aggregation function, an optional KL-to-reference term, an entropy bonus and the decoupled
+//! off-policy correction (TIS or MIS, per token or per sequence) between the generator and the
+//! trainer.
 //!
 //! Pure functions of tensors, like verl's `core_algos`: no model, no I/O. Shapes, for a
 //! micro-batch of `N` sequences padded to `L` response tokens ([`LossInput`]):
@@ -12,7 +13,7 @@
 //! | `advantages` | `(N, L)` | per-token advantages `A_t` |
 //! | `mask` | `(N, L)` | 1.0 on response tokens, 0.0 on padding |
 //! | `ref_logprobs` (opt.) | `(N, L)` | reference model, for the KL term |
-//! | `behavior_logprobs` (opt.) | `(N, L)` | the generator's log-probs, for TIS |
+//! | `behavior_logprobs` (opt.) | `(N, L)` | the generator's log-probs (behaviour policy `μ`) |
 //! | `entropy` (opt.) | `(N, L)` | per-token entropy of π_θ (requires grad), for the bonus |
 //!
 //! The total loss is
@@ -21,8 +22,8 @@
 //! loss = agg(w_t · ℓ_t)  +  kl.coef · agg(kl_t)  −  entropy_coef · agg(H_t)
 //! ```
 //!
-//! where `ℓ_t` is the per-token surrogate of the configured loss, `w_t` the TIS weight (1 without
-//! TIS), `kl_t` = [`kl_penalty`] and `agg` = [`aggregate`] with the configured [`Aggregation`].
+//! where `ℓ_t` is the per-token surrogate of the configured loss, `w_t` the off-policy weight
+//! ([`OffPolicyConfig`]; 1 without a correction), `kl_t` = [`kl_penalty`] and `agg` = [`aggregate`] with the configured [`Aggregation`].
 //! Every `agg` divides by the *global* counts of the mini-batch ([`Normalizer`]), so the losses of
 //! a mini-batch's micro-batches sum to the mini-batch loss however it was split.
 //!
@@ -36,7 +37,7 @@
 //! dual_clip = 3.0               # ppo only, optional
 //! aggregation = "token-mean"    # | "seq-mean-token-sum" | "seq-mean-token-mean" | "seq-mean-token-sum-norm"
 //! entropy_coef = 0.0
-//! tis_cap = 2.0                 # optional
+//! off_policy = { correction = "truncate", level = "token", cap = 2.0 }  # default when needed
 //! kl = { estimator = "k3", coef = 0.001 }   # optional
 //! ```
 
@@ -227,7 +228,7 @@ pub struct LossInput<'a> {
     pub mask: &'a Tensor,
     /// `(N, L)` reference-model log-probs: the KL loss term (and the `kl` metric).
     pub ref_logprobs: Option<&'a Tensor>,
-    /// `(N, L)` the generator's log-probs: TIS when the loss has a `tis_cap`.
+    /// `(N, L)` the generator's log-probs (behaviour policy): the off-policy correction.
     pub behavior_logprobs: Option<&'a Tensor>,
     /// `(N, L)` per-token entropy of the current policy (requires grad): the entropy bonus.
     pub entropy: Option<&'a Tensor>,
@@ -356,7 +357,7 @@ pub struct LossOutput {
 ///
 /// | name | value |
 /// |---|---|
-/// | `pg_loss` | the aggregated policy-gradient term (after TIS); `count` is the micro-batch's share of the [`Normalizer`], so over a full mini-batch the mean is the mini-batch's term |
+/// | `pg_loss` | the aggregated policy-gradient term (after the off-policy weights); `count` is the micro-batch's share of the [`Normalizer`], so over a full mini-batch the mean is the mini-batch's term |
 /// | `pg_clipfrac_low` | ppo, gspo: fraction with `A < 0` and `ratio < 1 − clip_low` (lower clip active) |
 /// | `pg_clipfrac_high` | ppo, gspo: fraction with `A > 0` and `ratio > 1 + clip_high` (upper clip active) |
 /// | `pg_clipfrac_dual` | ppo with `dual_clip = c`: fraction with `A < 0` and `ratio > c` (dual clip active) |
@@ -364,7 +365,10 @@ pub struct LossOutput {
 /// | `ratio` | mean and `max` of the importance ratio (gspo: `s_i` on each token; pg: `π_θ/π_old`) |
 /// | `entropy` | if `entropy` is given |
 /// | `kl` | if `ref_logprobs` is given: the configured estimator, else `k3` |
-/// | `tis_weight_mean` | if TIS is active: mean of the TIS weights |
+/// | `behavior_kl` | if `behavior_logprobs` is given: k3 estimate of `KL(μ ‖ π_old)` |
+/// | `is_ratio` | with an off-policy correction: mean and `max` of `ρ = π_old/μ` (per token or per sequence) |
+/// | `is_weight_mean` | with an off-policy correction: mean of the applied weights |
+/// | `is_capped_frac` | with an off-policy correction: fraction of tokens with `ρ > cap` (truncated or masked) |
 pub trait PolicyLoss: Send + Sync {
     /// The recipe name (`"ppo"`, `"gspo"`, `"pg"`).
     fn name(&self) -> &str;
@@ -599,25 +603,50 @@ impl Surrogate for Pg {
     }
 }
 
-/// Truncated importance sampling between the generator (behavior policy `μ`) and the trainer's
-/// `π_old` (Yao et al., "Your efficient RL framework secretly brings you off-policy RL training",
-/// 2025; verl's `tis_imp_ratio_cap`): `w_t = min(exp(old_logprobs − behavior_logprobs), cap)`,
-/// detached, multiplies the per-token policy-gradient loss. `(N, L)`.
-pub fn tis_weights(old_logprobs: &Tensor, behavior_logprobs: &Tensor, cap: f64) -> Result<Tensor> {
+/// `(N, L)` importance ratios `ρ = π_old/μ` between the trainer before this update (the proximal
+/// policy, `old_logprobs`) and the generator that sampled the tokens (the behaviour policy `μ`,
+/// `behavior_logprobs`), detached, with the log clamped to `±20`:
+/// - `token`: `ρ_t = exp(old_t − behavior_t)`;
+/// - `sequence`: `ρ_i = exp(Σ_t m_t (old_t − behavior_t))` (the whole sequence's likelihood ratio),
+///   on every token of the sequence.
+pub fn importance_ratios(
+    old_logprobs: &Tensor,
+    behavior_logprobs: &Tensor,
+    mask: &Tensor,
+    level: IsLevel,
+) -> Result<Tensor> {
     check_same_shape(
         ("old_logprobs", old_logprobs),
         ("behavior_logprobs", behavior_logprobs),
     )?;
+    check_same_shape(("old_logprobs", old_logprobs), ("mask", mask))?;
     let _guard = tch::no_grad_guard();
-    Ok(old_logprobs
-        .f_detach()?
-        .f_sub(behavior_logprobs)?
-        .f_exp()?
-        .f_clamp_max(cap)?)
+    let log_ratio = old_logprobs.f_detach()?.f_sub(behavior_logprobs)?; // (N, L)
+    let log_ratio = match level {
+        IsLevel::Token => log_ratio,
+        IsLevel::Sequence => log_ratio
+            .f_mul(mask)?
+            .f_sum_dim_intlist([1i64].as_slice(), true, log_ratio.kind())? // (N, 1)
+            .f_expand_as(&log_ratio)?,
+    };
+    Ok(log_ratio
+        .f_clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)?
+        .f_exp()?)
+}
+
+/// The weights of the decoupled objective, `(N, L)`, detached, from the ratios `ρ` of
+/// [`importance_ratios`]: `truncate` (TIS) `min(ρ, cap)`; `mask` (MIS) `ρ` where `ρ ≤ cap`, else 0.
+/// `off` is never passed here.
+pub fn importance_weights(ratios: &Tensor, correction: Correction, cap: f64) -> Result<Tensor> {
+    let _guard = tch::no_grad_guard();
+    Ok(match correction {
+        Correction::Truncate | Correction::Off => ratios.f_clamp_max(cap)?,
+        Correction::Mask => ratios.f_mul(&ratios.f_le(cap)?.f_to_kind(ratios.kind())?)?,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
-// The full loss: surrogate + TIS + aggregation + KL + entropy
+// The full loss: surrogate + off-policy weights + aggregation + KL + entropy
 // ---------------------------------------------------------------------------------------------
 
 struct Composed<S> {
@@ -626,7 +655,7 @@ struct Composed<S> {
     aggregation: Aggregation,
     kl: Option<KlLossConfig>,
     entropy_coef: f64,
-    tis_cap: Option<f64>,
+    off_policy: Option<OffPolicyConfig>,
 }
 
 impl<S: Surrogate> PolicyLoss for Composed<S> {
@@ -640,10 +669,27 @@ impl<S: Surrogate> PolicyLoss for Composed<S> {
         let mut metrics = MetricSet::new(mask)?;
 
         let mut per_token = self.surrogate.per_token(input, &mut metrics)?; // (N, L)
-        if let (Some(cap), Some(behavior)) = (self.tis_cap, input.behavior_logprobs) {
-            let w = tis_weights(input.old_logprobs, behavior, cap)?; // (N, L)
-            metrics.token_mean("tis_weight_mean", &w)?;
-            per_token = per_token.f_mul(&w)?;
+        if let Some(behavior) = input.behavior_logprobs {
+            let _guard = tch::no_grad_guard();
+            let k3 = kl_penalty(behavior, input.old_logprobs, KlEstimator::K3)?;
+            metrics.token_mean("behavior_kl", &k3)?;
+        }
+        match (self.off_policy, input.behavior_logprobs) {
+            (Some(op), Some(behavior)) => {
+                let rho = importance_ratios(input.old_logprobs, behavior, mask, op.level)?;
+                let w = importance_weights(&rho, op.correction, op.cap)?; // (N, L)
+                metrics.token_mean_max("is_ratio", &rho)?;
+                metrics.token_mean("is_weight_mean", &w)?;
+                metrics.token_mean("is_capped_frac", &rho.f_gt(op.cap)?)?;
+                per_token = per_token.f_mul(&w)?;
+            }
+            (Some(op), None) => {
+                return Err(LossError::Invalid(format!(
+                "off_policy correction `{}` needs the generator's log-probs (behavior_logprobs)",
+                op.correction.as_str()
+            )))
+            }
+            (None, _) => {}
         }
         let pg_loss = aggregate(&per_token, mask, agg, norm)?;
         {
@@ -800,15 +846,120 @@ pub struct PolicyLossConfig {
     /// Entropy bonus coefficient (the loss gets `− entropy_coef × aggregate(entropy)`). Default 0.
     #[serde(default)]
     pub entropy_coef: f64,
-    /// TIS cap (e.g. 2.0): weight each token's policy-gradient loss by
-    /// `min(π_old/π_generator, cap)` when the generator's log-probs are given. Default: off.
+    /// `[algorithm.loss.off_policy]`: the correction for rollouts sampled by a policy other than
+    /// the trainer's (see [`OffPolicyConfig`]). `None`: the run decides — on with the defaults
+    /// whenever the generator's policy can differ from the trainer's (staleness > 0, a 16-bit
+    /// dtype, generators in other processes or on another device), else off
+    /// ([`PolicyLossConfig::resolve_off_policy`]). A loss built with `None` applies none.
     #[serde(default)]
-    pub tis_cap: Option<f64>,
+    pub off_policy: Option<OffPolicyConfig>,
+}
+
+/// How the importance weight between the proximal and the behaviour policy is bounded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Correction {
+    /// Truncated importance sampling (TIS): `w = min(ρ, cap)`.
+    #[default]
+    Truncate,
+    /// Masked importance sampling (MIS): `w = ρ` where `ρ ≤ cap`, else the token (or the whole
+    /// sequence) is dropped from the policy-gradient term.
+    Mask,
+    /// No correction: the update treats the rollouts as the trainer's own.
+    Off,
+}
+
+impl Correction {
+    /// The recipe name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Correction::Truncate => "truncate",
+            Correction::Mask => "mask",
+            Correction::Off => "off",
+        }
+    }
+}
+
+/// Whether the importance ratio is taken per token or per sequence.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IsLevel {
+    /// `ρ_t = π_old(y_t)/μ(y_t)`, each token on its own.
+    #[default]
+    Token,
+    /// `ρ_i = Π_t π_old(y_t)/μ(y_t)`, one ratio for the whole sequence.
+    Sequence,
+}
+
+impl IsLevel {
+    /// The recipe name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IsLevel::Token => "token",
+            IsLevel::Sequence => "sequence",
+        }
+    }
+}
+
+fn default_is_cap() -> f64 {
+    2.0
+}
+
+/// `[algorithm.loss.off_policy]`: the decoupled PPO objective (Hilton et al., arXiv 2110.00641;
+/// AReaL, arXiv 2505.24298). The surrogate clips the ratio to the *proximal* policy (the trainer
+/// before this update, `old_logprobs`) and each token's term is weighted by `w` =
+/// `ρ = π_old/μ` bounded by `correction` at `cap`, `μ` being the generator that sampled the
+/// tokens (the behaviour policy, whose log-probs every rollout carries). Token-level truncation is
+/// TIS (Yao et al. 2025), masking is MIS; sequence level takes one ratio per sequence.
+///
+/// ```toml
+/// [algorithm.loss.off_policy]
+/// correction = "truncate"   # | "mask" | "off"
+/// level = "token"           # | "sequence"
+/// cap = 2.0
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OffPolicyConfig {
+    /// Default `truncate`.
+    #[serde(default)]
+    pub correction: Correction,
+    /// Default `token`.
+    #[serde(default)]
+    pub level: IsLevel,
+    /// Default 2.0; at least 1.
+    #[serde(default = "default_is_cap")]
+    pub cap: f64,
+}
+
+impl Default for OffPolicyConfig {
+    fn default() -> Self {
+        Self {
+            correction: Correction::default(),
+            level: IsLevel::default(),
+            cap: default_is_cap(),
+        }
+    }
+}
+
+impl std::fmt::Display for OffPolicyConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.correction {
+            Correction::Off => write!(f, "off"),
+            c => write!(
+                f,
+                "{} at {} level, cap {}",
+                c.as_str(),
+                self.level.as_str(),
+                self.cap
+            ),
+        }
+    }
 }
 
 impl PolicyLossConfig {
     /// Checks the values' ranges (call it when the recipe is parsed): `0 ≤ clip_low < 1`,
-    /// `clip_high ≥ 0`, `dual_clip > 1`, `kl.coef ≥ 0`, `tis_cap > 0`, finite `entropy_coef`.
+    /// `clip_high ≥ 0`, `dual_clip > 1`, `kl.coef ≥ 0`, `off_policy.cap ≥ 1`, finite `entropy_coef`.
     pub fn validate(&self) -> Result<()> {
         let invalid = |msg: String| Err(LossError::Invalid(format!("[algorithm.loss] {msg}")));
         let name = self.loss.name();
@@ -823,9 +974,12 @@ impl PolicyLossConfig {
                 return invalid(format!("kl.coef must be >= 0, got {}", kl.coef));
             }
         }
-        if let Some(cap) = self.tis_cap {
-            if !(cap.is_finite() && cap > 0.0) {
-                return invalid(format!("tis_cap must be > 0, got {cap}"));
+        if let Some(op) = &self.off_policy {
+            if !(op.cap.is_finite() && op.cap >= 1.0) {
+                return invalid(format!(
+                    "off_policy.cap must be >= 1 (a weight cap below 1 would shrink on-policy tokens too), got {}",
+                    op.cap
+                ));
             }
         }
         let (clip_low, clip_high) = match self.loss {
@@ -892,8 +1046,30 @@ impl PolicyLossConfig {
             aggregation: self.aggregation,
             kl: self.kl,
             entropy_coef: self.entropy_coef,
-            tis_cap: self.tis_cap,
+            off_policy: self
+                .off_policy
+                .filter(|op| op.correction != Correction::Off),
         })
+    }
+
+    /// The off-policy correction a run applies, given whether the generator's policy can differ
+    /// from the trainer's (`may_differ`): the recipe's choice if it made one, else the default
+    /// ([`OffPolicyConfig::default`], TIS at 2.0) when `may_differ`, else none. The second value
+    /// is a warning for the log when the recipe turned the correction off although it may matter.
+    pub fn resolve_off_policy(&self, may_differ: bool) -> (Self, Option<String>) {
+        let mut out = self.clone();
+        let mut warning = None;
+        match self.off_policy {
+            None if may_differ => out.off_policy = Some(OffPolicyConfig::default()),
+            None => {}
+            Some(op) if op.correction == Correction::Off && may_differ => {
+                warning = Some(
+                    "[algorithm.loss.off_policy] correction = \"off\" although the generator's policy can differ from the trainer's: the update uses the rollouts uncorrected (remove the key for truncated importance sampling at cap 2)".to_string(),
+                )
+            }
+            Some(_) => {}
+        }
+        (out, warning)
     }
 }
 

@@ -3,8 +3,8 @@
 //! Run: `cargo test -p rlrun-trainer --test loss_config`.
 
 use rlrun_trainer::loss::{
-    aggregate, kl_penalty, Aggregation, KlEstimator, KlLossConfig, LossConfig, LossInput,
-    Normalizer, PolicyLossConfig,
+    aggregate, kl_penalty, Aggregation, Correction, IsLevel, KlEstimator, KlLossConfig, LossConfig,
+    LossInput, Normalizer, OffPolicyConfig, PolicyLossConfig,
 };
 use serde::Deserialize;
 use tch::{Kind, Tensor};
@@ -35,8 +35,8 @@ clip_high = 0.28
 dual_clip = 3.0
 aggregation = "token-mean"
 entropy_coef = 0.0
-tis_cap = 2.0
 kl = { estimator = "k3", coef = 0.001 }
+off_policy = { correction = "mask", level = "sequence", cap = 3.0 }
 "#;
 
 #[test]
@@ -56,7 +56,11 @@ fn example_recipe_parses() {
                 coef: 0.001,
             }),
             entropy_coef: 0.0,
-            tis_cap: Some(2.0),
+            off_policy: Some(OffPolicyConfig {
+                correction: Correction::Mask,
+                level: IsLevel::Sequence,
+                cap: 3.0,
+            }),
         }
     );
     cfg.validate().unwrap();
@@ -88,7 +92,7 @@ fn defaults_and_every_name_builds() {
         assert_eq!(cfg.loss, want);
         assert_eq!(cfg.kl, None);
         assert_eq!(cfg.entropy_coef, 0.0);
-        assert_eq!(cfg.tis_cap, None);
+        assert_eq!(cfg.off_policy, None);
         cfg.validate().unwrap();
         assert_eq!(cfg.build().name(), want.name());
     }
@@ -151,7 +155,10 @@ fn out_of_range_values_are_rejected() {
         ("name = \"ppo\"\ndual_clip = 0.5", "dual_clip"),
         ("name = \"ppo\"\nclip_low = 1.5", "clip_low"),
         ("name = \"gspo\"\nclip_high = -0.1", "clip_high"),
-        ("name = \"pg\"\ntis_cap = 0.0", "tis_cap"),
+        (
+            "name = \"pg\"\noff_policy = { cap = 0.5 }",
+            "off_policy.cap",
+        ),
         ("name = \"pg\"\nkl = { coef = -1.0 }", "kl.coef"),
     ] {
         let cfg = parse(&format!("[algorithm.loss]\n{body}\n")).unwrap();

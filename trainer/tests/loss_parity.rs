@@ -8,8 +8,8 @@ use std::path::PathBuf;
 
 use rlrun_testkit::{max_abs_diff, read_safetensors};
 use rlrun_trainer::loss::{
-    merge_metrics, Aggregation, KlEstimator, KlLossConfig, LossConfig, LossInput, Metric,
-    Normalizer, PolicyLossConfig,
+    merge_metrics, Aggregation, Correction, IsLevel, KlEstimator, KlLossConfig, LossConfig,
+    LossInput, Metric, Normalizer, OffPolicyConfig, PolicyLossConfig,
 };
 use tch::{Kind, Tensor};
 
@@ -17,7 +17,7 @@ const LOSS_TOL: f64 = 1e-6;
 const GRAD_TOL: f64 = 1e-5;
 const METRIC_TOL: f64 = 1e-6;
 /// 4 losses × 4 aggregations × (4 KL settings + 1 all-terms case) + 4 single-term cases.
-const EXPECTED_CASES: usize = 4 * 4 * 5 + 4;
+const EXPECTED_CASES: usize = 4 * 4 * 5 + 4 + 4 * 2 * 2;
 
 fn loss_fixtures() -> PathBuf {
     let dir = rlrun_testkit::fixtures().join("losses");
@@ -68,6 +68,7 @@ fn losses_match_pytorch_reference() {
 
     let cases = index["cases"].as_array().expect("cases");
     let mut combos = BTreeSet::new();
+    let mut off_policy = BTreeSet::new();
     let mut checked = 0usize;
     let mut failures = Vec::new();
     let mut worst = [0.0f64; 3]; // loss, grads, metrics
@@ -142,6 +143,10 @@ fn losses_match_pytorch_reference() {
             }
         }
 
+        if let Some(op) = cfg.off_policy {
+            let loss_id = id.split('/').next().unwrap().to_owned();
+            off_policy.insert((loss_id, op.correction.as_str(), op.level.as_str()));
+        }
         let kl = cfg.kl.map(|k| k.estimator.as_str()).unwrap_or("none");
         let extras = (uses("behavior"), uses("entropy"));
         let loss_id = id.split('/').next().unwrap().to_owned();
@@ -170,7 +175,17 @@ fn losses_match_pytorch_reference() {
                 agg.as_str()
             );
         }
+        // The decoupled objective with each correction at each level.
+        for correction in ["truncate", "mask"] {
+            for level in ["token", "sequence"] {
+                assert!(
+                    off_policy.contains(&(loss.to_owned(), correction, level)),
+                    "no off-policy case for {loss} / {correction} / {level}"
+                );
+            }
+        }
     }
+    assert!(off_policy.contains(&("ppo".to_owned(), "off", "token")));
 }
 
 /// Random (N, L) inputs with ragged masks (one 1-token sequence, one hole).
@@ -276,7 +291,11 @@ fn losses_are_invariant_to_micro_batching() {
                     coef: 0.1,
                 }),
                 entropy_coef: 0.01,
-                tis_cap: Some(2.0),
+                off_policy: Some(OffPolicyConfig {
+                    correction: [Correction::Truncate, Correction::Mask][li % 2],
+                    level: [IsLevel::Token, IsLevel::Sequence][ai % 2],
+                    cap: 2.0,
+                }),
             };
             let (l1, g1, e1, m1) = split_run(&cfg, &b, &norm, 1);
             assert!(m1["pg_loss"].count > 0.999 && m1["pg_loss"].count < 1.001);
