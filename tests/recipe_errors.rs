@@ -326,3 +326,17 @@ fn lora_settings_name_their_key_and_line() {
     let e = check_error(with_lora("init = \"/nonexistent/adapter\""));
     assert_has(&e, &["`model.lora.init`", "adapter_config.json"]);
 }
+
+#[test]
+fn eval_size_beyond_the_distinct_problems_of_the_split_is_rejected() {
+    // One-digit sums: 55 problems up to commutation, about 5% of them held out.
+    let e = check_error(|t| {
+        t.replace(
+            "prompts_per_step = 2",
+            "prompts_per_step = 2\neval = { name = \"arithmetic\", split = \"test\", max_digits = 1, operators = [\"add\"] }",
+        ) + "\n[eval]\nsize = 10\n"
+    });
+    // The inserted eval line moves `lr` down one; `size` is 3 lines below it.
+    let line = format!(":{}:", line_of("lr = 1e-5") + 4);
+    assert_has(&e, &["eval.size", "distinct problems", &line]);
+}

@@ -157,3 +157,40 @@ fn eval_prints_the_accuracy_with_its_interval() {
         "{stdout}"
     );
 }
+
+#[test]
+fn shipped_eval_sets_are_distinct_problems_held_out_from_training() {
+    use std::collections::HashSet;
+    let model = rlrun_testkit::fixtures().join("tiny-llama3");
+    let mut generated = 0;
+    for path in recipes() {
+        let r = rlrun::Recipe::load(&path, &[format!("model.path={}", model.display())])
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let eval = &r.built.eval;
+        if eval.is_empty() {
+            continue;
+        }
+        let keys: HashSet<String> = eval.iter().map(|s| s.problem_key()).collect();
+        assert_eq!(
+            keys.len(),
+            eval.len(),
+            "{}: repeated eval problems",
+            path.display()
+        );
+        if let Some(n) = r.config.eval.size {
+            assert_eq!(eval.len(), n, "{}", path.display());
+        }
+        // Generated tasks: no eval problem (in canonical form, so `b + a` counts as `a + b`)
+        // is among the first 20,000 training problems.
+        if eval[0].extra.get("problem").is_some() {
+            let train: HashSet<String> = (0..20_000)
+                .filter_map(|i| r.built.train.get(i))
+                .map(|s| s.problem_key())
+                .collect();
+            let shared: Vec<_> = keys.intersection(&train).collect();
+            assert!(shared.is_empty(), "{}: {shared:?}", path.display());
+            generated += 1;
+        }
+    }
+    assert!(generated >= 8, "{generated}");
+}

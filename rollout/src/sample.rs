@@ -130,6 +130,16 @@ impl Sample {
         self.extra = extra;
         self
     }
+
+    /// What makes two samples the same problem: the dataset's canonical form when it gives one
+    /// (`extra.problem`: generated tasks make `a + b` and `b + a` one problem), else the prompt
+    /// and the reference answer.
+    pub fn problem_key(&self) -> String {
+        match self.extra.get("problem").and_then(|p| p.as_str()) {
+            Some(p) => p.to_string(),
+            None => serde_json::json!([self.prompt, self.ground_truth]).to_string(),
+        }
+    }
 }
 
 /// Why generation of a completion stopped.

@@ -452,6 +452,77 @@ fn train_and_test_splits_never_overlap() {
         "the two sides partition the space"
     );
 
+    // The same under commutation, for every operator: `a + b` in test never has `b + a` in
+    // train (checked with a key computed here, independently of the task's canonical form).
+    for op in ["add", "sub", "mul", "div"] {
+        let key_set = |split: &str| -> HashSet<String> {
+            let cfg: ArithmeticConfig = toml::from_str(&format!(
+                "max_digits = 1\noperators = [\"{op}\"]\nsplit = \"{split}\""
+            ))
+            .unwrap();
+            let task = ArithmeticTask::new(cfg).unwrap();
+            (0..3000)
+                .map(|i| {
+                    let e = task.get(i).unwrap().extra["expression"]
+                        .as_str()
+                        .unwrap()
+                        .to_string();
+                    let parts: Vec<&str> = e.split(' ').collect();
+                    let (a, sym, b) = (parts[0], parts[1], parts[2]);
+                    match sym {
+                        "+" | "*" if a > b => format!("{b} {sym} {a}"),
+                        _ => e.clone(),
+                    }
+                })
+                .collect()
+        };
+        let (train, test) = (key_set("train"), key_set("test"));
+        assert!(!test.is_empty(), "{op}: no held-out problem");
+        assert!(
+            train.is_disjoint(&test),
+            "{op}: {:?}",
+            train.intersection(&test).collect::<Vec<_>>()
+        );
+    }
+    // Three operands, mixed operators: every rearrangement of the additive terms and of the
+    // factors lands on the same side.
+    let cfg: ArithmeticConfig =
+        toml::from_str("max_digits = 1\nnum_operands = 3\noperators = [\"add\", \"sub\", \"mul\"]")
+            .unwrap();
+    let train_task = ArithmeticTask::new(cfg.clone()).unwrap();
+    let test_task = ArithmeticTask::new(ArithmeticConfig {
+        split: Split::Test,
+        ..cfg
+    })
+    .unwrap();
+    let problems = |t: &ArithmeticTask| -> HashSet<String> {
+        (0..3000)
+            .map(|i| {
+                t.get(i).unwrap().extra["problem"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect()
+    };
+    assert!(problems(&train_task).is_disjoint(&problems(&test_task)));
+    let mut twins = 0;
+    for i in 0..300 {
+        let s = test_task.get(i).unwrap();
+        let e = s.extra["expression"].as_str().unwrap();
+        let t: Vec<&str> = e.split(' ').collect();
+        // `a op1 b op2 c` with op1 = op2 = + (or *): `c op b op a` is the same problem.
+        if t[1] == t[3] && (t[1] == "+" || t[1] == "*") {
+            let twin = format!("{} {} {} {} {}", t[4], t[3], t[2], t[1], t[0]);
+            let found = (0..3000)
+                .filter_map(|j| train_task.get(j))
+                .any(|x| x.extra["expression"].as_str() == Some(twin.as_str()));
+            assert!(!found, "{e} is held out but {twin} is in train");
+            twins += 1;
+        }
+    }
+    assert!(twins > 0);
+
     let countdown = |split: Split| -> HashSet<String> {
         let task = CountdownTask::new(CountdownTaskConfig {
             split,

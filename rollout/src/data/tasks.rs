@@ -4,8 +4,9 @@
 //! stream `i` of a key derived from the seed and the split, so any sample can be produced alone,
 //! in any order, on any machine.
 //!
-//! **Train/test disjointness.** Every problem has a canonical form (e.g. `arith:37 + 58`,
-//! `countdown:3,7,25|21`) hashed with a fixed, seed-independent hash (FNV-1a + SplitMix64). A problem
+//! **Train/test disjointness.** Every problem has a canonical form, the same for every ordering
+//! of commutative operands (`37 + 58` and `58 + 37` are both `arith:37+58|`; Countdown's numbers
+//! are sorted: `countdown:3,7,25|21`), carried in `extra.problem` and hashed with a fixed, seed-independent hash (FNV-1a + SplitMix64). A problem
 //! is *held out* if its hash falls in the first [`HELDOUT_PERMILLE`]/1000 of the range: the `test`
 //! split only generates held-out problems and the `train` split never does (a draw on the wrong
 //! side is rejected and redrawn from the same stream). So no test problem can appear in training,
@@ -230,8 +231,8 @@ impl ArithmeticTask {
         Ok(Self { config })
     }
 
-    /// Draws one problem: (expression, value).
-    fn draw(&self, rng: &mut ChaCha8Rng) -> (String, i128) {
+    /// Draws one problem: (expression, canonical form, value).
+    fn draw(&self, rng: &mut ChaCha8Rng) -> (String, String, i128) {
         let c = &self.config;
         let operand = |rng: &mut ChaCha8Rng, nonzero: bool| -> i128 {
             let digits = uniform(rng, u64::from(c.min_digits), u64::from(c.max_digits)) as u32;
@@ -262,8 +263,49 @@ impl ArithmeticTask {
         for (op, x) in ops.iter().zip(&operands[1..]) {
             expression.push_str(&format!(" {} {x}", op.symbol()));
         }
-        (expression, evaluate(&operands, &ops))
+        (
+            expression,
+            canonical(&operands, &ops),
+            evaluate(&operands, &ops),
+        )
     }
+}
+
+/// The canonical form of an expression under commutation: `a + b` and `b + a`, `a * b` and
+/// `b * a`, `a - b + c` and `a + c - b`, `a / b / c` and `a / c / b` are one problem. The
+/// expression is a signed sum of terms; each term is its multiplied factors and its divisors,
+/// each sorted; the positive and the negative terms are each sorted. E.g. `7 * 3 - 5 + 2` →
+/// `arith:2+3*7|5`.
+fn canonical(operands: &[i128], ops: &[ArithmeticOp]) -> String {
+    // (positive, factors, divisors) per additive term.
+    let mut terms: Vec<(bool, Vec<i128>, Vec<i128>)> = vec![(true, vec![operands[0]], Vec::new())];
+    for (op, &x) in ops.iter().zip(&operands[1..]) {
+        match op {
+            ArithmeticOp::Add => terms.push((true, vec![x], Vec::new())),
+            ArithmeticOp::Sub => terms.push((false, vec![x], Vec::new())),
+            ArithmeticOp::Mul => terms.last_mut().expect("a term").1.push(x),
+            ArithmeticOp::Div => terms.last_mut().expect("a term").2.push(x),
+        }
+    }
+    let join =
+        |xs: &[i128], sep: &str| xs.iter().map(i128::to_string).collect::<Vec<_>>().join(sep);
+    let (mut pos, mut neg) = (Vec::new(), Vec::new());
+    for (positive, mut factors, mut divisors) in terms {
+        factors.sort_unstable();
+        divisors.sort_unstable();
+        let mut t = join(&factors, "*");
+        if !divisors.is_empty() {
+            t = format!("{t}/{}", join(&divisors, "/"));
+        }
+        if positive {
+            pos.push(t)
+        } else {
+            neg.push(t)
+        }
+    }
+    pos.sort_unstable();
+    neg.sort_unstable();
+    format!("arith:{}|{}", pos.join("+"), neg.join("+"))
 }
 
 /// Evaluates with the usual precedence (products first, left to right). Division is exact by
@@ -302,8 +344,8 @@ impl Dataset for ArithmeticTask {
         let c = &self.config;
         let mut rng = rng_for(c.seed, c.split, 1, index);
         for _ in 0..MAX_ATTEMPTS {
-            let (expression, value) = self.draw(&mut rng);
-            if !c.split.accepts(&format!("arith:{expression}")) {
+            let (expression, problem, value) = self.draw(&mut rng);
+            if !c.split.accepts(&problem) {
                 continue;
             }
             let text = c.template.replace("{expression}", &expression);
@@ -316,7 +358,9 @@ impl Dataset for ArithmeticTask {
                 Sample::new(index, prompt)
                     .with_ground_truth(value.to_string())
                     .with_data_source("arithmetic")
-                    .with_extra(serde_json::json!({ "expression": expression })),
+                    .with_extra(
+                        serde_json::json!({ "expression": expression, "problem": problem }),
+                    ),
             );
         }
         tracing::error!(index, "arithmetic: no problem found on this split side; the configuration's problem space is too small");
@@ -536,6 +580,7 @@ impl Dataset for CountdownTask {
                         "numbers": numbers,
                         "target": target,
                         "solution": solution,
+                        "problem": canonical,
                     })),
             );
         }
@@ -565,5 +610,21 @@ mod tests {
         // The split partition must never change: pin the hash of one string.
         assert_eq!(stable_hash(""), mix64(0xcbf2_9ce4_8422_2325));
         assert_ne!(stable_hash("arith:1 + 1"), stable_hash("arith:1 + 2"));
+    }
+
+    #[test]
+    fn canonical_form_identifies_commuted_expressions() {
+        use ArithmeticOp::*;
+        assert_eq!(canonical(&[37, 58], &[Add]), "arith:37+58|");
+        assert_eq!(canonical(&[58, 37], &[Add]), canonical(&[37, 58], &[Add]));
+        assert_eq!(canonical(&[6, 9], &[Mul]), canonical(&[9, 6], &[Mul]));
+        assert_ne!(canonical(&[6, 9], &[Sub]), canonical(&[9, 6], &[Sub]));
+        assert_ne!(canonical(&[18, 9], &[Div]), canonical(&[9, 18], &[Div]));
+        assert_eq!(canonical(&[7, 3, 5, 2], &[Mul, Sub, Add]), "arith:2+3*7|5");
+        assert_eq!(
+            canonical(&[24, 3, 2], &[Div, Div]),
+            canonical(&[24, 2, 3], &[Div, Div])
+        );
+        assert_ne!(canonical(&[2, 3], &[Mul]), canonical(&[2, 3], &[Add]));
     }
 }
