@@ -8,7 +8,7 @@
 //! |---|---|---|
 //! | `k1` | `−log r` | unbiased, high variance, can be negative |
 //! | `k2` | `½ (log r)²` | biased, low variance, ≥ 0 |
-//! | `k3` | `exp(log r) − 1 − log r` | unbiased, low variance, ≥ 0 (verl's `low_var_kl`, GRPO's KL) |
+//! | `k3` | `exp(log r) − 1 − log r` | unbiased, low variance, ≥ 0 (GRPO's KL; verl's `low_var_kl` clamps it: [`KL_LOG_RATIO_CLAMP`]) |
 //!
 //! The same function serves both uses of the KL: as a loss term (the policy loss adds
 //! `coef × aggregate(kl)`, see [`crate::loss`]) and as a per-token reward penalty computed by the
@@ -19,8 +19,11 @@ use tch::Tensor;
 
 use crate::loss::{check_same_shape, Result};
 
-/// `log r` is clamped to `[−LOG_RATIO_CLAMP, LOG_RATIO_CLAMP]` before `exp` in `k3`, so a token
-/// the reference finds impossible cannot overflow (as verl does). Inactive for sane inputs.
+/// `log r` is clamped to `[−KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP]` before `exp` in `k3`, so a
+/// token the reference finds impossible cannot overflow (verl's `kl_penalty_forward` clamps
+/// `log r` the same way). Inactive for sane inputs. The `k3` value itself is not clamped: verl
+/// also clamps it to `[−10, 10]`, which biases the estimate and gives no gradient beyond 10
+/// (docs/verl.md).
 pub const KL_LOG_RATIO_CLAMP: f64 = 20.0;
 
 /// Which KL estimator to use; see the [module docs](self). Serde: `"k1"`, `"k2"`, `"k3"`.

@@ -446,9 +446,10 @@ fn yes() -> bool {
 /// Shao et al., "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language
 /// Models", arXiv 2402.03300, §4.1.2 (outcome supervision). `std_g` is the unbiased (n − 1)
 /// standard deviation of the group's scores, as in verl and TRL. A group of one sequence has
-/// advantage 0 (its mean is its own score; verl instead uses mean 0, std 1 there). A group whose
-/// scores are all equal has advantage 0. Within a group the advantages sum to 0 and have unbiased
-/// standard deviation `std_g / (std_g + ε)` ≈ 1.
+/// advantage 0: there is no other output to compare with (recipes reject `rollout.n < 2`). verl's
+/// `compute_grpo_outcome_advantage` instead uses mean 0, std 1 there: the raw score divided by
+/// `1 + ε` (docs/verl.md). A group whose scores are all equal has advantage 0. Within a group
+/// the advantages sum to 0 and have unbiased standard deviation `std_g / (std_g + ε)` ≈ 1.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Grpo {
@@ -495,7 +496,8 @@ impl AdvantageEstimator for Grpo {
 ///
 /// Liu et al., "Understanding R1-Zero-Like Training: A Critical Perspective", arXiv 2503.20783,
 /// §3.2. (Its other change, summing token losses without per-sequence length normalization, is
-/// the policy loss's aggregation mode, not part of the advantage.)
+/// the policy loss's aggregation mode, not part of the advantage.) A group of one sequence has
+/// advantage 0; verl (`grpo` with `norm_adv_by_std_in_grpo = false`) gives it its raw score.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DrGrpo {}
@@ -523,7 +525,8 @@ impl AdvantageEstimator for DrGrpo {
 ///
 /// Ahmadian et al., "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from
 /// Human Feedback in LLMs", arXiv 2402.14740, §3.2 (after Kool et al., 2019). A group of one
-/// sequence has no baseline: advantage 0.
+/// sequence has no baseline: advantage 0 (verl's `compute_rloo_outcome_advantage` leaves it its raw
+/// score).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Rloo {}
@@ -559,7 +562,9 @@ impl AdvantageEstimator for Rloo {
 ///
 /// Hu, "REINFORCE++: A Simple and Efficient Approach for Aligning Large Language Models",
 /// arXiv 2501.03262, §3. The per-token KL penalty the paper folds into `rₜ` is passed as
-/// `token_rewards`. `returns` are the un-whitened `Gₜ`.
+/// `token_rewards`. `returns` are the un-whitened `Gₜ`. Masked tokens are skipped and the return
+/// carries across them; verl's `compute_reinforce_plus_plus_outcome_advantage` resets it to 0 at
+/// every masked token, so there tokens before a tool output do not see later rewards.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReinforcePp {
@@ -615,8 +620,9 @@ impl AdvantageEstimator for ReinforcePp {
 /// over all unmasked tokens of the batch.
 ///
 /// Hu, "REINFORCE++", arXiv 2501.03262 (the "REINFORCE++-baseline" variant for multi-sample
-/// prompts; as verl's `reinforce_plus_plus_baseline`). Note: after the batch whitening a group
-/// whose scores are all equal gets `−μ/σ` of the batch, not 0.
+/// prompts; as verl's `compute_reinforce_plus_plus_baseline_outcome_advantage`, except for a group
+/// of one sequence: 0 before whitening here, its raw score in verl). Note: after the batch
+/// whitening a group whose scores are all equal gets `−μ/σ` of the batch, not 0.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReinforcePpBaseline {}
@@ -657,18 +663,19 @@ impl AdvantageEstimator for ReinforcePpBaseline {
 ///
 /// Schulman et al., "High-Dimensional Continuous Control Using Generalized Advantage Estimation",
 /// arXiv 1506.02438, eq. 16. Masked tokens are skipped by the recursion (the next *unmasked*
-/// token's value is used) and get advantage 0, as in verl's multi-turn GAE. With `γ = λ = 1` and
-/// no whitening, `Aₜ = Σ_{k≥t} r_k − V(sₜ)`.
+/// token's value is used) and get advantage 0, as verl's `compute_gae_advantage_return` skips
+/// them (verl leaves a carried value at masked tokens, which its loss masks out). With
+/// `γ = λ = 1` and no whitening, `Aₜ = Σ_{k≥t} r_k − V(sₜ)`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Gae {
     /// Discount `γ` in `[0, 1]` (default 1).
     #[serde(default = "one")]
     pub gamma: f32,
-    /// GAE `λ` in `[0, 1]` (default 1, as verl).
+    /// GAE `λ` in `[0, 1]` (default 1, as verl's `algorithm.lam`).
     #[serde(default = "one")]
     pub lambda: f32,
-    /// Whiten advantages over the batch (default `true`).
+    /// Whiten advantages over the batch (default `true`; verl's GAE always whitens).
     #[serde(default = "yes")]
     pub whiten: bool,
 }
