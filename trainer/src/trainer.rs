@@ -102,6 +102,11 @@ struct FlatModel {
     /// Leaf requiring grad; the master itself when the compute dtype is f32.
     compute: Tensor,
     separate: bool,
+    /// With a 16-bit compute dtype: the f32 gradient accumulated over the micro-batches (as
+    /// Megatron's `main_grad` and FSDP's f32 reduce dtype). Each micro-batch's backward writes the
+    /// compute buffer's gradient, which is added here in f32 and zeroed, so the sum over many
+    /// micro-batches is not rounded to bf16 at each addition.
+    grad_acc: Option<Tensor>,
     base: Option<FrozenBase>,
 }
 
@@ -129,12 +134,18 @@ impl FlatModel {
         } else {
             master.f_set_requires_grad(true)?
         };
+        let grad_acc = if separate {
+            Some(master.f_zeros_like()?)
+        } else {
+            None
+        };
         Ok(FlatModel {
             config,
             layout: weights.layout.clone(),
             group: ParamGroup::new(master.shallow_clone(), Some(decay))?,
             compute,
             separate,
+            grad_acc,
             base: None,
         })
     }
@@ -171,24 +182,42 @@ impl FlatModel {
         self.build(&self.layout.chunk_views(&self.compute.f_detach()?)?)
     }
 
-    /// The accumulated gradient as f32 (the buffer itself when the compute dtype is f32: it is
-    /// zeroed before the next accumulation, so no copy is needed).
+    /// The accumulated gradient as f32: the f32 accumulator with a 16-bit compute dtype, else
+    /// the compute buffer's own gradient. Either is zeroed before the next accumulation, so no
+    /// copy is made.
     fn take_grad(&self) -> Result<Tensor> {
+        if let Some(acc) = &self.grad_acc {
+            return Ok(acc.shallow_clone());
+        }
         let g = self.compute.f_grad()?;
         if !g.defined() {
             return Ok(self.group.params.f_zeros_like()?);
         }
-        if self.separate {
-            Ok(g.f_to_kind(Kind::Float)?)
-        } else {
-            Ok(g.f_detach()?)
+        Ok(g.f_detach()?)
+    }
+
+    /// With a 16-bit compute dtype, moves the compute buffer's gradient (one micro-batch) into
+    /// the f32 accumulator.
+    fn flush_grad(&self) -> Result<()> {
+        let Some(acc) = &self.grad_acc else {
+            return Ok(());
+        };
+        let mut g = self.compute.f_grad()?;
+        if g.defined() {
+            let _guard = tch::no_grad_guard();
+            let _ = acc.shallow_clone().f_add_(&g)?;
+            let _ = g.f_zero_()?;
         }
+        Ok(())
     }
 
     fn zero_grad(&mut self) -> Result<()> {
         let mut g = self.compute.f_grad()?;
         if g.defined() {
             let _ = g.f_zero_()?;
+        }
+        if let Some(acc) = &self.grad_acc {
+            let _ = acc.shallow_clone().f_zero_()?;
         }
         Ok(())
     }
@@ -210,12 +239,17 @@ impl FlatModel {
     }
 
     /// Back-propagates `objective` (computed from `fwd.rows` and the model's views) into the
-    /// compute buffer's gradient. With activation checkpointing the graph of `rows` ends at the
+    /// accumulated gradient (through the compute buffer's). With activation checkpointing the graph of `rows` ends at the
     /// last layer's output; the layers are then recomputed last to first, one at a time, each
     /// on a model whose only leaves are that layer's parameters (so a backward touches that
     /// layer's slice of the gradient, not the whole buffer), and the gradient of its output goes
     /// back into its parameters and its input. The embedding comes last.
     fn backward(&self, model: &Model, fwd: Forward, objective: &Tensor) -> Result<()> {
+        self.backward_into_compute(model, fwd, objective)?;
+        self.flush_grad()
+    }
+
+    fn backward_into_compute(&self, model: &Model, fwd: Forward, objective: &Tensor) -> Result<()> {
         objective.f_backward()?;
         let Some(mut saved) = fwd.saved else {
             return Ok(());

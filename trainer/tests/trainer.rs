@@ -1,5 +1,5 @@
 //! Trainer: gradients and AdamW against PyTorch, micro-batch invariance, exact resume, HF export,
-//! fitting a fixed batch, the critic.
+//! fitting a fixed batch, the critic, and bf16 compute on the CPU (f32 accumulation and masters).
 
 use std::sync::Arc;
 
@@ -197,7 +197,7 @@ fn ppo_kl_config(micro_batch_tokens: usize) -> TrainerConfig {
                 coef: 0.1,
             }),
             entropy_coef: 0.01,
-            tis_cap: None,
+            off_policy: None,
         },
         micro_batch_tokens,
         ppo_epochs: 2,
@@ -493,4 +493,142 @@ fn critic_learns_the_returns() {
     eprintln!("critic squared error {e0:.4} -> {e1:.4}");
     assert!(e1 < 0.1 * e0, "{e0} -> {e1}");
     assert!(m.contains_key("critic/vf_loss") && m.contains_key("critic/grad_norm"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// bf16 on the CPU (CPU torch has bf16): the production GPU dtype policy, tested here.
+// ---------------------------------------------------------------------------------------------
+
+/// The f32 gradient of `b` with the compute dtype `kind`, packed into micro-batches of
+/// `budget` padded tokens.
+fn gradient_with(f: &ModelFiles, b: &TrainBatch, kind: Kind, budget: usize, ckpt: bool) -> Tensor {
+    let cfg = TrainerConfig {
+        micro_batch_tokens: budget,
+        activation_checkpointing: ckpt,
+        ..pg_config(1e-3, None)
+    };
+    Trainer::new(f.config.clone(), &weights(f), kind, None, cfg)
+        .unwrap()
+        .gradients(b)
+        .unwrap()
+}
+
+fn rel_diff(a: &Tensor, b: &Tensor, scale: &Tensor) -> f64 {
+    (a - b).norm().double_value(&[]) / scale.norm().double_value(&[])
+}
+
+#[test]
+fn bf16_gradients_accumulate_in_f32_whatever_the_micro_batch_split() {
+    let f = files("tiny-llama3");
+    let b = batch(32, f.config.vocab_size);
+    let g32 = gradient_with(&f, &b, Kind::Float, 100_000, false);
+    let one = gradient_with(&f, &b, Kind::BFloat16, 100_000, false);
+    let many = gradient_with(&f, &b, Kind::BFloat16, 1, false); // 32 micro-batches
+    let many_ckpt = gradient_with(&f, &b, Kind::BFloat16, 1, true);
+    assert_eq!(one.kind(), Kind::Float);
+    // bf16 itself: how far a bf16 forward/backward is from the f32 one.
+    let bf16_noise = rel_diff(&one, &g32, &g32);
+    let split = rel_diff(&many, &one, &g32);
+    let split_ckpt = rel_diff(&many_ckpt, &one, &g32);
+    eprintln!(
+        "relative to |g_f32|: bf16 vs f32 {bf16_noise:.2e}; 32 micro-batches vs 1: {split:.2e} ({split_ckpt:.2e} checkpointed)"
+    );
+    assert!(bf16_noise > 1e-4 && bf16_noise < 0.05, "{bf16_noise}");
+    // Each micro-batch's gradient is rounded to bf16 once (relative 2^-9) before it is added
+    // in f32; with bf16 accumulation every one of the 31 additions rounds the running sum too.
+    // The split may differ from one micro-batch by bf16's own noise, not by more.
+    assert!(
+        split <= bf16_noise,
+        "split {split:e} vs bf16 noise {bf16_noise:e}"
+    );
+    assert!(split_ckpt <= bf16_noise, "{split_ckpt:e} vs {bf16_noise:e}");
+
+    // The accumulation alone, exactly: 32 copies of one sequence, one per micro-batch. Each
+    // micro-batch computes the one-sequence gradient scaled by exactly 2^-5 (its loss is
+    // divided by 32x the tokens; a power-of-two scale commutes with every rounding), and the
+    // sum of 32 such bf16 values is exact in f32 (at most 13 significant bits), so it must equal
+    // the gradient of the sequence alone (summed in bf16, as before, it was 1.5e-2 off).
+    let one_seq = TrainBatch {
+        sequences: vec![b.sequences[3].clone()],
+        max_response_len: b.max_response_len,
+    };
+    let copies = TrainBatch {
+        sequences: vec![b.sequences[3].clone(); 32],
+        max_response_len: b.max_response_len,
+    };
+    let single = gradient_with(&f, &one_seq, Kind::BFloat16, 100_000, false);
+    let summed = gradient_with(&f, &copies, Kind::BFloat16, 1, false);
+    let d = rel_diff(&summed, &single, &single);
+    eprintln!("32 micro-batches of one sequence vs the sequence alone: {d:.2e}");
+    assert!(d <= 1e-6, "accumulation is not exact: {d:e}");
+}
+
+#[test]
+fn bf16_step_raises_the_likelihood_of_a_positive_batch_and_keeps_f32_masters() {
+    let f = files("tiny-qwen2");
+    let mut b = batch(8, f.config.vocab_size);
+    for s in &mut b.sequences {
+        s.advantages.iter_mut().for_each(|a| *a = 1.0);
+    }
+    let w0 = weights(&f);
+    let mut t = Trainer::new(
+        f.config.clone(),
+        &w0,
+        Kind::BFloat16,
+        None,
+        pg_config(1e-3, None),
+    )
+    .unwrap();
+    let mean = |lps: &[Vec<f32>]| {
+        let all: Vec<f32> = lps.iter().flatten().copied().collect();
+        all.iter().sum::<f32>() / all.len() as f32
+    };
+    let before = mean(&t.compute_logprobs(&b.sequences).unwrap());
+    t.train_step(&b).unwrap();
+    let after = mean(&t.compute_logprobs(&b.sequences).unwrap());
+    eprintln!("bf16: mean log-prob of the positive batch {before:.4} -> {after:.4}");
+    assert!(after > before + 0.05, "{before} -> {after}");
+
+    // The master is f32 and what is saved; the compute (and sync) buffer is its rounding.
+    let master = t.weights().flat;
+    assert_eq!(master.kind(), Kind::Float);
+    let sync = t.sync_buffer().unwrap();
+    assert_eq!(sync.kind(), Kind::BFloat16);
+    assert!(sync.equal(&master.to_kind(Kind::BFloat16)));
+    // Steps far below bf16's resolution still move the f32 master (they are not lost).
+    let mut tiny = Trainer::new(
+        f.config.clone(),
+        &w0,
+        Kind::BFloat16,
+        None,
+        pg_config(1e-6, None),
+    )
+    .unwrap();
+    for _ in 0..3 {
+        tiny.train_step(&b).unwrap();
+    }
+    let m = tiny.weights().flat;
+    let changed = |a: &Tensor, b: &Tensor| a.ne_tensor(b).sum(Kind::Int64).int64_value(&[]);
+    let in_f32 = changed(&m, &w0.flat);
+    let in_bf16 = changed(&m.to_kind(Kind::BFloat16), &w0.flat.to_kind(Kind::BFloat16));
+    eprintln!("lr 1e-6: {in_f32} master elements moved, {in_bf16} of their bf16 roundings");
+    assert!(in_f32 > 10 * in_bf16.max(1), "{in_f32} vs {in_bf16}");
+    assert!(tiny
+        .sync_buffer()
+        .unwrap()
+        .equal(&m.to_kind(Kind::BFloat16)));
+    let dir = tempdir();
+    tiny.save(dir.path()).unwrap();
+    let saved = read_safetensors(&dir.path().join("policy.safetensors"));
+    let named = Weights {
+        layout: trainer_layout(&f),
+        flat: m.shallow_clone(),
+    }
+    .named_tensors()
+    .unwrap();
+    for (name, t) in named {
+        let s = &saved[&name];
+        assert_eq!(s.kind(), Kind::Float, "{name}");
+        assert!(s.equal(&t), "{name}: saved tensor is not the f32 master");
+    }
 }
