@@ -14,7 +14,7 @@ use std::sync::Arc;
 use rlrun_generator::UpdatePolicy;
 use rlrun_rollout::{
     AdvantageConfig, AdvantageEstimator, Dataset, DatasetConfig, RewardConfig, RewardFn,
-    RewardRunnerConfig,
+    RewardRunnerConfig, Sample,
 };
 use rlrun_trainer::loss::{KlEstimator, PolicyLossConfig};
 use rlrun_trainer::{OptimConfig, Schedule};
@@ -376,7 +376,9 @@ pub struct EvalSection {
     pub every: u64,
     pub before: bool,
     pub after: bool,
-    /// Problems evaluated (all of `data.eval` when unset; generated tasks need a size).
+    /// Distinct problems evaluated: the first this many distinct problems of `data.eval` (an
+    /// error if it has fewer); unset: every distinct problem of a finite `data.eval`, up to 200
+    /// of a generated one.
     pub size: Option<usize>,
     /// Completion length limit (default: `rollout.max_tokens`).
     pub max_tokens: Option<usize>,
@@ -404,8 +406,12 @@ impl Default for EvalSection {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CheckpointSection {
-    /// Every this many steps (0: only at the end and on Ctrl-C).
+    /// Every this many steps (0: no step cadence).
     pub every: u64,
+    /// Also whenever this many minutes have passed since the last checkpoint (0: no time
+    /// cadence), whichever comes first: a crash loses at most this much training. Default 15.
+    /// A checkpoint is always written at the end and on Ctrl-C.
+    pub every_minutes: f64,
     /// Checkpoints kept (older ones are deleted).
     pub keep: usize,
     /// Also write a Hugging Face directory of the final policy (`<run>/final`).
@@ -416,6 +422,7 @@ impl Default for CheckpointSection {
     fn default() -> Self {
         CheckpointSection {
             every: 0,
+            every_minutes: 15.0,
             keep: 2,
             export_hf: false,
         }
@@ -460,7 +467,8 @@ pub struct Recipe {
 /// What validation built from a recipe, and a run uses.
 pub struct Built {
     pub train: Arc<dyn Dataset>,
-    pub eval: Option<Arc<dyn Dataset>>,
+    /// The evaluation problems (distinct; see `eval_set`), empty without `data.eval`.
+    pub eval: Vec<Sample>,
     pub reward: Arc<dyn RewardFn>,
     pub estimator: Arc<dyn AdvantageEstimator>,
 }
@@ -469,7 +477,7 @@ impl std::fmt::Debug for Built {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Built")
             .field("train", &self.train.num_samples())
-            .field("eval", &self.eval.as_ref().map(|e| e.num_samples()))
+            .field("eval", &self.eval.len())
             .finish_non_exhaustive()
     }
 }
@@ -871,6 +879,15 @@ fn validate(
             ),
         ));
     }
+    if !(c.checkpoint.every_minutes >= 0.0 && c.checkpoint.every_minutes.is_finite()) {
+        return Err(err(
+            "checkpoint.every_minutes",
+            format!(
+                "must be >= 0 (0: no time cadence), got {}",
+                c.checkpoint.every_minutes
+            ),
+        ));
+    }
     if c.checkpoint.keep == 0 {
         return Err(err("checkpoint.keep", "must be at least 1".into()));
     }
@@ -881,6 +898,39 @@ fn validate(
         ));
     }
     Ok(())
+}
+
+/// Indices tried per requested problem before concluding the split has too few distinct ones.
+const DRAWS_PER_PROBLEM: u64 = 50;
+
+/// The evaluation set: the first `size` distinct problems of `ds` (by [`Sample::problem_key`],
+/// so a generated split never shows `a + b` and `b + a` twice), in index order; without `size`,
+/// every distinct problem of a finite dataset (an unbounded one gets 200). An error when the
+/// dataset has fewer distinct problems than asked for.
+fn eval_set(ds: &dyn Dataset, size: Option<usize>) -> Result<Vec<Sample>, String> {
+    let want = size.map(|s| s as u64).or(ds.num_samples()).unwrap_or(200);
+    let limit = ds
+        .num_samples()
+        .unwrap_or(u64::MAX)
+        .min(want.saturating_mul(DRAWS_PER_PROBLEM));
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while (out.len() as u64) < want && i < limit {
+        let Some(s) = ds.get(i) else { break };
+        i += 1;
+        if seen.insert(s.problem_key()) {
+            out.push(s);
+        }
+    }
+    if size.is_some() && (out.len() as u64) < want {
+        return Err(format!(
+            "{want} problems asked for, but the eval dataset `{}` has only {} distinct problems (in its first {i} items): lower eval.size or widen the dataset",
+            ds.name(),
+            out.len()
+        ));
+    }
+    Ok(out)
 }
 
 /// Builds the datasets, the reward and the estimator (once; the run uses these).
@@ -894,8 +944,11 @@ fn build(
         .build()
         .map_err(|e| err("data.train", e.to_string()))?;
     let eval = match &c.data.eval {
-        Some(e) => Some(e.build().map_err(|e| err("data.eval", e.to_string()))?),
-        None => None,
+        Some(e) => {
+            let ds = e.build().map_err(|e| err("data.eval", e.to_string()))?;
+            eval_set(ds.as_ref(), c.eval.size).map_err(|e| err("eval.size", e))?
+        }
+        None => Vec::new(),
     };
     let reward = c.reward.build().map_err(|e| err("reward", e.to_string()))?;
     let estimator = c

@@ -57,16 +57,22 @@ fn placement_or_timing(key: &str) -> bool {
 #[test]
 fn processes_give_the_in_process_metrics_and_the_generator_matches_the_trainer_after_each_sync() {
     let local = rlrun_testkit::tempdir();
+    let mut o = overrides(local.path(), 3);
+    o.push("algorithm.loss.off_policy.correction=\"off\"".into());
     run_ok(
         ["recipes/quickstart.toml".to_string()]
             .into_iter()
-            .chain(set_args(&overrides(local.path(), 3)))
+            .chain(set_args(&o))
             .collect(),
     );
     let remote = rlrun_testkit::tempdir();
     let mut o = overrides(remote.path(), 3);
     o.push("placement.trainer_process=true".into());
     o.push("placement.generator_processes=2".into());
+    // Generators in other processes turn the off-policy correction on by default, and its
+    // weights carry the generators' rounding (their batches differ): compare the computation
+    // itself, uncorrected on both sides.
+    o.push("algorithm.loss.off_policy.correction=\"off\"".into());
     run_ok(
         ["recipes/quickstart.toml".to_string()]
             .into_iter()
@@ -172,16 +178,107 @@ fn kill_child_when(
     }
 }
 
+/// Overrides for the recovery tests: long enough steps to kill something in the middle of one,
+/// a reward the tiny model sometimes earns and a large learning rate, so the weights move.
+fn recovery_overrides(base: &Path, steps: u64) -> Vec<String> {
+    let mut o = overrides(base, steps);
+    o.extend([
+        "rollout.max_tokens=48".to_string(),
+        "data.prompts_per_step=8".into(),
+        "sync.probe=false".into(),
+        "reward.mode=\"matches\"".into(),
+        "reward.pattern='e'".into(),
+        "trainer.lr=1e-3".into(),
+    ]);
+    o
+}
+
+/// The metrics two runs of one recipe must agree on exactly: all but time, placement, the
+/// generator's own rounding (its log-probs depend on how requests were batched) and restarts.
+fn computed(m: &Value) -> Vec<(String, Value)> {
+    m.as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| {
+            !placement_or_timing(k)
+                && !k.starts_with("actor/logprob_mismatch")
+                && *k != "actor/behavior_kl"
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// The policy of the run's last checkpoint, by tensor name.
+fn final_policy(run: &Path) -> std::collections::HashMap<String, tch::Tensor> {
+    let last = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("step-")
+        })
+        .max()
+        .expect("a checkpoint");
+    rlrun_testkit::read_safetensors(&last.join("trainer").join("policy.safetensors"))
+}
+
+/// `run` (interrupted and recovered) ends where `reference` (uninterrupted) does: the same
+/// computed metrics at every step and bitwise the same final weights.
+fn assert_same_run(run: &Path, reference: &Path, steps: u64) {
+    let (a, b) = (metrics(run), metrics(reference));
+    let (ta, tb) = (train_lines(&a), train_lines(&b));
+    let step_of =
+        |l: &[&Value]| -> Vec<u64> { l.iter().map(|x| x["step"].as_u64().unwrap()).collect() };
+    assert_eq!(
+        step_of(&ta),
+        (1..=steps).collect::<Vec<_>>(),
+        "each step logged once"
+    );
+    assert_eq!(step_of(&tb), (1..=steps).collect::<Vec<_>>());
+    for (x, y) in ta.iter().zip(&tb) {
+        assert_eq!(computed(x), computed(y), "step {}", x["step"]);
+    }
+    let (wa, wb) = (final_policy(run), final_policy(reference));
+    assert_eq!(wa.len(), wb.len());
+    let w0 = rlrun_testkit::read_safetensors(
+        &rlrun_testkit::fixtures().join("tiny-llama3/model.safetensors"),
+    );
+    let mut moved = false;
+    for (name, t) in &wa {
+        assert!(
+            t.equal(&wb[name]),
+            "{name}: final weights differ from the uninterrupted run"
+        );
+        moved |= w0.get(name).is_some_and(|w| !w.equal(t));
+    }
+    assert!(moved, "the runs must have trained");
+}
+
 #[test]
-fn a_generator_killed_mid_run_is_restarted_and_the_run_completes() {
+fn a_generator_killed_mid_run_is_restarted_and_the_run_ends_as_if_it_had_not_died() {
+    let steps = 12;
+    let with = |base: &Path| {
+        let mut o = recovery_overrides(base, steps);
+        o.push("placement.generator_processes=2".into());
+        // Generators in other processes turn the off-policy weights on by default, and those
+        // carry the generators' rounding, which depends on how re-queued requests were
+        // batched: compare the draws and the updates themselves, uncorrected.
+        o.push("algorithm.loss.off_policy.correction=\"off\"".into());
+        o
+    };
+    let reference = rlrun_testkit::tempdir();
+    run_ok(
+        ["recipes/quickstart.toml".to_string()]
+            .into_iter()
+            .chain(set_args(&with(reference.path())))
+            .collect(),
+    );
     let base = rlrun_testkit::tempdir();
-    let mut o = overrides(base.path(), 12);
-    o.push("placement.generator_processes=2".into());
-    o.push("rollout.max_tokens=48".into());
-    o.push("data.prompts_per_step=8".into());
-    o.push("sync.probe=false".into());
-    let mut child = quickstart_process(&o);
-    // Once the first step is logged, SIGKILL one generator.
+    let mut child = quickstart_process(&with(base.path()));
+    // Once the first step is logged (the second is generating), SIGKILL one generator.
     let killed = kill_child_when(&mut child, base.path(), "actor generator", |dirs| {
         dirs.iter()
             .map(|d| d.join("metrics.jsonl"))
@@ -195,26 +292,116 @@ fn a_generator_killed_mid_run_is_restarted_and_the_run_completes() {
         "the run failed after killing generator {killed}:\n{stderr}"
     );
     assert!(stderr.contains("died; restarting it"), "{stderr}");
-    let m = metrics(&run_dir(base.path()));
-    let train = train_lines(&m);
-    assert_eq!(train.len(), 12, "every step ran");
+    let run = run_dir(base.path());
+    let m = metrics(&run);
     assert!(
-        train.last().unwrap()["generator/restarts"]
+        train_lines(&m).last().unwrap()["generator/restarts"]
             .as_f64()
             .unwrap()
             >= 1.0
     );
+    // The re-queued requests gave the same draws: the same run, bitwise.
+    assert_same_run(&run, &run_dir(reference.path()), steps);
 }
 
 #[test]
-fn a_dead_trainer_process_ends_the_run_clearly_and_resume_continues_without_gaps() {
+fn a_generator_killed_with_calls_in_flight_returns_the_draws_of_one_that_was_not() {
+    use rlrun::actors::{ActorConfig, GeneratorPool};
+    use rlrun_generator::{DrawKey, GeneratorActor, Request, SamplingParams};
+    std::env::set_var("RLRUN_EXE", env!("CARGO_BIN_EXE_rlrun"));
+    let cfg = ActorConfig {
+        model: rlrun_testkit::fixtures().join("tiny-llama3"),
+        dtype: "f32".into(),
+        device: "cpu".into(),
+        threads: 1,
+        engine: None,
+        trainer: None,
+        reference: false,
+    };
+    let request = |call: u64, j: u64, max_tokens: usize| Request {
+        id: call * 100 + j,
+        prompt: vec![1, 2 + call as i64, 3 + j as i64],
+        params: SamplingParams {
+            n: 2,
+            max_tokens,
+            stop_token_ids: Some(Vec::new()), // no early end: every sequence runs max_tokens
+            seed: Some(11),
+            ..SamplingParams::default()
+        },
+        key: Some(DrawKey::train(1, 0, call * 100 + j)),
+    };
+    // Two long calls, then a one-token call: its answer proves the generator is decoding.
+    let long = |call: u64| (0..3).map(|j| request(call, j, 400)).collect::<Vec<_>>();
+    let short = vec![request(9, 0, 1)];
+    type Draws = Vec<(u64, usize, Vec<i64>)>;
+    let collect = |rx: rlrun_generator::CompletionStream| -> Draws {
+        let mut v: Draws = rx
+            .iter()
+            .map(|c| {
+                let c = c.expect("a completion");
+                (c.request_id, c.index, c.token_ids)
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let reference = {
+        let pool = GeneratorPool::spawn(cfg.clone(), vec![Vec::new()]).unwrap();
+        let (a, b) = (
+            pool.generate(long(1)).unwrap(),
+            pool.generate(long(2)).unwrap(),
+        );
+        (collect(a), collect(b))
+    };
+    let pool = GeneratorPool::spawn(cfg, vec![Vec::new()]).unwrap();
+    let (a, b) = (
+        pool.generate(long(1)).unwrap(),
+        pool.generate(long(2)).unwrap(),
+    );
+    let s = pool.generate(short).unwrap();
+    let first = s
+        .recv_timeout(Duration::from_secs(600))
+        .expect("the short call answers");
+    assert!(first.is_ok());
+    // The short call is done, the long ones have started and none of their sequences ended.
+    assert!(
+        a.try_recv().is_err() && b.try_recv().is_err(),
+        "the long calls ended too soon"
+    );
+    let pid = pool.pids()[0];
+    let status = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    assert!(status.is_ok_and(|s| s.success()), "kill -9 {pid}");
+    let (ga, gb) = (collect(a), collect(b));
+    assert_eq!(pool.restarts(), 1);
+    assert_eq!(ga.len(), 6);
+    assert_eq!(
+        ga, reference.0,
+        "first call: draws differ after the restart"
+    );
+    assert_eq!(
+        gb, reference.1,
+        "second call: draws differ after the restart"
+    );
+}
+
+#[test]
+fn a_dead_trainer_process_ends_the_run_clearly_and_resume_ends_as_an_uninterrupted_run() {
+    let steps = 8;
+    let with = |base: &Path| {
+        let mut o = recovery_overrides(base, steps);
+        o.push("placement.trainer_process=true".into());
+        o.push("checkpoint.every=2".into());
+        o
+    };
+    let reference = rlrun_testkit::tempdir();
+    run_ok(
+        ["recipes/quickstart.toml".to_string()]
+            .into_iter()
+            .chain(set_args(&with(reference.path())))
+            .collect(),
+    );
     let base = rlrun_testkit::tempdir();
-    let mut o = overrides(base.path(), 8);
-    o.push("placement.trainer_process=true".into());
-    o.push("checkpoint.every=2".into());
-    o.push("rollout.max_tokens=48".into());
-    o.push("sync.probe=false".into());
-    let mut child = quickstart_process(&o);
+    let mut child = quickstart_process(&with(base.path()));
     kill_child_when(&mut child, base.path(), "actor trainer", |dirs| {
         dirs.iter()
             .any(|d| d.join("checkpoints").join("step-00000002").exists())
@@ -231,19 +418,68 @@ fn a_dead_trainer_process_ends_the_run_clearly_and_resume_continues_without_gaps
     );
     let run = run_dir(base.path());
     run_ok(vec!["resume".into(), run.display().to_string()]);
-    let m = metrics(&run);
-    let steps: Vec<u64> = train_lines(&m)
-        .iter()
-        .map(|l| l["step"].as_u64().unwrap())
-        .collect();
-    assert_eq!(steps, (1..=8).collect::<Vec<_>>(), "each step logged once");
-    // The prompt stream continued from the checkpoint: 4 prompts a step, 8 steps.
+    // The prompt stream continued from the checkpoint: 8 prompts a step, 8 steps.
     let state: Value = serde_json::from_str(
         &std::fs::read_to_string(run.join("checkpoints/step-00000008/controller_state.json"))
             .unwrap(),
     )
     .unwrap();
-    assert_eq!(state["cursor"]["position"], 32, "{state}");
+    assert_eq!(state["cursor"]["position"], 64, "{state}");
+    assert_same_run(&run, &run_dir(reference.path()), steps);
+}
+
+#[test]
+fn rlrun_killed_with_sigkill_resumes_from_its_last_timed_checkpoint_to_the_same_end() {
+    let steps = 30;
+    // No step cadence: only the time cadence (here a few milliseconds) writes checkpoints.
+    let with = |base: &Path| {
+        let mut o = recovery_overrides(base, steps);
+        o.push("checkpoint.every_minutes=0.0001".into());
+        o
+    };
+    let reference = rlrun_testkit::tempdir();
+    run_ok(
+        ["recipes/quickstart.toml".to_string()]
+            .into_iter()
+            .chain(set_args(&with(reference.path())))
+            .collect(),
+    );
+    let base = rlrun_testkit::tempdir();
+    let mut child = quickstart_process(&with(base.path()));
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        assert!(Instant::now() < deadline, "no checkpoint in time");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before the kill"
+        );
+        let ready = std::fs::read_dir(base.path())
+            .map(|r| {
+                r.flatten()
+                    .any(|d| d.path().join("checkpoints/step-00000003").exists())
+            })
+            .unwrap_or(false);
+        if ready {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL: no Ctrl-C checkpoint, no cleanup
+    child.wait().unwrap();
+    let run = run_dir(base.path());
+    let logged = train_lines(&metrics(&run)).len() as u64;
+    assert!(
+        logged < steps,
+        "killed before the end ({logged} steps logged)"
+    );
+    run_ok(vec!["resume".into(), run.display().to_string()]);
+    assert_same_run(&run, &run_dir(reference.path()), steps);
+}
+
+#[test]
+fn the_default_checkpoint_cadence_is_time_based() {
+    let c = rlrun::recipe::CheckpointSection::default();
+    assert_eq!(c.every_minutes, 15.0);
 }
 
 #[test]
@@ -253,16 +489,42 @@ fn asynchronous_rollouts_stay_within_max_staleness_and_overlap_training() {
         let mut o = overrides(base.path(), 5);
         o.push(format!("rollout.max_staleness={k}"));
         o.push(format!("placement.generator_processes={processes}"));
-        run_ok(
+        // A reward the tiny random model earns sometimes and a large step, so that the policy
+        // moves and stale rollouts really come from another policy.
+        o.push("reward.mode=\"matches\"".into());
+        o.push("reward.pattern='e'".into());
+        o.push("trainer.lr=1e-3".into());
+        let stderr = run_ok(
             ["recipes/quickstart.toml".to_string()]
                 .into_iter()
                 .chain(set_args(&o))
                 .collect(),
         );
+        // Stale rollouts: the decoupled objective with truncated importance weights is on by
+        // default, and says why.
+        assert!(
+            stderr.contains(&format!(
+                "off-policy correction: truncate at token level, cap 2 (the generator's policy can differ from the trainer's: rollout.max_staleness = {k}"
+            )),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("warning:"), "{stderr}");
         let m = metrics(&run_dir(base.path()));
         let train = train_lines(&m);
         assert_eq!(train.len(), 5);
         for (i, s) in train.iter().enumerate() {
+            let ratio = s["actor/is_ratio"].as_f64().unwrap();
+            let capped = s["actor/is_capped_frac"].as_f64().unwrap();
+            let weight = s["actor/is_weight_mean"].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&capped), "{s}");
+            assert!(weight <= ratio + 1e-12 && weight <= 2.0, "{s}");
+            if i > 0 {
+                // Rollouts of an older policy: weights differ from 1 and the behaviour policy
+                // is measurably away from the trainer's.
+                let max = s["actor/is_ratio_max"].as_f64().unwrap();
+                assert!((ratio - 1.0).abs() > 1e-4 || max > 1.0 + 1e-3, "{s}");
+                assert!(s["actor/behavior_kl"].as_f64().unwrap() > 1e-7, "{s}");
+            }
             let step = s["step"].as_u64().unwrap();
             let staleness = s["policy/staleness_max"].as_f64().unwrap() as u64;
             let oldest = s["policy/rollout_version_min"].as_f64().unwrap() as u64;
@@ -285,6 +547,45 @@ fn asynchronous_rollouts_stay_within_max_staleness_and_overlap_training() {
             assert!(s["sync/probe_logprob_max_diff"].as_f64().unwrap() <= 1e-5);
         }
     }
+}
+
+#[test]
+fn turning_the_off_policy_correction_off_for_stale_rollouts_warns() {
+    let base = rlrun_testkit::tempdir();
+    let mut o = overrides(base.path(), 3);
+    o.push("rollout.max_staleness=2".into());
+    o.push("algorithm.loss.off_policy.correction=\"off\"".into());
+    let stderr = run_ok(
+        ["recipes/quickstart.toml".to_string()]
+            .into_iter()
+            .chain(set_args(&o))
+            .collect(),
+    );
+    assert!(
+        stderr.contains("warning: [algorithm.loss.off_policy] correction = \"off\" although the generator's policy can differ from the trainer's")
+            && stderr.contains("(rollout.max_staleness = 2)"),
+        "{stderr}"
+    );
+    let m = metrics(&run_dir(base.path()));
+    for s in train_lines(&m) {
+        // No weights applied; the mismatch is still measured.
+        assert!(s.get("actor/is_ratio").is_none(), "{s}");
+        assert!(s["actor/behavior_kl"].as_f64().is_some(), "{s}");
+    }
+    // On-policy in one process with f32: no correction and no warning.
+    let base = rlrun_testkit::tempdir();
+    let stderr = run_ok(
+        ["recipes/quickstart.toml".to_string()]
+            .into_iter()
+            .chain(set_args(&overrides(base.path(), 1)))
+            .collect(),
+    );
+    assert!(
+        !stderr.contains("off-policy correction") && !stderr.contains("warning:"),
+        "{stderr}"
+    );
+    let m = metrics(&run_dir(base.path()));
+    assert!(train_lines(&m)[0].get("actor/is_ratio").is_none());
 }
 
 #[test]

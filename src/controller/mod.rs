@@ -163,18 +163,7 @@ impl Run {
         // The recipe's datasets, rewards and estimator were built (and checked) by validation.
         let built = recipe.built.clone();
         let stream = PromptStream::new(built.train.clone(), c.seed, c.data.shuffle)?;
-        let eval_set = match &built.eval {
-            Some(ds) => {
-                let n = c
-                    .eval
-                    .size
-                    .map(|s| s as u64)
-                    .or(ds.num_samples())
-                    .unwrap_or(200);
-                (0..n).map_while(|i| ds.get(i)).collect()
-            }
-            None => Vec::new(),
-        };
+        let eval_set = built.eval.clone();
         let rewards = RewardRunner::new(built.reward.clone(), c.reward_runner.clone())?;
         let estimator = built.estimator.clone();
         let manifest = crate::manifest::build(&recipe, &files, resume_from.as_deref())?;
@@ -416,6 +405,8 @@ impl Run {
             None
         };
         let bar = crate::metrics::Progress::new(c.steps, self.step, progress);
+        let every = std::time::Duration::from_secs_f64(c.checkpoint.every_minutes * 60.0);
+        let mut last_checkpoint = Instant::now();
         while self.step < c.steps && !STOP.load(Ordering::SeqCst) {
             let m = self.step()?;
             bar.update(self.step, &m);
@@ -428,8 +419,11 @@ impl Run {
                     100.0 * e.accuracy
                 ));
             }
-            if c.checkpoint.every > 0 && self.step.is_multiple_of(c.checkpoint.every) && inside {
+            let by_steps = c.checkpoint.every > 0 && self.step.is_multiple_of(c.checkpoint.every);
+            let by_time = !every.is_zero() && last_checkpoint.elapsed() >= every;
+            if (by_steps || by_time) && inside {
                 self.save()?;
+                last_checkpoint = Instant::now();
             }
         }
         bar.finish();
