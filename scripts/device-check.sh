@@ -88,16 +88,16 @@ step "quickstart with LoRA on the GPU (bf16 base shared by trainer and generator
 $RL recipes/quickstart_lora.toml --set model.path=$W/smollm2 --set logging.run_dir=$W/runs-lora 2>&1 | tee "$OUT/quickstart_lora.log" || status=1
 cp $W/runs-lora/*/metrics.jsonl "$OUT/quickstart_lora_metrics.jsonl" 2>/dev/null || true
 step "bench: LoRA training step (rank 16, all projections), Qwen2.5-0.5B arch bf16, 8 x 1024"
-$RL bench train --model $W/qwen05 --dtype bf16 --device cuda --batch 8 --seq 1024 --iters 5 --lora-rank 16 --no-peer --json "$OUT/bench_train_lora.json" 2>&1 | tail -6 || status=1
+$RL bench train --model $W/qwen05 --dtype bf16 --device cuda --batch 8 --seq 1024 --iters 5 --lora-rank 16 --no-peer --rounds 3 --json "$OUT/bench_train_lora.json" 2>&1 | tail -6 || status=1
 
 step "bench: generation, Qwen2.5-0.5B arch bf16, 256 x (128 prompt + 256 new)"
-$RL bench generate --model $W/qwen05 --dtype bf16 --device cuda --prompts 256 --n 1 --prompt-len 128 --max-new 256 --json "$OUT/bench_generate.json" 2>&1 | tail -8 || status=1
+$RL bench generate --model $W/qwen05 --dtype bf16 --device cuda --prompts 256 --n 1 --prompt-len 128 --max-new 256 --rounds 3 --json "$OUT/bench_generate.json" 2>&1 | tail -8 || status=1
 step "bench: generation, SmolLM2 bf16, 32 prompts x 8 samples x 128"
-$RL bench generate --model $W/smollm2 --dtype bf16 --device cuda --json "$OUT/bench_generate_smollm2.json" 2>&1 | tail -8 || status=1
+$RL bench generate --model $W/smollm2 --dtype bf16 --device cuda --sizes 1,4,16,64,256 --n 1 --rounds 3 --json "$OUT/bench_generate_smollm2.json" 2>&1 | tail -60 || status=1
 step "bench: training step, Qwen2.5-0.5B arch bf16, 8 x 1024"
-$RL bench train --model $W/qwen05 --dtype bf16 --device cuda --batch 8 --seq 1024 --iters 5 --json "$OUT/bench_train.json" 2>&1 | tail -8 || status=1
+$RL bench train --model $W/qwen05 --dtype bf16 --device cuda --batch 8 --seq 1024 --iters 5 --rounds 3 --json "$OUT/bench_train.json" 2>&1 | tail -8 || status=1
 step "bench: prefill, Qwen2.5-0.5B arch bf16, 8 x 1024"
-$RL bench forward --model $W/qwen05 --dtype bf16 --device cuda --batch 8 --seq 1024 --iters 5 --json "$OUT/bench_forward.json" 2>&1 | tail -8 || status=1
+$RL bench forward --model $W/qwen05 --dtype bf16 --device cuda --batch 8 --seq 1024 --iters 5 --rounds 3 --json "$OUT/bench_forward.json" 2>&1 | tail -8 || status=1
 
 actors_check
 

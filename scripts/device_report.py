@@ -28,10 +28,16 @@ for k in ("bench_generate", "bench_generate_smollm2", "bench_train", "bench_forw
     if not b:
         lines.append(f"| {k} | failed | | |")
         continue
-    peer = b.get("peer_tokens_per_s")
-    ratio = b.get("ratio")
-    lines.append(f"| {b['bench']} | {b['rlrun_tokens_per_s']:,.0f} tok/s | "
-                 f"{'%s tok/s' % format(peer, ',.0f') if peer else '-'} | {'%.2fx' % ratio if ratio else '-'} |")
+    # A batch-size sweep is a list of results, one row each.
+    for r in b if isinstance(b, list) else [b]:
+        for p in r.get("peers") or [{}]:
+            peer = (p.get("median") or {}).get("tokens_per_s")
+            ratios = p.get("round_ratios") or []
+            ratio = r["rlrun_tokens_per_s"] / peer if peer else None
+            label = f" vs {p['label']}" if p.get("label") else ""
+            lines.append(f"| {r['bench']}{label} | {r['rlrun_tokens_per_s']:,.0f} tok/s | "
+                         f"{'%s tok/s' % format(peer, ',.0f') if peer else '-'} | "
+                         f"{'%.2fx' % ratio if ratio else '-'} (rounds: {' '.join('%.2f' % x for x in ratios)}) |")
 lines += ["", "## Checks", "", "| check | result | figures |", "|---|---|---|"]
 for c in res.get("selftest", {}).get("checks", []):
     figs = {k: v for k, v in c["figures"].items() if k != "step_metrics"}

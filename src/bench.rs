@@ -29,7 +29,8 @@ pub enum BenchCommand {
     },
     /// Training throughput (tokens/s): forward + backward + clipping + AdamW step.
     Train(TrainArgs),
-    /// Generation throughput (tokens/s): prompts × samples, fixed length, temperature 1.
+    /// Generation throughput (tokens/s): prompts × samples at temperature 1 on the production
+    /// decode path (each sequence ends at the model's EOS, the run's prefill budget).
     Generate {
         #[command(flatten)]
         common: Common,
@@ -37,11 +38,18 @@ pub enum BenchCommand {
         prompts: usize,
         #[arg(long, default_value_t = 8)]
         n: usize,
+        /// Measure at each of these batch sizes (sequences decoded together: `size / n` prompts
+        /// of `n` samples) instead of `--prompts`, e.g. `--sizes 1,4,16,64,256`.
+        #[arg(long, value_delimiter = ',')]
+        sizes: Vec<usize>,
         #[arg(long, default_value_t = 128)]
         max_new: usize,
         /// Random prompts of this many tokens instead of chat prompts (for random-weight models).
         #[arg(long)]
         prompt_len: Option<usize>,
+        /// Decode every sequence to `--max-new` tokens, ignoring EOS, on both sides.
+        #[arg(long)]
+        no_eos: bool,
     },
     /// Weight sync through shared memory to a generator in another process (publish, map,
     /// acknowledge), against a plain memcpy of the same bytes.
@@ -123,6 +131,9 @@ pub struct TrainArgs {
     /// Train LoRA adapters of this rank (all seven projections) instead of all the weights.
     #[arg(long)]
     lora_rank: Option<i64>,
+    /// Compute each token's entropy (the `actor/entropy` metric of a run) on both sides.
+    #[arg(long)]
+    entropy: bool,
 }
 
 #[derive(Args)]
@@ -140,43 +151,71 @@ pub struct Common {
     /// Write the result as JSON here too.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Measure ours and the peer this many times, alternating, and report the medians: on a
-    /// shared machine whose speed drifts, drift then hits both sides alike.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Measure ours and the peer this many times, alternating, and report the medians (each
+    /// round is printed): on a shared machine whose speed drifts, drift then hits both sides
+    /// alike.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     rounds: u32,
 }
 
-/// Tokens/s of ours and of the peer, measured alternately `c.rounds` times.
+/// Tokens/s of ours and of each peer, measured alternately `c.rounds` times.
 struct Compared {
     /// Median of ours.
     ours: f64,
-    /// The peer's JSON of its median round (None with `--no-peer`).
-    peer: Option<Value>,
-    /// Ratio ours / peer of each round.
+    /// Each of ours.
+    ours_rounds: Vec<f64>,
+    /// Per peer (in the order given): its label, the JSON of its median round, and the ratio
+    /// ours / peer of each round. Empty with `--no-peer`.
+    peers: Vec<PeerResult>,
+}
+
+struct PeerResult {
+    label: String,
+    median: Value,
     round_ratios: Vec<f64>,
 }
 
-/// Runs `ours` (one measurement, tokens/s) and the peer with `peer_args` alternately.
+impl PeerResult {
+    fn rate(&self) -> f64 {
+        self.median["tokens_per_s"].as_f64().unwrap_or(f64::NAN)
+    }
+}
+
+/// Runs `ours` (one measurement, tokens/s) and each peer `(label, args)` alternately.
 fn compare(
     c: &Common,
     mut ours: impl FnMut() -> anyhow::Result<f64>,
-    peer_args: &[String],
+    peers: &[(&str, Vec<String>)],
 ) -> anyhow::Result<Compared> {
     let mut mine = Vec::new();
-    let mut peers: Vec<Value> = Vec::new();
+    let mut theirs: Vec<Vec<Value>> = vec![Vec::new(); peers.len()];
     for _ in 0..c.rounds {
         mine.push(ours()?);
         if !c.no_peer {
-            peers.push(peer(peer_args)?);
+            for (k, (_, args)) in peers.iter().enumerate() {
+                theirs[k].push(peer(args)?);
+            }
         }
     }
     let rate = |v: &Value| v["tokens_per_s"].as_f64().unwrap_or(f64::NAN);
-    let round_ratios = mine.iter().zip(&peers).map(|(m, p)| m / rate(p)).collect();
-    peers.sort_by(|a, b| rate(a).total_cmp(&rate(b)));
+    let results = peers
+        .iter()
+        .zip(theirs)
+        .filter(|(_, runs)| !runs.is_empty())
+        .map(|((label, _), mut runs)| {
+            let round_ratios = mine.iter().zip(&runs).map(|(m, p)| m / rate(p)).collect();
+            runs.sort_by(|a, b| rate(a).total_cmp(&rate(b)));
+            PeerResult {
+                label: label.to_string(),
+                median: runs[runs.len() / 2].clone(),
+                round_ratios,
+            }
+        })
+        .collect();
     Ok(Compared {
-        ours: median(mine),
-        peer: peers.get(peers.len() / 2).cloned(),
-        round_ratios,
+        ours: median(mine.clone()),
+        ours_rounds: mine,
+        peers: results,
     })
 }
 
@@ -197,9 +236,12 @@ fn peer(args: &[String]) -> anyhow::Result<Value> {
     if !script.exists() {
         bail!("benches/peer.py not found: run rlrun bench from the repository root");
     }
+    // The same torch threads and glibc allocator settings as this process (`tune_allocator`).
     let out = Command::new(python())
         .arg(script)
         .args(args)
+        .arg(format!("--threads={}", tch::get_num_threads()))
+        .envs(rlrun::allocator_env())
         .output()
         .context("running the peer")?;
     if !out.status.success() {
@@ -240,39 +282,58 @@ fn report(
     r: &Compared,
     mut extra: Value,
     json_path: Option<&Path>,
-) -> anyhow::Result<()> {
-    let (ours, peer) = (r.ours, r.peer.as_ref());
-    let peer_v = peer.and_then(|p| p["tokens_per_s"].as_f64());
-    let rounds = r.round_ratios.len().max(1);
+) -> anyhow::Result<Value> {
+    let rounds = r.ours_rounds.len().max(1);
     let median_of = if rounds > 1 { "median " } else { "" };
+    let each = |v: &[f64]| -> String {
+        v.iter()
+            .map(|x| format!("{x:.2}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
     println!("{name}");
     println!("  machine: {}", machine());
-    println!("  rlrun: {median_of}{ours:.1} {unit}");
-    if let Some(p) = peer_v {
+    println!(
+        "  rlrun: {median_of}{:.1} {unit} (rounds: {})",
+        r.ours,
+        each(&r.ours_rounds)
+    );
+    for p in &r.peers {
         println!(
-            "  peer:  {median_of}{p:.1} {unit} ({})",
-            peer.and_then(|p| p["peer"].as_str()).unwrap_or("?")
+            "  peer {}: {median_of}{:.1} {unit} ({}; threads {}{})",
+            p.label,
+            p.rate(),
+            p.median["peer"].as_str().unwrap_or("?"),
+            p.median["threads"],
+            p.median
+                .get("settings")
+                .and_then(Value::as_str)
+                .map(|s| format!("; {s}"))
+                .unwrap_or_default()
         );
-        println!("  ratio (rlrun / peer): {:.2}x", ours / p);
-        if rounds > 1 {
-            let each: Vec<String> = r.round_ratios.iter().map(|x| format!("{x:.2}")).collect();
-            println!(
-                "  ratio of each of {rounds} alternating rounds: {}",
-                each.join(" ")
-            );
-        }
+        println!(
+            "  ratio rlrun / {}: {:.2}x (each of {rounds} alternating rounds: {})",
+            p.label,
+            r.ours / p.rate(),
+            each(&p.round_ratios)
+        );
     }
-    extra["peer"] = json!(peer);
-    extra["round_ratios"] = json!(r.round_ratios);
+    let first = r.peers.first();
+    extra["peers"] = json!(r
+        .peers
+        .iter()
+        .map(|p| json!({"label": p.label, "median": p.median, "round_ratios": p.round_ratios}))
+        .collect::<Vec<_>>());
     extra["bench"] = json!(name);
     extra["machine"] = json!(machine());
-    extra["rlrun_tokens_per_s"] = json!(ours);
-    extra["peer_tokens_per_s"] = json!(peer_v);
-    extra["ratio"] = json!(peer_v.map(|p| ours / p));
+    extra["rlrun_tokens_per_s"] = json!(r.ours);
+    extra["rlrun_rounds"] = json!(r.ours_rounds);
+    extra["peer_tokens_per_s"] = json!(first.map(PeerResult::rate));
+    extra["ratio"] = json!(first.map(|p| r.ours / p.rate()));
     if let Some(path) = json_path {
         std::fs::write(path, serde_json::to_string_pretty(&extra)?)?;
     }
-    Ok(())
+    Ok(extra)
 }
 
 fn sync(device: Device) {
@@ -293,9 +354,21 @@ pub fn run(what: BenchCommand) -> anyhow::Result<()> {
             common,
             prompts,
             n,
+            sizes,
             max_new,
             prompt_len,
-        } => generate(&common, prompts, n, max_new, prompt_len),
+            no_eos,
+        } => {
+            let shapes: Vec<(usize, usize)> = if sizes.is_empty() {
+                vec![(prompts, n)]
+            } else {
+                sizes
+                    .iter()
+                    .map(|&s| (s.div_ceil(n).max(1), n.min(s.max(1))))
+                    .collect()
+            };
+            generate(&common, &shapes, max_new, prompt_len, !no_eos)
+        }
         BenchCommand::Train(a) => train(&a),
         BenchCommand::Sync {
             model,
@@ -372,15 +445,18 @@ fn forward(c: &Common, batch: i64, seq: i64, iters: usize) -> anyhow::Result<()>
     let r = compare(
         c,
         measure,
-        &[
-            "forward".into(),
-            c.model.display().to_string(),
-            format!("--batch={batch}"),
-            format!("--seq={seq}"),
-            format!("--iters={iters}"),
-            format!("--dtype={}", dtype_name(kind)),
-            format!("--device={}", if device.is_cuda() { "cuda" } else { "cpu" }),
-        ],
+        &[(
+            "transformers",
+            vec![
+                "forward".into(),
+                c.model.display().to_string(),
+                format!("--batch={batch}"),
+                format!("--seq={seq}"),
+                format!("--iters={iters}"),
+                format!("--dtype={}", dtype_name(kind)),
+                format!("--device={}", if device.is_cuda() { "cuda" } else { "cpu" }),
+            ],
+        )],
     )?;
     report(
         &format!(
@@ -392,15 +468,40 @@ fn forward(c: &Common, batch: i64, seq: i64, iters: usize) -> anyhow::Result<()>
         json!({"batch": batch, "seq": seq, "seconds": (batch * seq) as f64 / r.ours}),
         c.json.as_deref(),
     )
+    .map(drop)
 }
 
+/// Generation at each `(prompts, n)` shape; one report per shape (and one JSON array).
 fn generate(
+    c: &Common,
+    shapes: &[(usize, usize)],
+    max_new: usize,
+    prompt_len: Option<usize>,
+    eos: bool,
+) -> anyhow::Result<()> {
+    let mut all = Vec::new();
+    for &(n_prompts, n) in shapes {
+        all.push(generate_one(c, n_prompts, n, max_new, prompt_len, eos)?);
+    }
+    if let Some(path) = &c.json {
+        let v = if all.len() == 1 {
+            all.remove(0)
+        } else {
+            json!(all)
+        };
+        std::fs::write(path, serde_json::to_string_pretty(&v)?)?;
+    }
+    Ok(())
+}
+
+fn generate_one(
     c: &Common,
     n_prompts: usize,
     n: usize,
     max_new: usize,
     prompt_len: Option<usize>,
-) -> anyhow::Result<()> {
+    eos: bool,
+) -> anyhow::Result<Value> {
     let device = c.device.device();
     let kind = c.dtype.kind();
     let files = ModelFiles::open(&c.model)?;
@@ -440,6 +541,7 @@ fn generate(
     };
     let max_prompt = prompts.iter().map(Vec::len).max().unwrap_or(1);
     let weights = files.load_weights(kind, device)?;
+    // The production engine: the run's prefill budget and the model's EOS (unless --no-eos).
     let mut engine = Engine::new(
         files.config.clone(),
         weights,
@@ -448,7 +550,7 @@ fn generate(
         EngineConfig {
             max_slots: n_prompts * n,
             max_len: max_prompt + max_new + 1,
-            max_prefill_tokens: 1 << 20,
+            max_prefill_tokens: rlrun_generator::RUN_PREFILL_TOKENS,
             ..Default::default()
         },
     )?;
@@ -456,7 +558,7 @@ fn generate(
         n,
         temperature: 1.0,
         max_tokens: max_new,
-        stop_token_ids: Some(vec![]),
+        stop_token_ids: if eos { None } else { Some(vec![]) },
         seed: Some(0),
         ..Default::default()
     };
@@ -492,19 +594,19 @@ fn generate(
     };
     let tmp = std::env::temp_dir().join(format!("rlrun-bench-prompts-{}.json", std::process::id()));
     std::fs::write(&tmp, json!({ "prompts": prompts }).to_string())?;
-    let r = compare(
-        c,
-        measure,
-        &[
-            "generate".into(),
-            c.model.display().to_string(),
-            format!("--prompts={}", tmp.display()),
-            format!("--n={n}"),
-            format!("--max-new={max_new}"),
-            format!("--dtype={}", dtype_name(kind)),
-            format!("--device={}", if device.is_cuda() { "cuda" } else { "cpu" }),
-        ],
-    );
+    let mut peer_args = vec![
+        "generate".into(),
+        c.model.display().to_string(),
+        format!("--prompts={}", tmp.display()),
+        format!("--n={n}"),
+        format!("--max-new={max_new}"),
+        format!("--dtype={}", dtype_name(kind)),
+        format!("--device={}", if device.is_cuda() { "cuda" } else { "cpu" }),
+    ];
+    if eos {
+        peer_args.push("--eos".into());
+    }
+    let r = compare(c, measure, &[("transformers", peer_args)]);
     let _ = std::fs::remove_file(&tmp);
     let r = r?;
     let stats = engine.stats();
@@ -514,13 +616,30 @@ fn generate(
             stats.decode_steps, stats.profile
         );
     }
+    let seqs = n_prompts * n;
+    let ends = if eos {
+        "ends at EOS"
+    } else {
+        "runs all tokens"
+    };
+    let extra = json!({"prompts": n_prompts, "n": n, "batch": seqs, "max_new": max_new, "eos": eos,
+        "tokens": tokens, "mean_len": tokens as f64 / seqs as f64, "seconds": tokens as f64 / r.ours,
+        "prefill_budget": rlrun_generator::RUN_PREFILL_TOKENS});
     report(
-        &format!("generation, {n_prompts} prompts x {n} samples, {max_new} new tokens, temperature 1, {:?} on {device:?}", kind),
+        &format!("generation, batch {seqs} ({n_prompts} prompts x {n} samples), ≤ {max_new} new tokens, {ends}, temperature 1, {kind:?} on {device:?}"),
         "tokens/s",
         &r,
-        json!({"prompts": n_prompts, "n": n, "max_new": max_new, "tokens": tokens, "seconds": tokens as f64 / r.ours}),
-        c.json.as_deref(),
+        extra,
+        None,
     )
+    .inspect(|_| {
+        println!(
+        "  settings, both sides: temperature 1, top-p 1, top-k off, each sequence {ends} (≤ {max_new} new tokens); rlrun mean length {:.1}, peer {:.1}; rlrun prefill budget {} tokens",
+        tokens as f64 / seqs as f64,
+        r.peers.first().and_then(|p| p.median["mean_len"].as_f64()).unwrap_or(f64::NAN),
+        rlrun_generator::RUN_PREFILL_TOKENS
+    );
+    })
 }
 
 fn train(a: &TrainArgs) -> anyhow::Result<()> {
@@ -553,6 +672,7 @@ fn train(a: &TrainArgs) -> anyhow::Result<()> {
         },
         micro_batch_tokens: (a.batch * a.seq) as usize,
         activation_checkpointing: a.activation_checkpointing,
+        entropy_metric: a.entropy,
         lora,
         ..Default::default()
     };
@@ -599,10 +719,10 @@ fn train(a: &TrainArgs) -> anyhow::Result<()> {
         sync(device);
         Ok((a.batch * a.seq) as f64 * a.iters as f64 / t.elapsed().as_secs_f64())
     };
-    let r = compare(
-        c,
-        measure,
-        &[
+    // The peer as verl trains (f32 weights and AdamW, autocast to the compute dtype), and with a
+    // 16-bit dtype also "pure" (weights and AdamW state in that dtype) as a second line.
+    let peer_args = |mode: &str| -> Vec<String> {
+        let mut v = vec![
             "train".into(),
             c.model.display().to_string(),
             format!("--batch={}", a.batch),
@@ -610,8 +730,23 @@ fn train(a: &TrainArgs) -> anyhow::Result<()> {
             format!("--iters={}", a.iters),
             format!("--dtype={}", dtype_name(kind)),
             format!("--device={}", if device.is_cuda() { "cuda" } else { "cpu" }),
-        ],
-    )?;
+            format!("--mode={mode}"),
+        ];
+        if a.entropy {
+            v.push("--entropy".into());
+        }
+        v
+    };
+    let mut peers = vec![("transformers (verl-style)", peer_args("verl"))];
+    if kind != Kind::Float {
+        peers.push(("transformers (pure 16-bit)", peer_args("pure")));
+    }
+    let r = compare(c, measure, &peers)?;
+    println!(
+        "  settings: rlrun f32 master weights and AdamW, compute {kind:?}, entropy {}; peer as printed, entropy {}",
+        if a.entropy { "computed" } else { "not computed" },
+        if a.entropy { "computed" } else { "not computed" }
+    );
     println!("  rlrun phases per step: {phases:?}");
     // This process's peak resident memory (host memory; the CUDA allocator's is not read here).
     let peak = rlrun::metrics::peak_rss();
@@ -632,9 +767,10 @@ fn train(a: &TrainArgs) -> anyhow::Result<()> {
         "tokens/s",
         &r,
         json!({"batch": a.batch, "seq": a.seq, "seconds": (a.batch * a.seq) as f64 / r.ours, "phases": phases,
-               "activation_checkpointing": a.activation_checkpointing, "peak_rss_bytes": peak}),
+               "activation_checkpointing": a.activation_checkpointing, "entropy": a.entropy, "peak_rss_bytes": peak}),
         c.json.as_deref(),
     )
+    .map(drop)
 }
 
 pub fn median(mut v: Vec<f64>) -> f64 {

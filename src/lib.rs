@@ -36,8 +36,22 @@ pub fn release_free_memory() {
 pub fn tune_allocator() {
     // SAFETY: mallopt only changes allocator parameters; called before heavy allocation.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
+        libc::mallopt(libc::M_TOP_PAD, TOP_PAD);
     }
+}
+
+const MMAP_THRESHOLD: i32 = 1 << 30;
+const TRIM_THRESHOLD: i32 = i32::MAX;
+const TOP_PAD: i32 = 256 << 20;
+
+/// [`tune_allocator`]'s settings as glibc's environment variables, for a peer process measured
+/// against this one (`rlrun bench`): both sides then run with the same allocator settings.
+pub fn allocator_env() -> [(&'static str, String); 3] {
+    [
+        ("MALLOC_MMAP_THRESHOLD_", MMAP_THRESHOLD.to_string()),
+        ("MALLOC_TRIM_THRESHOLD_", TRIM_THRESHOLD.to_string()),
+        ("MALLOC_TOP_PAD_", TOP_PAD.to_string()),
+    ]
 }

@@ -252,6 +252,8 @@ pub struct TrainerSection {
     pub logprob_chunk: i64,
     /// Recompute each layer in the backward instead of keeping its activations.
     pub activation_checkpointing: bool,
+    /// Compute each token's entropy for the `actor/entropy` metric.
+    pub entropy_metric: bool,
     pub critic: Option<CriticSection>,
 }
 
@@ -270,6 +272,7 @@ impl Default for TrainerSection {
             micro_batch_tokens: 4096,
             logprob_chunk: 1024,
             activation_checkpointing: true,
+            entropy_metric: true,
             critic: None,
         }
     }

@@ -117,6 +117,10 @@ pub struct EngineConfig {
     pub lora: Option<rlrun_model::LoraConfig>,
 }
 
+/// The prefill budget (prompt tokens per prefill step) a run's generators use: what
+/// `rlrun bench generate` measures too.
+pub const RUN_PREFILL_TOKENS: usize = 16_384;
+
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {

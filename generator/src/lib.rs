@@ -14,7 +14,7 @@ pub mod sampling;
 pub use actor::{CompletionStream, GeneratorActor, LocalGenerator};
 pub use engine::{
     Completion, Engine, EngineConfig, EngineStats, FinishReason, Request, Timings, UpdatePolicy,
-    WeightUpdate,
+    WeightUpdate, RUN_PREFILL_TOKENS,
 };
 pub use error::{GenError, Result};
 pub use sampling::{DrawKey, Purpose, SamplingParams};

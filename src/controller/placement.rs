@@ -210,6 +210,7 @@ fn trainer_config(c: &RecipeConfig, loss: PolicyLossConfig) -> TrainerConfig {
         logprob_chunk: c.trainer.logprob_chunk,
         temperature: c.rollout.temperature,
         activation_checkpointing: c.trainer.activation_checkpointing,
+        entropy_metric: c.trainer.entropy_metric,
         lora: c.model.lora.clone(),
         seed: c.seed,
         critic: c.trainer.critic.as_ref().map(|cs| CriticConfig {
@@ -238,7 +239,7 @@ fn engine_config(c: &RecipeConfig) -> EngineConfig {
         max_len: c.data.max_prompt_tokens
             + c.rollout.max_tokens.max(c.eval.max_tokens.unwrap_or(0))
             + 1,
-        max_prefill_tokens: 16_384,
+        max_prefill_tokens: rlrun_generator::RUN_PREFILL_TOKENS,
         seed: c.seed,
         update_policy: c.rollout.update_policy,
         lora: c.model.lora.clone(),
