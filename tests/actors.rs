@@ -155,7 +155,7 @@ fn kill_child_when(
     what: &str,
     ready: impl Fn(&[std::path::PathBuf]) -> bool,
 ) -> u32 {
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         assert!(Instant::now() < deadline, "not ready in time");
         assert!(

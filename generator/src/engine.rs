@@ -167,6 +167,13 @@ pub struct EngineStats {
     pub generated_tokens: u64,
     pub prefill_tokens: u64,
     pub decode_steps: u64,
+    /// Rows the decode forwards computed, summed over steps; equal to the tokens they decoded
+    /// when finished sequences are compacted away (no row is spent on a free slot).
+    #[serde(default)]
+    pub decode_rows: u64,
+    /// Tokens the decode steps produced (the first token of each sample comes from its prefill).
+    #[serde(default)]
+    pub decode_tokens: u64,
     /// Generated tokens per second of engine busy time.
     pub tokens_per_s: f64,
     pub busy_s: f64,
@@ -861,6 +868,8 @@ impl Engine {
             *self.stats.profile.entry(k).or_insert(0.0) += v;
         }
         self.stats.decode_steps += 1;
+        self.stats.decode_rows += b as u64;
+        self.stats.decode_tokens += active_rows.len() as u64;
         let used: i64 = self.slots.iter().flatten().map(|q| q.pos + 1).sum();
         self.stats.kv_cache_peak_used_bytes = self
             .stats
@@ -884,15 +893,17 @@ impl Engine {
         Ok(())
     }
 
-    /// Moves sequences down into free low slots when the active ones are sparse, so decoding
-    /// runs over a short dense prefix of slots (the cache is read as a view, not gathered).
+    /// Moves the highest sequences down into the free low slots that finished sequences left,
+    /// so each decode step runs over a dense prefix of exactly the active sequences (the cache
+    /// is read as a view, not gathered): a finished sequence costs no more forward rows while
+    /// the longest ones finish. Each move copies one sequence's cache prefix once.
     fn compact(&mut self) -> Result<()> {
         let active = self.slots.iter().flatten().count();
         let Some(last) = self.slots.iter().rposition(Option::is_some) else {
             return Ok(());
         };
-        if last < 2 * active || last < 8 {
-            return Ok(());
+        if last < active {
+            return Ok(()); // already dense
         }
         let mut free: Vec<usize> = (0..active).filter(|&i| self.slots[i].is_none()).collect();
         free.reverse();

@@ -415,6 +415,54 @@ fn same_seed_same_tokens_across_runs_and_batch_compositions() {
     );
 }
 
+#[test]
+fn finished_sequences_cost_no_decode_rows() {
+    // 6 requests x 4 samples of different lengths (12 to 16 tokens) in 24 slots: as the shorter
+    // ones finish, the longer ones move down into their slots, so every decode row computed
+    // decodes an active sequence.
+    let dir = fixtures().join("tiny-llama3");
+    let (mut e, _) = engine_for(
+        &dir,
+        EngineConfig {
+            max_slots: 24,
+            max_len: 64,
+            ..Default::default()
+        },
+    );
+    let ids = [7, 1, 9, 2, 11, 3];
+    for r in sampled_requests(&ids, 4) {
+        e.submit(r).unwrap();
+    }
+    let done = by_key(e.run_to_completion().unwrap());
+    assert_eq!(done.len(), 24);
+    let lens: std::collections::BTreeSet<usize> =
+        done.values().map(|c| c.token_ids.len()).collect();
+    assert!(lens.len() >= 3, "lengths should differ: {lens:?}");
+    let st = e.stats();
+    assert!(st.decode_tokens > 0);
+    assert_eq!(
+        st.decode_rows, st.decode_tokens,
+        "decode rows spent on finished sequences"
+    );
+    // The moves do not change the draws: the same as each request alone.
+    for id in ids {
+        let (mut alone, _) = engine_for(
+            &dir,
+            EngineConfig {
+                max_slots: 4,
+                max_len: 64,
+                ..Default::default()
+            },
+        );
+        for r in sampled_requests(&[id], 4) {
+            alone.submit(r).unwrap();
+        }
+        for (key, c) in by_key(alone.run_to_completion().unwrap()) {
+            assert_eq!(c.token_ids, done[&key].token_ids, "{key:?}");
+        }
+    }
+}
+
 fn perturbed(w: &Weights, seed: i64) -> Tensor {
     tch::manual_seed(seed);
     &w.flat + Tensor::randn(w.flat.size(), (Kind::Float, Device::Cpu)) * 0.05
