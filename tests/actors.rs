@@ -39,6 +39,16 @@ fn run_ok(args: Vec<String>) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// `rlrun recipes/quickstart.toml` with `overrides`; must succeed; returns its stderr.
+fn run_quickstart(overrides: &[String]) -> String {
+    run_ok(
+        ["recipes/quickstart.toml".to_string()]
+            .into_iter()
+            .chain(set_args(overrides))
+            .collect(),
+    )
+}
+
 fn train_lines(m: &[Value]) -> Vec<&Value> {
     m.iter().filter(|l| l["kind"] == "train").collect()
 }
@@ -59,12 +69,7 @@ fn processes_give_the_in_process_metrics_and_the_generator_matches_the_trainer_a
     let local = rlrun_testkit::tempdir();
     let mut o = overrides(local.path(), 3);
     o.push("algorithm.loss.off_policy.correction=\"off\"".into());
-    run_ok(
-        ["recipes/quickstart.toml".to_string()]
-            .into_iter()
-            .chain(set_args(&o))
-            .collect(),
-    );
+    run_quickstart(&o);
     let remote = rlrun_testkit::tempdir();
     let mut o = overrides(remote.path(), 3);
     o.push("placement.trainer_process=true".into());
@@ -73,12 +78,7 @@ fn processes_give_the_in_process_metrics_and_the_generator_matches_the_trainer_a
     // weights carry the generators' rounding (their batches differ): compare the computation
     // itself, uncorrected on both sides.
     o.push("algorithm.loss.off_policy.correction=\"off\"".into());
-    run_ok(
-        ["recipes/quickstart.toml".to_string()]
-            .into_iter()
-            .chain(set_args(&o))
-            .collect(),
-    );
+    run_quickstart(&o);
 
     let (a, b) = (
         metrics(&run_dir(local.path())),
@@ -186,11 +186,33 @@ fn recovery_overrides(base: &Path, steps: u64) -> Vec<String> {
         "rollout.max_tokens=48".to_string(),
         "data.prompts_per_step=8".into(),
         "sync.probe=false".into(),
+    ]);
+    o.extend(learning());
+    o
+}
+
+/// A generator process of the tiny model on the CPU (f32, one thread), spawned from this test's
+/// `rlrun` binary.
+fn tiny_generator() -> rlrun::actors::ActorConfig {
+    std::env::set_var("RLRUN_EXE", env!("CARGO_BIN_EXE_rlrun"));
+    rlrun::actors::ActorConfig {
+        model: rlrun_testkit::fixtures().join("tiny-llama3"),
+        dtype: "f32".into(),
+        device: "cpu".into(),
+        threads: 1,
+        engine: None,
+        trainer: None,
+        reference: false,
+    }
+}
+
+/// A reward the tiny random model earns sometimes and a large step, so that the policy moves.
+fn learning() -> [String; 3] {
+    [
         "reward.mode=\"matches\"".into(),
         "reward.pattern='e'".into(),
         "trainer.lr=1e-3".into(),
-    ]);
-    o
+    ]
 }
 
 /// The metrics two runs of one recipe must agree on exactly: all but time, placement, the
@@ -270,12 +292,7 @@ fn a_generator_killed_mid_run_is_restarted_and_the_run_ends_as_if_it_had_not_die
         o
     };
     let reference = rlrun_testkit::tempdir();
-    run_ok(
-        ["recipes/quickstart.toml".to_string()]
-            .into_iter()
-            .chain(set_args(&with(reference.path())))
-            .collect(),
-    );
+    run_quickstart(&with(reference.path()));
     let base = rlrun_testkit::tempdir();
     let mut child = quickstart_process(&with(base.path()));
     // Once the first step is logged (the second is generating), SIGKILL one generator.
@@ -306,18 +323,9 @@ fn a_generator_killed_mid_run_is_restarted_and_the_run_ends_as_if_it_had_not_die
 
 #[test]
 fn a_generator_killed_with_calls_in_flight_returns_the_draws_of_one_that_was_not() {
-    use rlrun::actors::{ActorConfig, GeneratorPool};
+    use rlrun::actors::GeneratorPool;
     use rlrun_generator::{DrawKey, GeneratorActor, Request, SamplingParams};
-    std::env::set_var("RLRUN_EXE", env!("CARGO_BIN_EXE_rlrun"));
-    let cfg = ActorConfig {
-        model: rlrun_testkit::fixtures().join("tiny-llama3"),
-        dtype: "f32".into(),
-        device: "cpu".into(),
-        threads: 1,
-        engine: None,
-        trainer: None,
-        reference: false,
-    };
+    let cfg = tiny_generator();
     let request = |call: u64, j: u64, max_tokens: usize| Request {
         id: call * 100 + j,
         prompt: vec![1, 2 + call as i64, 3 + j as i64],
@@ -394,12 +402,7 @@ fn a_dead_trainer_process_ends_the_run_clearly_and_resume_ends_as_an_uninterrupt
         o
     };
     let reference = rlrun_testkit::tempdir();
-    run_ok(
-        ["recipes/quickstart.toml".to_string()]
-            .into_iter()
-            .chain(set_args(&with(reference.path())))
-            .collect(),
-    );
+    run_quickstart(&with(reference.path()));
     let base = rlrun_testkit::tempdir();
     let mut child = quickstart_process(&with(base.path()));
     kill_child_when(&mut child, base.path(), "actor trainer", |dirs| {
@@ -438,12 +441,7 @@ fn rlrun_killed_with_sigkill_resumes_from_its_last_timed_checkpoint_to_the_same_
         o
     };
     let reference = rlrun_testkit::tempdir();
-    run_ok(
-        ["recipes/quickstart.toml".to_string()]
-            .into_iter()
-            .chain(set_args(&with(reference.path())))
-            .collect(),
-    );
+    run_quickstart(&with(reference.path()));
     let base = rlrun_testkit::tempdir();
     let mut child = quickstart_process(&with(base.path()));
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -491,15 +489,8 @@ fn asynchronous_rollouts_stay_within_max_staleness_and_overlap_training() {
         o.push(format!("placement.generator_processes={processes}"));
         // A reward the tiny random model earns sometimes and a large step, so that the policy
         // moves and stale rollouts really come from another policy.
-        o.push("reward.mode=\"matches\"".into());
-        o.push("reward.pattern='e'".into());
-        o.push("trainer.lr=1e-3".into());
-        let stderr = run_ok(
-            ["recipes/quickstart.toml".to_string()]
-                .into_iter()
-                .chain(set_args(&o))
-                .collect(),
-        );
+        o.extend(learning());
+        let stderr = run_quickstart(&o);
         // Stale rollouts: the decoupled objective with truncated importance weights is on by
         // default, and says why.
         assert!(
@@ -555,12 +546,7 @@ fn turning_the_off_policy_correction_off_for_stale_rollouts_warns() {
     let mut o = overrides(base.path(), 3);
     o.push("rollout.max_staleness=2".into());
     o.push("algorithm.loss.off_policy.correction=\"off\"".into());
-    let stderr = run_ok(
-        ["recipes/quickstart.toml".to_string()]
-            .into_iter()
-            .chain(set_args(&o))
-            .collect(),
-    );
+    let stderr = run_quickstart(&o);
     assert!(
         stderr.contains("warning: [algorithm.loss.off_policy] correction = \"off\" although the generator's policy can differ from the trainer's")
             && stderr.contains("(rollout.max_staleness = 2)"),
@@ -574,12 +560,7 @@ fn turning_the_off_policy_correction_off_for_stale_rollouts_warns() {
     }
     // On-policy in one process with f32: no correction and no warning.
     let base = rlrun_testkit::tempdir();
-    let stderr = run_ok(
-        ["recipes/quickstart.toml".to_string()]
-            .into_iter()
-            .chain(set_args(&overrides(base.path(), 1)))
-            .collect(),
-    );
+    let stderr = run_quickstart(&overrides(base.path(), 1));
     assert!(
         !stderr.contains("off-policy correction") && !stderr.contains("warning:"),
         "{stderr}"
@@ -596,12 +577,7 @@ fn async_resume_draws_the_prefetched_prompts_again() {
     let mut o = overrides(base.path(), 4);
     o.push("rollout.max_staleness=1".into());
     o.push("checkpoint.every=2".into());
-    run_ok(
-        ["recipes/quickstart.toml".to_string()]
-            .into_iter()
-            .chain(set_args(&o))
-            .collect(),
-    );
+    run_quickstart(&o);
     let run = run_dir(base.path());
     let state = |step: u64| -> Value {
         let p = run
@@ -835,18 +811,9 @@ fn a_recipe_uses_a_generator_started_by_hand_with_its_token() {
 /// as the request's own).
 #[test]
 fn calls_that_see_the_same_generator_die_share_one_restart() {
-    use rlrun::actors::{ActorConfig, GeneratorPool};
+    use rlrun::actors::GeneratorPool;
     use rlrun_generator::{GeneratorActor, Request, SamplingParams};
-    std::env::set_var("RLRUN_EXE", env!("CARGO_BIN_EXE_rlrun"));
-    let cfg = ActorConfig {
-        model: rlrun_testkit::fixtures().join("tiny-llama3"),
-        dtype: "f32".into(),
-        device: "cpu".into(),
-        threads: 1,
-        engine: None,
-        trainer: None,
-        reference: false,
-    };
+    let cfg = tiny_generator();
     let pool = GeneratorPool::spawn(cfg, vec![Vec::new()]).expect("spawning a generator");
     let pid = pool.pids()[0];
     let status = Command::new("kill").args(["-9", &pid.to_string()]).status();
