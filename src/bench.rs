@@ -698,6 +698,7 @@ fn train(a: &TrainArgs) -> anyhow::Result<()> {
                     returns: None,
                     old_values: None,
                     ref_logprobs: None,
+                    routes: Vec::new(),
                 }
             })
             .collect(),

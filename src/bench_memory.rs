@@ -279,6 +279,7 @@ pub fn lora_large(
                 returns: None,
                 old_values: None,
                 ref_logprobs: None,
+                routes: Vec::new(),
             })
             .collect();
         let t_train = Instant::now();

@@ -254,6 +254,9 @@ pub struct TrainerSection {
     pub activation_checkpointing: bool,
     /// Compute each token's entropy for the `actor/entropy` metric.
     pub entropy_metric: bool,
+    /// Mixture-of-experts models: use the generator's expert choices in the trainer's forward
+    /// (routing replay). `actor/routing_flip_frac` is logged either way.
+    pub routing_replay: bool,
     pub critic: Option<CriticSection>,
 }
 
@@ -273,6 +276,7 @@ impl Default for TrainerSection {
             logprob_chunk: 1024,
             activation_checkpointing: true,
             entropy_metric: true,
+            routing_replay: true,
             critic: None,
         }
     }

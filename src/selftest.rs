@@ -107,6 +107,7 @@ pub fn cuda(fixtures: &Path, smollm2: Option<&Path>, out: Option<&Path>) -> Resu
                     returns: None,
                     old_values: None,
                     ref_logprobs: None,
+                    routes: Vec::new(),
                 })
                 .collect(),
             max_response_len: 8,
@@ -196,6 +197,7 @@ pub fn cuda(fixtures: &Path, smollm2: Option<&Path>, out: Option<&Path>) -> Resu
                 returns: None,
                 old_values: None,
                 ref_logprobs: None,
+                routes: Vec::new(),
             })
             .collect();
         let lps = trainer.compute_logprobs(&seqs)?;

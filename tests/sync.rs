@@ -177,6 +177,7 @@ fn rollouts(generator: &dyn GeneratorActor, vocab: i64) -> Vec<TrainSequence> {
             returns: None,
             old_values: None,
             ref_logprobs: None,
+            routes: Vec::new(),
         })
         .collect()
 }

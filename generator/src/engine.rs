@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
-use rlrun_model::{CacheWrite, Config, KvCache, Model, Tokenizer, Weights};
+use rlrun_model::{CacheWrite, Config, KvCache, Model, Routing, Tokenizer, Weights};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -83,6 +83,10 @@ pub struct Completion {
     /// Version of the weights that produced every token of this completion.
     pub policy_version: u64,
     pub timings: Timings,
+    /// Mixture-of-experts models: the experts each token fed to the model was routed to, for
+    /// the prompt and every response token but the last, flattened as `(token, moe_layer, k)`
+    /// (for routing replay in the trainer). Empty for dense models.
+    pub routes: Vec<i16>,
 }
 
 /// What to do with in-flight sequences when new weights arrive.
@@ -246,6 +250,8 @@ struct Seq {
     pos: i64,
     admitted: Instant,
     first_token: f64,
+    /// The experts of each token in the cache (mixture-of-experts models), see [`Completion::routes`].
+    routes: Vec<i16>,
 }
 
 /// The continuous-batching engine. Single-threaded; the actor runs it on its own thread.
@@ -476,6 +482,7 @@ impl Engine {
                         finish_reason: FinishReason::Abort,
                         policy_version: version,
                         timings: Timings::default(),
+                        routes: vec![],
                     });
                 }
                 false
@@ -760,7 +767,8 @@ impl Engine {
             .f_to_device(device)?;
         let slots_t = Tensor::from_slice(&primaries).f_to_device(device)?;
         let start = vec![0i64; groups.len()];
-        let hidden = self.model.forward_cached(
+        let routing = Routing::default();
+        let hidden = self.model.forward_cached_routed(
             &ids_t,
             &mut self.cache,
             &CacheWrite {
@@ -769,7 +777,9 @@ impl Engine {
                 start: &start,
                 lens: &lens,
             },
+            &routing,
         )?; // (G, T, H)
+        let prompt_routes = routes_by_row(&routing, groups.len())?;
         let last = Tensor::from_slice(&lens.iter().map(|l| l - 1).collect::<Vec<_>>())
             .f_to_device(device)?
             .f_view([g, 1, 1])?
@@ -795,9 +805,13 @@ impl Engine {
         let (tokens, lps) = sample(&logits.f_index_select(0, &sel)?, &rows)?;
         let (tokens, lps) = to_host(&tokens, &lps)?;
         let mut k = 0;
-        for (p, slots) in groups {
+        for ((p, slots), routes) in groups.into_iter().zip(prompt_routes) {
+            // Only the prompt's valid tokens (the row is padded to the longest prompt).
+            let per_token = routes.len() / t as usize;
+            let routes = &routes[..per_token * p.req.prompt.len()];
             for (&sample_idx, &slot) in p.samples.iter().zip(&slots) {
                 let seq = Seq {
+                    routes: routes.to_vec(),
                     req: p.req.clone(),
                     sample: sample_idx,
                     tokens: vec![tokens[k]],
@@ -841,7 +855,8 @@ impl Engine {
         rlrun_model::profile::start(device);
         let ident: Vec<i64> = (0..b as i64).collect();
         let ident_t = Tensor::from_slice(&ident).f_to_device(device)?;
-        let hidden = self.model.forward_cached(
+        let routing = Routing::default();
+        let hidden = self.model.forward_cached_routed(
             &Tensor::from_slice(&ids)
                 .f_view([b as i64, 1])?
                 .f_to_device(device)?,
@@ -852,7 +867,9 @@ impl Engine {
                 start: &start,
                 lens: &vec![1; b],
             },
+            &routing,
         )?; // (B, 1, H)
+        let mut routes = routes_by_row(&routing, b)?;
         let mut h = hidden.f_squeeze_dim(1)?;
         if active_rows.len() < b {
             h = h.f_index_select(0, &Tensor::from_slice(&active_rows).f_to_device(device)?)?;
@@ -881,6 +898,7 @@ impl Engine {
                 continue;
             };
             seq.pos += 1;
+            seq.routes.append(&mut routes[slot]);
             seq.tokens.push(tokens[k]);
             seq.logprobs.push(lps[k]);
             self.stats.generated_tokens += 1;
@@ -981,7 +999,22 @@ fn finish(seq: Seq, reason: FinishReason, version: u64) -> Completion {
             first_token_s: seq.first_token,
             total_s: total,
         },
+        routes: seq.routes,
     }
+}
+
+/// The recorded experts of a forward, `(B, T, moe_layers, k)`, on the host as one `Vec` per row
+/// (empty for dense models).
+fn routes_by_row(routing: &Routing, rows: usize) -> Result<Vec<Vec<i16>>> {
+    let Some(r) = routing.recorded(0)? else {
+        return Ok(vec![Vec::new(); rows]);
+    };
+    let r = r
+        .f_to_kind(tch::Kind::Int16)?
+        .f_to_device(tch::Device::Cpu)?;
+    let width = r.numel() / rows.max(1);
+    let flat = Vec::<i16>::try_from(r.f_reshape([-1])?)?;
+    Ok(flat.chunks(width.max(1)).map(<[i16]>::to_vec).collect())
 }
 
 /// An engine's LoRA adapters.

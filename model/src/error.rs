@@ -50,7 +50,7 @@ pub enum ModelError {
     Gguf { path: PathBuf, message: String },
     #[error(
         "tensor `{name}` in {path} has GGUF type {ggml_type}, which rlrun cannot dequantize \
-         (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K)"
+         (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)"
     )]
     UnsupportedGgufType {
         name: String,

@@ -1,7 +1,8 @@
 //! GGUF files (llama.cpp): metadata, tensors dequantized on load, HF config and tokenizer rebuilt.
 //!
 //! Supported architectures: `llama` (incl. SmolLM2) and `qwen2`. Tensor types F32, F16, BF16,
-//! Q8_0, Q4_0, Q4_1, Q4_K and Q6_K (block layouts as in ggml's `ggml-quants.c`). llama.cpp's
+//! Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K and Q6_K (block layouts as in ggml's
+//! `ggml-quants.c`; values bit-identical to gguf-py's `gguf.quants.dequantize`). llama.cpp's
 //! converter permutes the rows of the Q and K projections of `llama` models for its RoPE layout;
 //! reading undoes it (rows as `(n_heads, head_dim / 2, 2)`, last two axes swapped).
 //! Reference: <https://github.com/ggml-org/ggml/blob/master/docs/gguf.md>.
@@ -74,8 +75,13 @@ impl GgmlType {
     pub const F16: GgmlType = GgmlType(1);
     pub const Q4_0: GgmlType = GgmlType(2);
     pub const Q4_1: GgmlType = GgmlType(3);
+    pub const Q5_0: GgmlType = GgmlType(6);
+    pub const Q5_1: GgmlType = GgmlType(7);
     pub const Q8_0: GgmlType = GgmlType(8);
+    pub const Q2_K: GgmlType = GgmlType(10);
+    pub const Q3_K: GgmlType = GgmlType(11);
     pub const Q4_K: GgmlType = GgmlType(12);
+    pub const Q5_K: GgmlType = GgmlType(13);
     pub const Q6_K: GgmlType = GgmlType(14);
     pub const BF16: GgmlType = GgmlType(30);
 
@@ -99,8 +105,13 @@ impl GgmlType {
             GgmlType::F16 | GgmlType::BF16 => (1, 2),
             GgmlType::Q4_0 => (32, 18),
             GgmlType::Q4_1 => (32, 20),
+            GgmlType::Q5_0 => (32, 22),
+            GgmlType::Q5_1 => (32, 24),
             GgmlType::Q8_0 => (32, 34),
+            GgmlType::Q2_K => (256, 84),
+            GgmlType::Q3_K => (256, 110),
             GgmlType::Q4_K => (256, 144),
+            GgmlType::Q5_K => (256, 176),
             GgmlType::Q6_K => (256, 210),
             _ => return None,
         })
@@ -355,13 +366,18 @@ impl GgufFile {
                     y[j + 16] = (b[4 + j] >> 4) as f32 * d + m;
                 }
             }),
+            GgmlType::Q5_0 => blocks.for_each(|(b, y)| dequant_q5_0(b, y)),
+            GgmlType::Q5_1 => blocks.for_each(|(b, y)| dequant_q5_1(b, y)),
             GgmlType::Q8_0 => blocks.for_each(|(b, y)| {
                 let d = f16_at(b, 0);
                 for j in 0..32 {
                     y[j] = (b[2 + j] as i8) as f32 * d;
                 }
             }),
+            GgmlType::Q2_K => blocks.for_each(|(b, y)| dequant_q2_k(b, y)),
+            GgmlType::Q3_K => blocks.for_each(|(b, y)| dequant_q3_k(b, y)),
             GgmlType::Q4_K => blocks.for_each(|(b, y)| dequant_q4_k(b, y)),
+            GgmlType::Q5_K => blocks.for_each(|(b, y)| dequant_q5_k(b, y)),
             GgmlType::Q6_K => blocks.for_each(|(b, y)| dequant_q6_k(b, y)),
             _ => unreachable!("block() returned a layout for an unhandled type"),
         }
@@ -373,31 +389,129 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
 
+/// Q5_0 block: d (f16), 4 bytes of high bits (u32 LE, bit j for value j), 16 bytes of low nibbles
+/// (value j in the low nibble of byte j, value j + 16 in its high nibble); value = d * (q - 16).
+fn dequant_q5_0(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+    for j in 0..16 {
+        let h0 = (((qh >> j) & 1) << 4) as u8;
+        let h1 = (((qh >> (j + 16)) & 1) << 4) as u8;
+        y[j] = (((b[6 + j] & 0x0F) | h0) as i32 - 16) as f32 * d;
+        y[j + 16] = (((b[6 + j] >> 4) | h1) as i32 - 16) as f32 * d;
+    }
+}
+
+/// Q5_1 block: d (f16), m (f16), 4 bytes of high bits (u32 LE), 16 bytes of low nibbles (as Q5_0);
+/// value = d * q + m.
+fn dequant_q5_1(b: &[u8], y: &mut [f32]) {
+    let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+    let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+    for j in 0..16 {
+        let h0 = (((qh >> j) & 1) << 4) as u8;
+        let h1 = (((qh >> (j + 16)) & 1) << 4) as u8;
+        y[j] = ((b[8 + j] & 0x0F) | h0) as f32 * d + m;
+        y[j + 16] = ((b[8 + j] >> 4) | h1) as f32 * d + m;
+    }
+}
+
+/// Q2_K super-block: 16 bytes of 4-bit scale (low) / min (high) pairs, one per 16 values, 64 bytes
+/// of 2-bit quants (two halves of 128 values; value `32 * j + l` of a half is bits `2j..2j+2` of
+/// byte `l` of its 32), d (f16), dmin (f16); value = d * scale * q - dmin * min.
+fn dequant_q2_k(b: &[u8], y: &mut [f32]) {
+    let scales = &b[0..16];
+    let d = f16_at(b, 80);
+    let dmin = f16_at(b, 82);
+    for (n, half) in y.chunks_exact_mut(128).enumerate() {
+        let q = &b[16 + 32 * n..16 + 32 * n + 32];
+        for (i, group) in half.chunks_exact_mut(16).enumerate() {
+            let sc = scales[8 * n + i];
+            let dl = d * (sc & 0x0F) as f32;
+            let ml = dmin * (sc >> 4) as f32;
+            let (shift, q) = (2 * (i / 2), &q[16 * (i % 2)..16 * (i % 2) + 16]);
+            for l in 0..16 {
+                group[l] = dl * ((q[l] >> shift) & 3) as f32 - ml;
+            }
+        }
+    }
+}
+
+/// Q3_K super-block: 32 bytes of high-bit masks (bit `e / 32` of byte `e % 32` for value `e`), 64
+/// bytes of low 2-bit quants (laid out as in Q2_K), 12 bytes of packed 6-bit signed scales (one per
+/// 16 values, offset by 32), d (f16); value = d * scale * (q - 4 if the high bit is clear).
+fn dequant_q3_k(b: &[u8], y: &mut [f32]) {
+    let hmask = &b[0..32];
+    let scales = &b[96..108];
+    let d = f16_at(b, 108);
+    let scale = |i: usize| -> i32 {
+        let low = (scales[i % 8] >> (4 * (i / 8))) & 0x0F;
+        let high = (scales[8 + i % 4] >> (2 * (i / 4))) & 3;
+        (low | (high << 4)) as i32 - 32
+    };
+    for (n, half) in y.chunks_exact_mut(128).enumerate() {
+        let q = &b[32 + 32 * n..32 + 32 * n + 32];
+        for (i, group) in half.chunks_exact_mut(16).enumerate() {
+            let dl = d * scale(8 * n + i) as f32;
+            let (j, base) = (i / 2, 16 * (i % 2));
+            for l in 0..16 {
+                let low = ((q[base + l] >> (2 * j)) & 3) as i32;
+                let high = (hmask[base + l] >> (4 * n + j)) & 1;
+                group[l] = dl * (low - if high == 0 { 4 } else { 0 }) as f32;
+            }
+        }
+    }
+}
+
+/// The 6-bit (scale, min) pair `j` (0..8) of the 12 packed bytes of a Q4_K / Q5_K super-block.
+fn k_scale_min(scales: &[u8], j: usize) -> (u8, u8) {
+    if j < 4 {
+        (scales[j] & 63, scales[j + 4] & 63)
+    } else {
+        (
+            (scales[j + 4] & 0x0F) | ((scales[j - 4] >> 6) << 4),
+            (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4),
+        )
+    }
+}
+
 /// Q4_K super-block: d (f16), dmin (f16), 12 bytes of packed 6-bit scales/mins, 128 bytes of nibbles.
 fn dequant_q4_k(b: &[u8], y: &mut [f32]) {
     let d = f16_at(b, 0);
     let dmin = f16_at(b, 2);
     let scales = &b[4..16];
     let q = &b[16..144];
-    let scale_min = |j: usize| -> (u8, u8) {
-        if j < 4 {
-            (scales[j] & 63, scales[j + 4] & 63)
-        } else {
-            (
-                (scales[j + 4] & 0x0F) | ((scales[j - 4] >> 6) << 4),
-                (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4),
-            )
-        }
-    };
     for (k, chunk) in (0..4).zip(y.chunks_exact_mut(64)) {
-        let (sc1, m1) = scale_min(2 * k);
-        let (sc2, m2) = scale_min(2 * k + 1);
+        let (sc1, m1) = k_scale_min(scales, 2 * k);
+        let (sc2, m2) = k_scale_min(scales, 2 * k + 1);
         let (d1, m1) = (d * sc1 as f32, dmin * m1 as f32);
         let (d2, m2) = (d * sc2 as f32, dmin * m2 as f32);
         let qs = &q[32 * k..32 * k + 32];
         for l in 0..32 {
             chunk[l] = d1 * (qs[l] & 0x0F) as f32 - m1;
             chunk[l + 32] = d2 * (qs[l] >> 4) as f32 - m2;
+        }
+    }
+}
+
+/// Q5_K super-block: d (f16), dmin (f16), 12 bytes of packed 6-bit scales/mins (as Q4_K), 32 bytes
+/// of high bits (bit `e / 32` of byte `e % 32` for value `e`), 128 bytes of low nibbles (as Q4_K).
+fn dequant_q5_k(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    let dmin = f16_at(b, 2);
+    let scales = &b[4..16];
+    let qh = &b[16..48];
+    let q = &b[48..176];
+    for (k, chunk) in (0..4).zip(y.chunks_exact_mut(64)) {
+        let (sc1, m1) = k_scale_min(scales, 2 * k);
+        let (sc2, m2) = k_scale_min(scales, 2 * k + 1);
+        let (d1, m1) = (d * sc1 as f32, dmin * m1 as f32);
+        let (d2, m2) = (d * sc2 as f32, dmin * m2 as f32);
+        let qs = &q[32 * k..32 * k + 32];
+        for l in 0..32 {
+            let h1 = ((qh[l] >> (2 * k)) & 1) << 4;
+            let h2 = ((qh[l] >> (2 * k + 1)) & 1) << 4;
+            chunk[l] = d1 * ((qs[l] & 0x0F) | h1) as f32 - m1;
+            chunk[l + 32] = d2 * ((qs[l] >> 4) | h2) as f32 - m2;
         }
     }
 }
@@ -434,7 +548,7 @@ pub struct GgufModel {
     names: HashMap<String, String>,
 }
 
-const SUPPORTED_GGUF_ARCHS: &[&str] = &["llama", "qwen2"];
+const SUPPORTED_GGUF_ARCHS: &[&str] = &["llama", "qwen2", "gemma3"];
 
 impl GgufModel {
     pub fn open(path: &Path) -> Result<Self> {
@@ -487,8 +601,10 @@ impl GgufModel {
             .and_then(Value::as_u64)
             .map(|v| v as i64);
         let tied = file.tensor("output.weight").is_none();
+        let gemma = arch == "gemma3";
         let (model_type, attention_bias) = match arch.as_str() {
             "qwen2" => ("qwen2", None),
+            "gemma3" => ("gemma3_text", None),
             _ => ("llama", Some(file.tensor("blk.0.attn_q.bias").is_some())),
         };
         let rope_scaling = match file
@@ -507,12 +623,62 @@ impl GgufModel {
                 )))
             }
         };
+        let n_layers = u("block_count")?;
+        let head_dim = head_dim.filter(|&d| gemma || d != hidden / n_heads);
+        // Gemma 3 as llama.cpp reads it: global layers on `rope.freq_base` (with the file's
+        // scaling), sliding layers on base 10000, every sixth layer global, scores scaled by
+        // `head_dim^-0.5` (llama.cpp's rule for every size but 27B; transformers' default 256
+        // equals it for 270M, 1B, 4B and 12B).
+        let (rope_theta, rope_scaling, rope_parameters) = if gemma {
+            let full = crate::config::RopeParameters {
+                rope_type: Some(
+                    rope_scaling
+                        .as_ref()
+                        .and_then(|r| r.rope_type.clone())
+                        .unwrap_or_else(|| "default".into()),
+                ),
+                rope_theta: Some(f("rope.freq_base").unwrap_or(1_000_000.0)),
+                factor: rope_scaling.as_ref().and_then(|r| r.factor),
+                ..Default::default()
+            };
+            let sliding = crate::config::RopeParameters {
+                rope_type: Some("default".into()),
+                rope_theta: Some(10000.0),
+                ..Default::default()
+            };
+            let per_type = [
+                (crate::config::FULL_ATTENTION.to_string(), full),
+                (crate::config::SLIDING_ATTENTION.to_string(), sliding),
+            ];
+            (
+                None,
+                None,
+                Some(crate::config::RopeParametersField::PerLayerType(
+                    per_type.into_iter().collect(),
+                )),
+            )
+        } else {
+            (
+                Some(f("rope.freq_base").unwrap_or(10000.0)),
+                rope_scaling,
+                None,
+            )
+        };
+        let (bos, eos, pad) = if gemma {
+            gemma_special_ids(&file)
+        } else {
+            (
+                tok_id("bos_token_id"),
+                tok_id("eos_token_id"),
+                tok_id("padding_token_id"),
+            )
+        };
         let config = Config {
             model_type: model_type.into(),
             vocab_size,
             hidden_size: hidden,
             intermediate_size: u("feed_forward_length")?,
-            num_hidden_layers: u("block_count")?,
+            num_hidden_layers: n_layers,
             num_attention_heads: n_heads,
             num_key_value_heads: Some(
                 file.get(&format!("{arch}.attention.head_count_kv"))
@@ -520,19 +686,49 @@ impl GgufModel {
                     .map(|v| v as i64)
                     .unwrap_or(n_heads),
             ),
-            head_dim: head_dim.filter(|&d| d != hidden / n_heads),
+            head_dim,
             rms_norm_eps: f("attention.layer_norm_rms_epsilon").unwrap_or(1e-6),
-            rope_theta: Some(f("rope.freq_base").unwrap_or(10000.0)),
+            rope_theta,
             rope_scaling,
-            rope_parameters: None,
+            rope_parameters,
+            rope_local_base_freq: None,
             max_position_embeddings: u("context_length").unwrap_or(2048),
             tie_word_embeddings: tied,
             attention_bias,
             mlp_bias: false,
-            hidden_act: "silu".into(),
-            bos_token_id: tok_id("bos_token_id"),
-            eos_token_id: tok_id("eos_token_id"),
-            pad_token_id: tok_id("padding_token_id"),
+            hidden_act: if gemma { "gelu_pytorch_tanh" } else { "silu" }.into(),
+            hidden_activation: gemma.then(|| "gelu_pytorch_tanh".into()),
+            query_pre_attn_scalar: gemma.then(|| head_dim.unwrap_or(hidden / n_heads) as f64),
+            sliding_window: if gemma {
+                Some(u("attention.sliding_window").unwrap_or(4096))
+            } else {
+                None
+            },
+            layer_types: gemma.then(|| {
+                (0..n_layers)
+                    .map(|i| {
+                        if (i + 1) % 6 == 0 {
+                            crate::config::FULL_ATTENTION
+                        } else {
+                            crate::config::SLIDING_ATTENTION
+                        }
+                        .to_string()
+                    })
+                    .collect()
+            }),
+            final_logit_softcapping: None,
+            attn_logit_softcapping: None,
+            use_bidirectional_attention: None,
+            num_experts: None,
+            num_experts_per_tok: None,
+            moe_intermediate_size: None,
+            decoder_sparse_step: None,
+            mlp_only_layers: None,
+            norm_topk_prob: None,
+            router_aux_loss_coef: None,
+            bos_token_id: bos,
+            eos_token_id: eos,
+            pad_token_id: pad,
             torch_dtype: Some("float32".into()),
         };
         config.validate(path)?;
@@ -551,9 +747,26 @@ impl GgufModel {
         names.insert("lm_head.weight".into(), "output.weight".into());
         for i in 0..config.num_hidden_layers {
             let (hf, gg) = (format!("model.layers.{i}"), format!("blk.{i}"));
+            // llama.cpp's `ffn_norm` is the norm before the MLP: Llama's `post_attention_layernorm`,
+            // Gemma's `pre_feedforward_layernorm` (Gemma's `post_attention_layernorm` normalises the
+            // attention output: llama.cpp's `post_attention_norm`).
+            let norms: &[(&str, &str)] = if gemma {
+                &[
+                    (
+                        "post_attention_layernorm.weight",
+                        "post_attention_norm.weight",
+                    ),
+                    ("pre_feedforward_layernorm.weight", "ffn_norm.weight"),
+                    ("post_feedforward_layernorm.weight", "post_ffw_norm.weight"),
+                ]
+            } else {
+                &[("post_attention_layernorm.weight", "ffn_norm.weight")]
+            };
+            for (a, b) in norms {
+                names.insert(format!("{hf}.{a}"), format!("{gg}.{b}"));
+            }
             for (a, b) in [
                 ("input_layernorm.weight", "attn_norm.weight"),
-                ("post_attention_layernorm.weight", "ffn_norm.weight"),
                 ("self_attn.q_norm.weight", "attn_q_norm.weight"),
                 ("self_attn.k_norm.weight", "attn_k_norm.weight"),
                 ("mlp.gate_proj.weight", "ffn_gate.weight"),
@@ -620,6 +833,10 @@ impl GgufModel {
         let mut x = Tensor::f_from_slice(&values)
             .and_then(|x| x.f_view(shape.as_slice()))
             .ctx(|| format!("tensor {hf_name}"))?;
+        if self.arch == "gemma3" && hf_name.ends_with("norm.weight") {
+            // llama.cpp stores Gemma's RMSNorm weights as `1 + w`; transformers' are `w`.
+            x = x.f_sub_scalar(1.0).ctx(|| format!("tensor {hf_name}"))?;
+        }
         if let Some(heads) = self.permuted_heads(hf_name) {
             let rows = shape[0];
             let rest: Vec<i64> = shape[1..].to_vec();
@@ -646,13 +863,18 @@ impl GgufModel {
             .map(str::to_string)
     }
 
-    /// Rebuilds a Hugging Face `tokenizer.json` from `tokenizer.ggml.*` (byte-level BPE models).
+    /// Rebuilds a Hugging Face `tokenizer.json` from `tokenizer.ggml.*`: byte-level BPE models
+    /// (`gpt2`) and Gemma 3's SentencePiece vocabulary (`llama`).
     pub fn tokenizer_json(&self) -> Result<Json> {
         let g = |k: &str| self.file.get(&format!("tokenizer.ggml.{k}"));
         let model = g("model").and_then(Value::as_str).unwrap_or("");
+        if model == "llama" {
+            return self.sentencepiece_tokenizer_json();
+        }
         if model != "gpt2" {
             return Err(self.file.err(format!(
-                "tokenizer model `{model}` is not supported (supported: gpt2, i.e. byte-level BPE)"
+                "tokenizer model `{model}` is not supported (supported: gpt2, i.e. byte-level BPE; \
+                 llama, i.e. SentencePiece, for gemma3)"
             )));
         }
         let tokens: Vec<&str> = g("tokens")
@@ -720,6 +942,44 @@ impl GgufModel {
         }))
     }
 
+    /// A SentencePiece vocabulary (`tokenizer.ggml.model = "llama"`) as a `tokenizer.json`; only
+    /// Gemma 3's, see [`gemma_tokenizer_json`]. Other SentencePiece models (Llama 2, Phi-3, ...)
+    /// need a different normalizer / pre-tokenizer and merge order, so they are refused.
+    fn sentencepiece_tokenizer_json(&self) -> Result<Json> {
+        if self.arch != "gemma3" {
+            return Err(self.file.err(format!(
+                "SentencePiece (`llama`) tokenizers are supported only for gemma3, not for `{}`",
+                self.arch
+            )));
+        }
+        let g = |k: &str| self.file.get(&format!("tokenizer.ggml.{k}"));
+        let tokens: Vec<&str> = g("tokens")
+            .and_then(Value::as_array)
+            .ok_or_else(|| self.file.err("missing tokenizer.ggml.tokens".into()))?
+            .iter()
+            .map(|v| v.as_str().unwrap_or(""))
+            .collect();
+        let types: Vec<i64> = g("token_type")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().map(|v| v.as_f64().unwrap_or(1.0) as i64).collect())
+            .unwrap_or_else(|| vec![1; tokens.len()]);
+        Ok(gemma_tokenizer_json(
+            &tokens,
+            &types,
+            self.spm_flag("add_bos_token", true),
+            self.spm_flag("add_eos_token", false),
+        ))
+    }
+
+    /// `tokenizer.ggml.{key}` as a bool; `default` when absent (transformers' GGUF loader assumes
+    /// a SentencePiece vocabulary without the flag adds BOS, as llama.cpp does).
+    fn spm_flag(&self, key: &str, default: bool) -> bool {
+        self.file
+            .get(&format!("tokenizer.ggml.{key}"))
+            .and_then(Value::as_bool)
+            .unwrap_or(default)
+    }
+
     /// A Hugging Face `tokenizer_config.json` for the rebuilt tokenizer.
     pub fn tokenizer_config_json(&self) -> Json {
         let tokens: Vec<&str> = self
@@ -728,6 +988,37 @@ impl GgufModel {
             .and_then(Value::as_array)
             .map(|a| a.iter().map(|v| v.as_str().unwrap_or("")).collect())
             .unwrap_or_default();
+        let spm = self
+            .file
+            .get("tokenizer.ggml.model")
+            .and_then(Value::as_str)
+            == Some("llama");
+        if spm && self.arch == "gemma3" {
+            // Special tokens by their text, as `gemma_special_ids` (some converted files say
+            // `bos = eos = pad = 1`); Gemma 3's chat template when the file carries none.
+            let named = |t: &str| {
+                if tokens.contains(&t) {
+                    json!(t)
+                } else {
+                    Json::Null
+                }
+            };
+            return json!({
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": named("<bos>"),
+                "eos_token": named("<eos>"),
+                "unk_token": named("<unk>"),
+                "pad_token": named("<pad>"),
+                "mask_token": named("<mask>"),
+                "add_bos_token": self.spm_flag("add_bos_token", true),
+                "add_eos_token": self.spm_flag("add_eos_token", false),
+                "clean_up_tokenization_spaces": false,
+                "model_max_length": self.config.max_position_embeddings,
+                "chat_template": self
+                    .chat_template()
+                    .unwrap_or_else(|| GEMMA3_CHAT_TEMPLATE.to_string()),
+            });
+        }
         let tok = |key: &str| {
             self.file
                 .get(&format!("tokenizer.ggml.{key}"))
@@ -763,6 +1054,225 @@ impl GgufModel {
     }
 }
 
+/// Gemma 3's SentencePiece vocabulary as a byte-fallback BPE `tokenizer.json`, the way
+/// transformers converts a Gemma GGUF (`gemma_tokenizer` in `integrations/gguf/
+/// gguf_tokenizer_mapping.py`, built into a `GemmaTokenizer`):
+///
+/// - tokens of two or more spaces, stored with real spaces, are respelled with `▁` (the normalizer
+///   turns every space into `▁` before lookup);
+/// - the file has no merges: every split of a token into two vocabulary tokens is a merge, ordered
+///   by the token's position in the file (Gemma's scores do not follow its merge order), then by
+///   longer left part first (transformers' `generate_merges` with scores `-position`);
+/// - normalizer `" " -> "▁"`, pre-tokenizer split after each space, byte fallback, decoder `▁ -> " "`
+///   + byte fallback + fuse;
+/// - control tokens (type 3) and `<bos>`, `<eos>`, `<unk>`, `<pad>`, `<mask>` are special added
+///   tokens, user-defined ones (type 4, like `\n\n` or `<start_of_image>`) plain added tokens; all
+///   matched whole in the raw text;
+/// - a `TemplateProcessing` post-processor adds `<bos>` / `<eos>` as `add_bos` / `add_eos` say.
+fn gemma_tokenizer_json(tokens: &[&str], types: &[i64], add_bos: bool, add_eos: bool) -> Json {
+    use std::borrow::Cow;
+    let spelled: Vec<Cow<str>> = tokens
+        .iter()
+        .map(|&t| {
+            if t.contains(' ') && t.chars().all(py_is_space) {
+                Cow::Owned(SPM_SPACE.repeat(t.chars().count()))
+            } else {
+                Cow::Borrowed(t)
+            }
+        })
+        .collect();
+    // As a Python dict: a repeated token keeps its last id (and is merged by that position).
+    let ids: HashMap<&str, usize> = spelled
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_ref(), i))
+        .collect();
+    let mut merges = Vec::new();
+    for (i, tok) in spelled.iter().enumerate() {
+        let tok = tok.as_ref();
+        if ids[tok] != i {
+            continue;
+        }
+        // Split points right to left: longer left part first.
+        for (at, _) in tok.char_indices().rev().filter(|&(at, _)| at > 0) {
+            let (left, right) = tok.split_at(at);
+            if ids.contains_key(left) && ids.contains_key(right) {
+                merges.push(Json::Array(vec![left.into(), right.into()]));
+            }
+        }
+    }
+    let mut vocab = serde_json::Map::with_capacity(spelled.len());
+    for (i, tok) in spelled.iter().enumerate() {
+        vocab.insert(tok.to_string(), json!(i));
+    }
+
+    // Added tokens, by the text the file gives (transformers adds them so; the respelled space
+    // tokens are then not in the vocabulary and are left out). A control token missing from the
+    // vocabulary would get a new id there; here it is left out too (no Gemma file has one).
+    let named = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"];
+    let control = named.iter().copied().chain(
+        tokens
+            .iter()
+            .zip(types)
+            .filter(|&(_, &ty)| ty == 3)
+            .map(|(&t, _)| t),
+    );
+    let user = tokens
+        .iter()
+        .zip(types)
+        .filter(|&(_, &ty)| ty == 4)
+        .map(|(&t, _)| t);
+    let mut added: BTreeMap<usize, Json> = BTreeMap::new();
+    let mut add = |tok: &str, special: bool| {
+        if let Some(&id) = ids.get(tok) {
+            added.entry(id).or_insert_with(|| {
+                json!({
+                    "id": id, "content": tok, "single_word": false, "lstrip": false,
+                    "rstrip": false, "normalized": false, "special": special,
+                })
+            });
+        }
+    };
+    control.for_each(|t| add(t, true));
+    user.for_each(|t| add(t, false));
+
+    // transformers' `update_post_processor`: `[<bos>] $A [<eos>]`, and the same around `$B`.
+    let mut specials = serde_json::Map::new();
+    let mut use_special = |tok: &str, wanted: bool| match ids.get(tok) {
+        Some(&id) if wanted => {
+            specials.insert(tok.into(), json!({"id": tok, "ids": [id], "tokens": [tok]}));
+            true
+        }
+        _ => false,
+    };
+    let (bos, eos) = (use_special("<bos>", add_bos), use_special("<eos>", add_eos));
+    let mut single = Vec::new();
+    let mut pair = Vec::new();
+    for (seq, type_id) in [("A", 0), ("B", 1)] {
+        let special = |tok: &str| json!({"SpecialToken": {"id": tok, "type_id": type_id}});
+        let mut part = Vec::new();
+        if bos {
+            part.push(special("<bos>"));
+        }
+        part.push(json!({"Sequence": {"id": seq, "type_id": type_id}}));
+        if eos {
+            part.push(special("<eos>"));
+        }
+        if seq == "A" {
+            single = part.clone();
+        }
+        pair.extend(part);
+    }
+
+    let mut out = json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": null,
+        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": SPM_SPACE},
+        "pre_tokenizer": {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": false},
+        "post_processor": {"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": specials},
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": SPM_SPACE}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+        ]},
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": ids.contains_key("<unk>").then_some("<unk>"),
+            "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": true,
+            "byte_fallback": true, "ignore_merges": false, "vocab": null, "merges": null,
+        },
+    });
+    // Moved in, not through `json!`, which would copy them by serializing.
+    out["added_tokens"] = Json::Array(added.into_values().collect());
+    out["model"]["vocab"] = Json::Object(vocab);
+    out["model"]["merges"] = Json::Array(merges);
+    out
+}
+
+/// SentencePiece's word-boundary mark, `▁` (U+2581).
+const SPM_SPACE: &str = "\u{2581}";
+
+/// Python's `str.isspace` for one character: Unicode White_Space (Rust's `is_whitespace`) plus the
+/// ASCII separators U+001C..U+001F.
+fn py_is_space(c: char) -> bool {
+    c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
+}
+
+/// Gemma 3's chat template (the one of google/gemma-3-*-it's `tokenizer_config.json`), used when a
+/// Gemma 3 file carries none: `<bos>`, an optional system message prepended to the first user turn,
+/// turns `<start_of_turn>{user|model}\n{content | trim}<end_of_turn>\n`, and `<start_of_turn>model\n`
+/// as the generation prompt. Verbatim; `chat.rs` (minijinja) renders all of it.
+pub const GEMMA3_CHAT_TEMPLATE: &str = r#"{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '
+
+' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '
+
+' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '
+' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>
+' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model
+'}}
+{%- endif -%}
+"#;
+
+/// Gemma's special token ids, found by their tokens (`<bos>`, `<eos>`, `<pad>`) rather than trusted
+/// from the metadata; generation also stops at `<end_of_turn>`, as Gemma's
+/// `generation_config.json` says (`eos_token_id: [1, 106]`).
+fn gemma_special_ids(file: &GgufFile) -> (Option<TokenIds>, Option<TokenIds>, Option<TokenIds>) {
+    let tokens: Vec<&str> = file
+        .get("tokenizer.ggml.tokens")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().map(|v| v.as_str().unwrap_or("")).collect())
+        .unwrap_or_default();
+    let id = |tok: &str| tokens.iter().position(|t| *t == tok).map(|i| i as i64);
+    let eos: Vec<i64> = ["<eos>", "<end_of_turn>"]
+        .iter()
+        .filter_map(|t| id(t))
+        .collect();
+    (
+        id("<bos>").map(TokenIds::One),
+        (!eos.is_empty()).then_some(TokenIds::Many(eos)),
+        id("<pad>").map(TokenIds::One),
+    )
+}
+
 /// Qwen2's pre-tokenizer split pattern (from its tokenizer.json).
 const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Llama 3's pre-tokenizer split pattern.
@@ -791,3 +1301,52 @@ impl TensorSource for GgufModel {
 
 /// Kind used when dequantized GGUF weights are materialized on the host.
 pub const GGUF_KIND: Kind = Kind::Float;
+
+#[cfg(test)]
+mod gemma_tokenizer_tests {
+    use super::*;
+
+    #[test]
+    fn merges_follow_file_order_and_spaces_are_respelled() {
+        let tokens = [
+            "<pad>", "<eos>", "<bos>", "<unk>", "a", "b", "ab", "▁", "▁a", "  ", "ba", "aba",
+            "<0x41>",
+        ];
+        let types = [3, 3, 3, 2, 1, 1, 1, 1, 1, 4, 1, 4, 6];
+        let j = gemma_tokenizer_json(&tokens, &types, true, false);
+        assert_eq!(
+            j["model"]["merges"],
+            json!([
+                ["a", "b"],
+                ["▁", "a"],
+                ["▁", "▁"],
+                ["b", "a"],
+                ["ab", "a"],
+                ["a", "ba"]
+            ])
+        );
+        assert_eq!(j["model"]["vocab"]["▁▁"], json!(9));
+        // `<unk>` is special by name; `  ` (type 4) is respelled, so not an added token.
+        let added: Vec<(u64, bool)> = j["added_tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| (t["id"].as_u64().unwrap(), t["special"].as_bool().unwrap()))
+            .collect();
+        assert_eq!(
+            added,
+            [(0, true), (1, true), (2, true), (3, true), (11, false)]
+        );
+        let tok = tokenizers::Tokenizer::from_bytes(serde_json::to_vec(&j).unwrap()).unwrap();
+        let ids = |s: &str| tok.encode(s, true).unwrap().get_ids().to_vec();
+        assert_eq!(ids("ab  a"), [2, 6, 7, 8]);
+        assert_eq!(ids("abaA"), [2, 11, 12]);
+        assert_eq!(tok.decode(&[2, 6, 7, 8, 12], true).unwrap(), "ab  aA");
+    }
+
+    #[test]
+    fn python_whitespace() {
+        assert!(" \t\n\u{1c}\u{1f}\u{a0}\u{3000}".chars().all(py_is_space));
+        assert!(!"a\u{200b}".chars().any(py_is_space));
+    }
+}

@@ -30,7 +30,7 @@ use std::sync::Arc;
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{Config, GenerationConfig};
 pub use error::{ModelError, Result};
-pub use llama::{CacheWrite, KvCache, Model, Pass};
+pub use llama::{CacheWrite, KvCache, Model, Pass, Routing};
 pub use lora::{LoraConfig, Target};
 pub use params::{ParamLayout, Weights};
 pub use tch::{Device, Kind};
@@ -179,6 +179,8 @@ pub fn save_hf_dir(
         config::Architecture::Llama => "LlamaForCausalLM",
         config::Architecture::Qwen2 => "Qwen2ForCausalLM",
         config::Architecture::Qwen3 => "Qwen3ForCausalLM",
+        config::Architecture::Qwen3Moe => "Qwen3MoeForCausalLM",
+        config::Architecture::Gemma3 => "Gemma3ForCausalLM",
     }]);
     loader::write_json(&dir.join("config.json"), &cfg_json)?;
     loader::write_json(&dir.join("generation_config.json"), generation)?;

@@ -1,10 +1,13 @@
 //! Llama-family decoder-only transformer: Llama 2/3 (incl. `llama3` rope scaling), Qwen2/Qwen2.5
-//! (q/k/v bias), Qwen3 (per-head q/k RMSNorm), SmolLM2 (a Llama). Grouped-query attention, tied or
-//! untied embeddings, explicit `head_dim`.
+//! (q/k/v bias), Qwen3 (per-head q/k RMSNorm), SmolLM2 (a Llama), and Gemma 3 (text): `(1 + w)`
+//! RMSNorms in f32 before and after attention and MLP, q/k norms, embeddings scaled by
+//! `sqrt(hidden)`, GELU-tanh MLP, scores scaled by `query_pre_attn_scalar^-0.5`, and local layers
+//! that see only the last `sliding_window` positions with their own RoPE base. Grouped-query
+//! attention, tied or untied embeddings, explicit `head_dim`.
 //!
-//! Checkpoints: Hugging Face `LlamaForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`
-//! (see `transformers/models/{llama,qwen2,qwen3}/modeling_*.py`), and GGUF files of those
-//! architectures via [`crate::gguf`].
+//! Checkpoints: Hugging Face `LlamaForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`,
+//! `Gemma3ForCausalLM` (see `transformers/models/{llama,qwen2,qwen3,gemma3}/modeling_*.py`), and
+//! GGUF files of those architectures via [`crate::gguf`].
 //!
 //! The model holds views into a flat parameter buffer ([`crate::params`]), so the trainer can
 //! rebuild it around fresh autograd views every step and the generator shares the same code.
@@ -20,16 +23,29 @@ use crate::lora::Target;
 use crate::params::ParamLayout;
 
 struct Layer {
-    input_layernorm: Tensor,
+    /// The norm before attention (`input_layernorm`).
+    attn_norm: Tensor,
     qkv_w: Tensor,
     qkv_b: Option<Tensor>,
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
     o_w: Tensor,
     o_b: Option<Tensor>,
-    post_attention_layernorm: Tensor,
+    /// Gemma: the norm of the attention output (its `post_attention_layernorm`).
+    attn_out_norm: Option<Tensor>,
+    /// The norm before the MLP (Llama's `post_attention_layernorm`, Gemma's
+    /// `pre_feedforward_layernorm`).
+    mlp_norm: Tensor,
+    /// Dense MLP: fused gate/up `(2 ff, H)` and down `(H, ff)`; for a mixture-of-experts layer
+    /// the experts' `(E, 2 ff, H)` and `(E, H, ff)`.
     gate_up: Tensor,
     down: Tensor,
+    /// The router `(E, H)` of a mixture-of-experts layer and the layer's index among those.
+    router: Option<(Tensor, usize)>,
+    /// Gemma: the norm of the MLP output (`post_feedforward_layernorm`).
+    mlp_out_norm: Option<Tensor>,
+    /// A local (sliding-window) attention layer.
+    sliding: bool,
     /// LoRA `(A, B)` of each [`Target`], indexed by [`Target::index`].
     lora: [Option<(Tensor, Tensor)>; 7],
 }
@@ -49,6 +65,79 @@ pub struct Model {
     eps: f64,
     /// The factor `s` of the LoRA update `s · B A` (see [`Model::with_lora`]).
     lora_scale: f64,
+    /// Scale of the attention scores.
+    attn_scale: f64,
+    /// Gemma: norms apply `1 + w` in f32.
+    offset_norms: bool,
+    /// Gemma: embeddings are multiplied by this (`sqrt(hidden)` rounded to the model dtype).
+    embed_scale: Option<f64>,
+    /// GELU (tanh approximation) instead of SiLU in the MLP.
+    gelu: bool,
+    /// Inverse frequencies of the sliding-window layers and their window, if the model has any.
+    local: Option<(Tensor, i64)>,
+    /// Mixture of experts: experts per token, and whether their weights are renormalised.
+    top_k: i64,
+    norm_topk: bool,
+}
+
+/// Expert routing of one pass through a mixture-of-experts model (Qwen3-MoE), per input of the
+/// pass (`[ids]` for a full pass, `[prompts, continuations]` for a grouped one):
+/// - `replay`: the experts to use, `(.., T, moe_layers, k)` int64, -1 where the router chooses
+///   (routing replay: the trainer uses the generator's choices, so a router that would flip on
+///   tiny numeric differences cannot change the tokens' log-probs);
+/// - the choices made, recorded per layer, and how many replayed tokens the router alone would
+///   have routed differently.
+#[derive(Default)]
+pub struct Routing {
+    replay: Vec<Option<Tensor>>,
+    /// Use the replayed experts (else only count where the router differs from them).
+    enforce: bool,
+    recorded: std::cell::RefCell<std::collections::BTreeMap<(usize, usize), Tensor>>,
+    flips: std::cell::RefCell<std::collections::BTreeMap<(usize, usize), (i64, i64)>>,
+}
+
+impl Routing {
+    /// Replays `replay[i]` (`(.., T, moe_layers, k)`, -1 = the router chooses) for input `i`.
+    pub fn replay(replay: Vec<Option<Tensor>>) -> Self {
+        Routing {
+            replay,
+            enforce: true,
+            ..Default::default()
+        }
+    }
+
+    /// Lets the router choose, counting where it differs from `replay` ([`Routing::flips`]).
+    pub fn compare(replay: Vec<Option<Tensor>>) -> Self {
+        Routing {
+            replay,
+            ..Default::default()
+        }
+    }
+
+    /// The experts used for input `i`, `(.., T, moe_layers, k)` int64 (None before a pass ran
+    /// or without experts).
+    pub fn recorded(&self, input: usize) -> Result<Option<Tensor>> {
+        let rec = self.recorded.borrow();
+        let layers: Vec<&Tensor> = rec
+            .iter()
+            .filter(|((i, _), _)| *i == input)
+            .map(|(_, t)| t)
+            .collect();
+        if layers.is_empty() {
+            return Ok(None);
+        }
+        let d = layers[0].dim() as i64 - 1;
+        Ok(Some(Tensor::f_stack(&layers, d)?))
+    }
+
+    /// (replayed tokens the router would have routed to a different set of experts, replayed
+    /// tokens), summed over layers.
+    pub fn flips(&self) -> (i64, i64) {
+        self.flips
+            .borrow()
+            .values()
+            .fold((0, 0), |(a, b), (x, y)| (a + x, b + y))
+    }
 }
 
 /// A key/value cache of `slots` sequences of up to `max_len` positions each, per layer
@@ -177,23 +266,52 @@ pub struct CacheWrite<'a> {
 
 /// The per-pass inputs of the layers (rotary tables, masks) of a [`Model::forward`]
 /// ([`Model::pass_full`]) or [`Model::forward_grouped`] ([`Model::pass_grouped`]) pass, for
-/// running the model one layer at a time ([`Model::layer`]).
-pub enum Pass {
+/// running the model one layer at a time ([`Model::layer`]). `local` holds the sliding-window
+/// layers' tables and masks (Gemma 3), the others' when None; `routing` the expert routing
+/// (replayed or recorded) of a mixture-of-experts model.
+pub struct Pass {
+    kind: PassKind,
+    pub routing: Routing,
+}
+
+impl Pass {
+    /// The pass with experts chosen by `routing` (see [`Routing::replay`]).
+    pub fn with_routing(mut self, routing: Routing) -> Self {
+        self.routing = routing;
+        self
+    }
+}
+
+enum PassKind {
     Full {
-        cos: Tensor,
-        sin: Tensor,
-        mask: Option<Tensor>,
+        tables: FullTables,
+        local: Option<FullTables>,
     },
     Grouped {
-        cos_p: Tensor,
-        sin_p: Tensor,
-        cos_c: Tensor,
-        sin_c: Tensor,
+        tables: GroupedTables,
+        local: Option<GroupedTables>,
         /// `(N,)` the prompt of each continuation.
         gidx: Tensor,
-        /// `(N, 1, R, P + R)` keys each continuation token sees.
-        mask: Tensor,
     },
+}
+
+/// Rotary tables and mask of a [`Pass::Full`] for one kind of layer (mask None: causal).
+pub struct FullTables {
+    cos: Tensor,
+    sin: Tensor,
+    mask: Option<Tensor>,
+}
+
+/// Rotary tables and masks of a [`Pass::Grouped`] for one kind of layer.
+pub struct GroupedTables {
+    cos_p: Tensor,
+    sin_p: Tensor,
+    cos_c: Tensor,
+    sin_c: Tensor,
+    /// `(G, 1, P, P)` keys each prompt token sees (None: causal).
+    mask_p: Option<Tensor>,
+    /// `(N, 1, R, P + R)` keys each continuation token sees.
+    mask: Tensor,
 }
 
 impl Model {
@@ -215,17 +333,59 @@ impl Model {
         let mut layers = Vec::new();
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
+            let sandwich = cfg.sandwich_norms();
+            let (attn_out_norm, mlp_norm, mlp_out_norm) = if sandwich {
+                (
+                    Some(get(&format!("{p}.post_attention_layernorm.weight"))?),
+                    get(&format!("{p}.pre_feedforward_layernorm.weight"))?,
+                    Some(get(&format!("{p}.post_feedforward_layernorm.weight"))?),
+                )
+            } else {
+                (
+                    None,
+                    get(&format!("{p}.post_attention_layernorm.weight"))?,
+                    None,
+                )
+            };
+            let moe_layers = layers
+                .iter()
+                .filter(|l: &&Layer| l.router.is_some())
+                .count();
+            let (gate_up, down, router) = match cfg.moe().filter(|_| cfg.is_moe_layer(i)) {
+                Some((e, _, eff)) => (
+                    get(&format!("{p}.mlp.experts.gate_up_proj"))?.f_view([
+                        e,
+                        2 * eff,
+                        cfg.hidden_size,
+                    ])?,
+                    get(&format!("{p}.mlp.experts.down_proj"))?.f_view([
+                        e,
+                        cfg.hidden_size,
+                        eff,
+                    ])?,
+                    Some((get(&format!("{p}.mlp.gate.weight"))?, moe_layers)),
+                ),
+                None => (
+                    get(&format!("{p}.mlp.gate_up_proj.weight"))?,
+                    get(&format!("{p}.mlp.down_proj.weight"))?,
+                    None,
+                ),
+            };
             layers.push(Layer {
-                input_layernorm: get(&format!("{p}.input_layernorm.weight"))?,
+                attn_norm: get(&format!("{p}.input_layernorm.weight"))?,
                 qkv_w: get(&format!("{p}.self_attn.qkv_proj.weight"))?,
                 qkv_b: opt(&format!("{p}.self_attn.qkv_proj.bias")),
                 q_norm: opt(&format!("{p}.self_attn.q_norm.weight")),
                 k_norm: opt(&format!("{p}.self_attn.k_norm.weight")),
                 o_w: get(&format!("{p}.self_attn.o_proj.weight"))?,
                 o_b: opt(&format!("{p}.self_attn.o_proj.bias")),
-                post_attention_layernorm: get(&format!("{p}.post_attention_layernorm.weight"))?,
-                gate_up: get(&format!("{p}.mlp.gate_up_proj.weight"))?,
-                down: get(&format!("{p}.mlp.down_proj.weight"))?,
+                attn_out_norm,
+                mlp_norm,
+                gate_up,
+                down,
+                router,
+                mlp_out_norm,
+                sliding: cfg.is_sliding(i),
                 lora: Default::default(),
             });
         }
@@ -233,6 +393,25 @@ impl Model {
         let lm_head = opt("lm_head.weight").unwrap_or_else(|| embed.shallow_clone());
         let (inv_freq, attention_scaling) = rope_inv_freq(&cfg)?;
         let inv_freq = inv_freq.f_to_device(embed.device())?;
+        let local = match cfg.window() {
+            Some(window) if layers.iter().any(|l| l.sliding) => {
+                let (base, scaling) = cfg
+                    .sliding_rope()
+                    .map_err(|m| ModelError::Invalid(format!("rope parameters: {m}")))?;
+                let (f, _) = inv_freq_for(cfg.head_dim(), base, &scaling)?;
+                Some((f.f_to_device(embed.device())?, window))
+            }
+            _ => None,
+        };
+        // The embedding factor in the weights' dtype, as transformers multiplies by it.
+        let embed_scale = match cfg.embed_scale() {
+            Some(s) => Some(
+                Tensor::f_from_slice(&[s])?
+                    .f_to_kind(embed.kind())?
+                    .f_double_value(&[0])?,
+            ),
+            None => None,
+        };
         Ok(Model {
             n_heads: cfg.num_attention_heads,
             n_kv: cfg.num_kv_heads(),
@@ -244,6 +423,13 @@ impl Model {
             lm_head,
             inv_freq,
             attention_scaling,
+            attn_scale: cfg.attention_scale(),
+            offset_norms: cfg.offset_norms(),
+            embed_scale,
+            gelu: cfg.activation() == "gelu_pytorch_tanh",
+            local,
+            top_k: cfg.moe().map_or(0, |(_, k, _)| k),
+            norm_topk: cfg.norm_topk_prob.unwrap_or(false),
             cfg,
             lora_scale: 0.0,
         })
@@ -274,6 +460,17 @@ impl Model {
                     found += 1;
                 }
             }
+        }
+        if let Some(i) = self.layers.iter().position(|l| {
+            l.router.is_some()
+                && [Target::Gate, Target::Up, Target::Down]
+                    .iter()
+                    .any(|t| l.lora[t.index()].is_some())
+        }) {
+            return Err(ModelError::Invalid(format!(
+                "layer {i} is a mixture of experts: LoRA targets gate_proj/up_proj/down_proj are \
+                 not supported there (adapt the attention projections)"
+            )));
         }
         if found * 2 != layout.chunks().len() {
             return Err(ModelError::Invalid(format!(
@@ -323,8 +520,20 @@ impl Model {
     /// (cos, sin) of shape `(B, T, 1, head_dim)` for integer `positions` `(B, T)`, computed in f32
     /// as transformers does, then cast to the model dtype.
     fn rope(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.rope_with(&self.inv_freq, positions)
+    }
+
+    /// [`Model::rope`] with the sliding-window layers' frequencies.
+    fn rope_local(&self, positions: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+        match &self.local {
+            Some((f, _)) => Ok(Some(self.rope_with(f, positions)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn rope_with(&self, inv_freq: &Tensor, positions: &Tensor) -> Result<(Tensor, Tensor)> {
         let pos = positions.f_to_kind(Kind::Float)?;
-        let freqs = pos.f_unsqueeze(-1)?.f_mul(&self.inv_freq)?; // (B, T, hd/2)
+        let freqs = pos.f_unsqueeze(-1)?.f_mul(inv_freq)?; // (B, T, hd/2)
         let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?.f_unsqueeze(2)?; // (B, T, 1, hd)
         let mut cos = emb.f_cos()?;
         let mut sin = emb.f_sin()?;
@@ -337,6 +546,14 @@ impl Model {
 
     fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         let n = *x.size().last().unwrap_or(&1);
+        if self.offset_norms {
+            // Gemma: `x / rms(x) * (1 + w)` in f32, then back to the input dtype.
+            let w = w.f_to_kind(Kind::Float)?.f_add_scalar(1.0)?;
+            return Ok(x
+                .f_to_kind(Kind::Float)?
+                .f_rms_norm([n], Some(&w), Some(self.eps))?
+                .f_to_kind(x.kind())?);
+        }
         Ok(x.f_rms_norm([n], Some(w), Some(self.eps))?)
     }
 
@@ -400,10 +617,26 @@ impl Model {
                 if self.n_kv != self.n_heads && q.device().is_cuda() && !native_gqa() {
                     let (k, v) = (self.expand_kv(k)?, self.expand_kv(v)?);
                     Tensor::f_scaled_dot_product_attention(
-                        q, &k, &v, mask, 0.0, causal, None, false,
+                        q,
+                        &k,
+                        &v,
+                        mask,
+                        0.0,
+                        causal,
+                        Some(self.attn_scale),
+                        false,
                     )?
                 } else {
-                    Tensor::f_scaled_dot_product_attention(q, k, v, mask, 0.0, causal, None, true)?
+                    Tensor::f_scaled_dot_product_attention(
+                        q,
+                        k,
+                        v,
+                        mask,
+                        0.0,
+                        causal,
+                        Some(self.attn_scale),
+                        true,
+                    )?
                 }
             }
         };
@@ -437,14 +670,12 @@ impl Model {
         let scores = qg
             .f_bmm(&kg.f_transpose(1, 2)?)?
             .f_to_kind(Kind::Float)?
-            .f_mul_scalar(1.0 / (hd as f64).sqrt())?
+            .f_mul_scalar(self.attn_scale)?
             .f_view([b, self.n_kv, rep, t, l])?;
         // The mask as an additive bias (0 or -inf) broadcast over the heads: the same scores as a
         // masked fill, without materializing the mask for every head.
-        let bias = Tensor::f_zeros([b, 1, 1, t, l], (Kind::Float, q.device()))?.f_masked_fill(
-            &mask.f_view([b, 1, 1, t, l])?.f_logical_not()?,
-            f64::NEG_INFINITY,
-        )?;
+        let bias = Tensor::f_zeros([b, 1, 1, t, l], (Kind::Float, q.device()))?
+            .f_masked_fill(&mask.f_unsqueeze(1)?.f_logical_not()?, f64::NEG_INFINITY)?;
         let probs = scores
             .f_add(&bias)?
             .f_softmax(-1, Kind::Float)?
@@ -454,8 +685,20 @@ impl Model {
         Ok(out.f_reshape([b, self.n_heads, t, hd])?)
     }
 
-    fn mlp_block(&self, l: &Layer, h: &Tensor) -> Result<Tensor> {
-        let x = self.rms_norm(h, &l.post_attention_layernorm)?;
+    fn mlp_block(&self, l: &Layer, h: &Tensor, routing: &Routing, input: usize) -> Result<Tensor> {
+        let x = self.rms_norm(h, &l.mlp_norm)?;
+        if let Some((router, m)) = &l.router {
+            let replay = match routing.replay.get(input) {
+                Some(Some(r)) => Some(r.f_select(r.dim() as i64 - 2, *m as i64)?),
+                _ => None,
+            };
+            let (y, idx, flips) = self.experts(l, router, &x, replay, routing.enforce)?;
+            routing.recorded.borrow_mut().insert((input, *m), idx);
+            if let Some(f) = flips {
+                routing.flips.borrow_mut().insert((input, *m), f);
+            }
+            return Ok(h.f_add(&y)?);
+        }
         // Gate and up as two products with row blocks of the fused weight (contiguous views): on
         // the CPU this is ~8% faster than one product of twice the width followed by strided
         // element-wise ops on its halves.
@@ -464,14 +707,122 @@ impl Model {
         let gate = self.plus_lora(l, Target::Gate, &x, gate)?;
         let up = x.f_linear::<Tensor>(&l.gate_up.f_narrow(0, ff, ff)?, None)?;
         let up = self.plus_lora(l, Target::Up, &x, up)?;
-        let act = gate.f_silu()?.f_mul(&up)?;
+        let act = if self.gelu {
+            gate.f_gelu("tanh")?
+        } else {
+            gate.f_silu()?
+        }
+        .f_mul(&up)?;
         let down = act.f_linear::<Tensor>(&l.down, None)?;
-        Ok(h.f_add(&self.plus_lora(l, Target::Down, &act, down)?)?)
+        let mut y = self.plus_lora(l, Target::Down, &act, down)?;
+        if let Some(n) = &l.mlp_out_norm {
+            y = self.rms_norm(&y, n)?;
+        }
+        Ok(h.f_add(&y)?)
     }
 
-    fn o_proj(&self, l: &Layer, attn: &Tensor) -> Result<Tensor> {
+    /// A mixture-of-experts MLP on `x` `(.., H)`: the router's softmax (f32) picks the top-k
+    /// experts of each token (or `replay` `(.., k)` does, where >= 0), their weights are the
+    /// router probabilities (renormalised with `norm_topk_prob`), and each expert runs once on
+    /// all the tokens routed to it (assignments sorted by expert). Returns the output, the
+    /// experts used `(.., k)`, and with `replay` the (flipped, replayed) token counts.
+    #[allow(clippy::type_complexity)]
+    fn experts(
+        &self,
+        l: &Layer,
+        router: &Tensor,
+        x: &Tensor,
+        replay: Option<Tensor>,
+        enforce: bool,
+    ) -> Result<(Tensor, Tensor, Option<(i64, i64)>)> {
+        let shape = x.size();
+        let hdim = *shape.last().unwrap_or(&1);
+        let k = self.top_k;
+        let flat = x.f_reshape([-1, hdim])?; // (N, H)
+        let n = flat.size()[0];
+        let experts = router.size()[0];
+        let probs = flat
+            .f_linear::<Tensor>(router, None)?
+            .f_softmax(-1, Kind::Float)?; // (N, E)
+        let (_, own) = probs.f_topk(k, -1, true, true)?; // (N, k)
+        let (idx, flips) = match replay {
+            Some(r) => {
+                let r = r.f_reshape([-1, k])?.f_to_device(flat.device())?;
+                let given = r.f_ge(0)?;
+                let idx = if enforce {
+                    r.f_where_self(&given, &own)?
+                } else {
+                    own.shallow_clone()
+                };
+                let replayed = given.f_all_dim(1, false)?;
+                let (sr, _) = r.f_sort(1, false)?;
+                let (so, _) = own.f_sort(1, false)?;
+                let flipped = sr
+                    .f_ne_tensor(&so)?
+                    .f_any_dim(1, false)?
+                    .f_logical_and(&replayed)?;
+                let count =
+                    |t: &Tensor| -> Result<i64> { Ok(t.f_sum(Kind::Int64)?.f_int64_value(&[])?) };
+                (idx, Some((count(&flipped)?, count(&replayed)?)))
+            }
+            None => (own, None),
+        };
+        let mut w = probs.f_gather(1, &idx, false)?; // (N, k) f32
+        if self.norm_topk {
+            w = w.f_div(&w.f_sum_dim_intlist(-1, true, Kind::Float)?)?;
+        }
+        let w = w.f_to_kind(x.kind())?;
+        // Assignments grouped by expert: one product per expert over all of its tokens.
+        let assigned = idx.f_reshape([-1])?; // (N k)
+        let order = assigned.f_argsort_stable(true, 0, false)?;
+        let counts = Vec::<i64>::try_from(
+            assigned
+                .f_bincount::<Tensor>(None, experts)?
+                .f_to_device(tch::Device::Cpu)?,
+        )
+        .map_err(|e| ModelError::Invalid(format!("expert counts: {e}")))?;
+        let token = Tensor::f_arange(n, (Kind::Int64, flat.device()))?
+            .f_repeat_interleave_self_int(k, 0, None)?
+            .f_index_select(0, &order)?; // (N k) token of each sorted assignment
+        let xs = flat.f_index_select(0, &token)?;
+        let ff = l.gate_up.size()[1] / 2;
+        let mut outs = Vec::new();
+        let mut off = 0;
+        for (e, &c) in counts.iter().enumerate() {
+            if c == 0 {
+                continue;
+            }
+            let seg = xs.f_narrow(0, off, c)?;
+            let gu = l.gate_up.f_select(0, e as i64)?; // (2 ff, H)
+            let gate = seg.f_linear::<Tensor>(&gu.f_narrow(0, 0, ff)?, None)?;
+            let up = seg.f_linear::<Tensor>(&gu.f_narrow(0, ff, ff)?, None)?;
+            let act = gate.f_silu()?.f_mul(&up)?;
+            outs.push(act.f_linear::<Tensor>(&l.down.f_select(0, e as i64)?, None)?);
+            off += c;
+        }
+        let ws = w
+            .f_reshape([-1])?
+            .f_index_select(0, &order)?
+            .f_unsqueeze(1)?;
+        let ys = Tensor::f_cat(&outs, 0)?.f_mul(&ws)?;
+        let out = flat.f_zeros_like()?.f_index_add(0, &token, &ys)?;
+        let mut idx_shape = shape[..shape.len() - 1].to_vec();
+        idx_shape.push(k);
+        Ok((
+            out.f_view(shape.as_slice())?,
+            idx.f_view(idx_shape.as_slice())?,
+            flips,
+        ))
+    }
+
+    /// `h` plus the layer's attention output `attn` projected (and normalised, for Gemma).
+    fn attn_residual(&self, l: &Layer, h: &Tensor, attn: &Tensor) -> Result<Tensor> {
         let y = attn.f_linear(&l.o_w, l.o_b.as_ref())?;
-        self.plus_lora(l, Target::O, attn, y)
+        let mut y = self.plus_lora(l, Target::O, attn, y)?;
+        if let Some(n) = &l.attn_out_norm {
+            y = self.rms_norm(&y, n)?;
+        }
+        Ok(h.f_add(&y)?)
     }
 
     /// Full forward without a cache: hidden states `(B, T, hidden)` after the final norm.
@@ -506,29 +857,61 @@ impl Model {
     pub fn pass_full(&self, positions: &Tensor, valid: Option<&Tensor>) -> Result<Pass> {
         let t = positions.size()[1];
         let device = positions.device();
-        let mask = match valid {
-            Some(valid) => {
-                let causal = Tensor::f_ones([t, t], (Kind::Bool, device))?.f_tril(0)?; // (T, T)
-                let keys = valid.f_to_kind(Kind::Bool)?.f_unsqueeze(1)?; // (B, 1, T)
-                let eye = Tensor::f_eye(t, (Kind::Bool, device))?;
-                Some(
+        // Causal (and, for local layers, within the window of index distance < w, as
+        // transformers' sliding mask), ignoring padded keys; None when plain causal will do.
+        let mask_for = |window: Option<i64>| -> Result<Option<Tensor>> {
+            let window = window.filter(|&w| t > w);
+            if valid.is_none() && window.is_none() {
+                return Ok(None);
+            }
+            let mut causal = Tensor::f_ones([t, t], (Kind::Bool, device))?.f_tril(0)?; // (T, T)
+            if let Some(w) = window {
+                causal = causal
+                    .f_logical_and(&Tensor::f_ones([t, t], (Kind::Bool, device))?.f_triu(1 - w)?)?;
+            }
+            Ok(Some(match valid {
+                Some(valid) => {
+                    let keys = valid.f_to_kind(Kind::Bool)?.f_unsqueeze(1)?; // (B, 1, T)
+                    let eye = Tensor::f_eye(t, (Kind::Bool, device))?;
                     causal
                         .f_logical_and(&keys)?
                         .f_logical_or(&eye)?
-                        .f_unsqueeze(1)?,
-                ) // (B, 1, T, T)
-            }
-            None => None,
+                        .f_unsqueeze(1)? // (B, 1, T, T)
+                }
+                None => causal.f_view([1, 1, t, t])?,
+            }))
         };
         let (cos, sin) = self.rope(positions)?;
-        Ok(Pass::Full { cos, sin, mask })
+        let tables = FullTables {
+            cos,
+            sin,
+            mask: mask_for(None)?,
+        };
+        let local = match (&self.local, self.rope_local(positions)?) {
+            (Some((_, w)), Some((cos, sin))) => Some(FullTables {
+                cos,
+                sin,
+                mask: mask_for(Some(*w))?,
+            }),
+            _ => None,
+        };
+        Ok(Pass {
+            kind: PassKind::Full { tables, local },
+            routing: Routing::default(),
+        })
     }
 
     /// The first state of a pass: the embeddings of each of its inputs (`[ids]` for a
     /// [`Model::pass_full`] pass, `[prompts, conts]` for a [`Model::pass_grouped`] one).
     pub fn embed(&self, ids: &[&Tensor]) -> Result<Vec<Tensor>> {
         ids.iter()
-            .map(|x| Ok(Tensor::f_embedding(&self.embed, x, -1, false, false)?))
+            .map(|x| {
+                let e = Tensor::f_embedding(&self.embed, x, -1, false, false)?;
+                Ok(match self.embed_scale {
+                    Some(s) => e.f_mul_scalar(s)?,
+                    None => e,
+                })
+            })
             .collect()
     }
 
@@ -544,36 +927,47 @@ impl Model {
         let l = self.layers.get(i).ok_or_else(|| {
             ModelError::Invalid(format!("layer {i} of a {}-layer model", self.layers.len()))
         })?;
-        match (pass, state) {
-            (Pass::Full { cos, sin, mask }, [h]) => {
-                let x = self.rms_norm(h, &l.input_layernorm)?;
-                let (q, k, v) = self.qkv(l, &x, cos, sin)?;
-                let attn = self.attend(&q, &k, &v, mask.as_ref())?;
-                let h = h.f_add(&self.o_proj(l, &attn)?)?;
-                Ok(vec![self.mlp_block(l, &h)?])
+        // A sliding-window layer reads the local tables when the pass has them.
+        fn pick<'a, T>(l: &Layer, tables: &'a T, local: &'a Option<T>) -> &'a T {
+            match local {
+                Some(t) if l.sliding => t,
+                _ => tables,
+            }
+        }
+        let r = &pass.routing;
+        match (&pass.kind, state) {
+            (PassKind::Full { tables, local }, [h]) => {
+                let tb = pick(l, tables, local);
+                let x = self.rms_norm(h, &l.attn_norm)?;
+                let (q, k, v) = self.qkv(l, &x, &tb.cos, &tb.sin)?;
+                let attn = self.attend(&q, &k, &v, tb.mask.as_ref())?;
+                Ok(vec![self.mlp_block(
+                    l,
+                    &self.attn_residual(l, h, &attn)?,
+                    r,
+                    0,
+                )?])
             }
             (
-                Pass::Grouped {
-                    cos_p,
-                    sin_p,
-                    cos_c,
-                    sin_c,
+                PassKind::Grouped {
+                    tables,
+                    local,
                     gidx,
-                    mask,
                 },
                 [hp, hc],
             ) => {
-                let xp = self.rms_norm(hp, &l.input_layernorm)?;
-                let (qp, kp, vp) = self.qkv(l, &xp, cos_p, sin_p)?; // (G, heads, P, hd)
-                let ap = self.attend(&qp, &kp, &vp, None)?;
-                let xc = self.rms_norm(hc, &l.input_layernorm)?;
-                let (qc, kc, vc) = self.qkv(l, &xc, cos_c, sin_c)?; // (N, heads, R, hd)
+                let tb = pick(l, tables, local);
+                let xp = self.rms_norm(hp, &l.attn_norm)?;
+                let (qp, kp, vp) = self.qkv(l, &xp, &tb.cos_p, &tb.sin_p)?; // (G, heads, P, hd)
+                let ap = self.attend(&qp, &kp, &vp, tb.mask_p.as_ref())?;
+                let xc = self.rms_norm(hc, &l.attn_norm)?;
+                let (qc, kc, vc) = self.qkv(l, &xc, &tb.cos_c, &tb.sin_c)?; // (N, heads, R, hd)
                 let keys = Tensor::f_cat(&[kp.f_index_select(0, gidx)?, kc], 2)?; // (N, nkv, P + R, hd)
                 let values = Tensor::f_cat(&[vp.f_index_select(0, gidx)?, vc], 2)?;
-                let ac = self.attend(&qc, &keys, &values, Some(mask))?;
+                let ac = self.attend(&qc, &keys, &values, Some(&tb.mask))?;
                 Ok(vec![
-                    self.mlp_block(l, &hp.f_add(&self.o_proj(l, &ap)?)?)?,
-                    self.mlp_block(l, &hc.f_add(&self.o_proj(l, &ac)?)?)?,
+                    self.mlp_block(l, &self.attn_residual(l, hp, &ap)?, r, 0)?,
+                    self.mlp_block(l, &self.attn_residual(l, hc, &ac)?, r, 1)?,
                 ])
             }
             _ => Err(ModelError::Invalid(format!(
@@ -596,6 +990,18 @@ impl Model {
         ids: &Tensor,
         cache: &mut KvCache,
         w: &CacheWrite,
+    ) -> Result<Tensor> {
+        self.forward_cached_routed(ids, cache, w, &Routing::default())
+    }
+
+    /// [`Model::forward_cached`] that records the experts each token was routed to in `routing`
+    /// (input 0, `(B, T, moe_layers, k)`), for routing replay in the trainer.
+    pub fn forward_cached_routed(
+        &self,
+        ids: &Tensor,
+        cache: &mut KvCache,
+        w: &CacheWrite,
+        routing: &Routing,
     ) -> Result<Tensor> {
         let (b, t) = (ids.size()[0], ids.size()[1]);
         let device = ids.device();
@@ -661,11 +1067,31 @@ impl Model {
         // Whether rows are exactly the slots 0..B in order, so the cache can be read as a view.
         let identity = w.slots_host.iter().enumerate().all(|(i, &s)| s == i as i64);
         let (cos, sin) = self.rope(&positions)?;
-        let mut h = Tensor::f_embedding(&self.embed, ids, -1, false, false)?;
+        let local_rope = self.rope_local(&positions)?;
+        // Sliding-window layers: key j is visible to the query at position p iff
+        // p - window < j <= p; only needed once the keys span more than the window.
+        let span = if fresh { t } else { key_len };
+        let local_mask = match &self.local {
+            Some((_, window)) if span > *window => {
+                let keys = Tensor::f_arange(span, (Kind::Int64, device))?.f_view([1, 1, span])?;
+                let pos = positions.f_unsqueeze(2)?; // (B, T, 1)
+                let visible = keys
+                    .f_le_tensor(&pos)?
+                    .f_logical_and(&pos.f_sub(&keys)?.f_lt(*window)?)?;
+                Some(visible.f_unsqueeze(1)?) // (B, 1, T, span)
+            }
+            _ => None,
+        };
+        let mut h = self.embed(&[ids])?.remove(0);
         crate::profile::mark(device, "forward/setup");
         for (i, l) in self.layers.iter().enumerate() {
-            let x = self.rms_norm(&h, &l.input_layernorm)?;
-            let (q, k, v) = self.qkv(l, &x, &cos, &sin)?;
+            let x = self.rms_norm(&h, &l.attn_norm)?;
+            let (cos, sin) = match (&local_rope, l.sliding) {
+                (Some((c, s)), true) => (c, s),
+                _ => (&cos, &sin),
+            };
+            let lmask = if l.sliding { local_mask.as_ref() } else { None };
+            let (q, k, v) = self.qkv(l, &x, cos, sin)?;
             crate::profile::mark(device, "forward/qkv_rope");
             for (new, store) in [(&k, &mut cache.k[i]), (&v, &mut cache.v[i])] {
                 let flat = new
@@ -682,7 +1108,7 @@ impl Model {
             let attn = if fresh {
                 // Nothing cached before these tokens: causal attention over them alone (right
                 // padding only follows the valid tokens, so causality keeps pads out).
-                self.attend(&q, &k, &v, None)?
+                self.attend(&q, &k, &v, lmask)?
             } else {
                 let (kc, vc) = if identity {
                     (
@@ -699,11 +1125,11 @@ impl Model {
                             .f_index_select(0, w.slots)?,
                     )
                 }; // (B, nkv, key_len, hd)
-                self.attend(&q, &kc, &vc, mask.as_ref())?
+                self.attend(&q, &kc, &vc, lmask.or(mask.as_ref()))?
             };
             crate::profile::mark(device, "forward/attention");
-            h = h.f_add(&self.o_proj(l, &attn)?)?;
-            h = self.mlp_block(l, &h)?;
+            h = self.attn_residual(l, &h, &attn)?;
+            h = self.mlp_block(l, &h, routing, 0)?;
             crate::profile::mark(device, "forward/o_proj_mlp");
         }
         self.rms_norm(&h, &self.norm)
@@ -761,25 +1187,58 @@ impl Model {
         let pos_c = starts
             .f_unsqueeze(1)?
             .f_add(&Tensor::f_arange(r, (Kind::Int64, device))?.f_unsqueeze(0)?)?; // (N, R)
-        let (cos_p, sin_p) = self.rope(&pos_p)?;
-        let (cos_c, sin_c) = self.rope(&pos_c)?;
         let gidx = Tensor::from_slice(groups).f_to_device(device)?;
-        // Continuation row i sees its prompt's valid keys and its own earlier tokens.
-        let prompt_keys = Tensor::f_arange(p, (Kind::Int64, device))?
-            .f_view([1, 1, p])?
-            .f_lt_tensor(&starts.f_view([n, 1, 1])?)?
-            .f_expand([n, r, p], false)?; // (N, R, P)
-        let own = Tensor::f_ones([r, r], (Kind::Bool, device))?
-            .f_tril(0)?
-            .f_expand([n, r, r], false)?; // (N, R, R)
-        let mask = Tensor::f_cat(&[prompt_keys, own], 2)?.f_unsqueeze(1)?; // (N, 1, R, P + R)
-        Ok(Pass::Grouped {
-            cos_p,
-            sin_p,
-            cos_c,
-            sin_c,
-            gidx,
-            mask,
+        // Continuation row i sees its prompt's valid keys and its own earlier tokens; with a
+        // window w (local layers) only those less than w positions back.
+        let masks = |window: Option<i64>| -> Result<(Option<Tensor>, Tensor)> {
+            let window = window.filter(|&w| p + r > w);
+            let keys = Tensor::f_arange(p, (Kind::Int64, device))?.f_view([1, 1, p])?;
+            let mut prompt_keys = keys
+                .f_lt_tensor(&starts.f_view([n, 1, 1])?)?
+                .f_expand([n, r, p], false)?; // (N, R, P)
+            let mut own = Tensor::f_ones([r, r], (Kind::Bool, device))?.f_tril(0)?; // (R, R)
+            let mut mask_p = None;
+            if let Some(w) = window {
+                let query = pos_c.f_unsqueeze(2)?; // (N, R, 1)
+                prompt_keys = prompt_keys.f_logical_and(&query.f_sub(&keys)?.f_lt(w)?)?;
+                own = own
+                    .f_logical_and(&Tensor::f_ones([r, r], (Kind::Bool, device))?.f_triu(1 - w)?)?;
+                if p > w {
+                    mask_p = Some(
+                        Tensor::f_ones([p, p], (Kind::Bool, device))?
+                            .f_tril(0)?
+                            .f_triu(1 - w)?
+                            .f_view([1, 1, p, p])?,
+                    );
+                }
+            }
+            let own = own.f_expand([n, r, r], false)?;
+            let mask = Tensor::f_cat(&[prompt_keys, own], 2)?.f_unsqueeze(1)?; // (N, 1, R, P + R)
+            Ok((mask_p, mask))
+        };
+        let tables = |f: &Tensor, window: Option<i64>| -> Result<GroupedTables> {
+            let (cos_p, sin_p) = self.rope_with(f, &pos_p)?;
+            let (cos_c, sin_c) = self.rope_with(f, &pos_c)?;
+            let (mask_p, mask) = masks(window)?;
+            Ok(GroupedTables {
+                cos_p,
+                sin_p,
+                cos_c,
+                sin_c,
+                mask_p,
+                mask,
+            })
+        };
+        Ok(Pass {
+            kind: PassKind::Grouped {
+                tables: tables(&self.inv_freq, None)?,
+                local: match &self.local {
+                    Some((f, w)) => Some(tables(f, Some(*w))?),
+                    None => None,
+                },
+                gidx,
+            },
+            routing: Routing::default(),
         })
     }
 
@@ -808,18 +1267,21 @@ fn native_gqa() -> bool {
 /// Inverse rotary frequencies `(head_dim / 2,)` f32 and the attention scaling, as transformers
 /// computes them (`modeling_rope_utils.py`): f32 arithmetic on CPU, then adjusted by rope type.
 pub fn rope_inv_freq(cfg: &Config) -> Result<(Tensor, f64)> {
-    let dim = cfg.head_dim();
-    let base = cfg.rope_theta();
+    let scaling = cfg
+        .rope_scaling_kind()
+        .map_err(|m| ModelError::Invalid(format!("rope parameters: {m}")))?;
+    inv_freq_for(cfg.head_dim(), cfg.rope_theta(), &scaling)
+}
+
+/// Inverse rotary frequencies of `dim` with base `base` and `scaling`.
+fn inv_freq_for(dim: i64, base: f64, scaling: &RopeScaling) -> Result<(Tensor, f64)> {
     let exponents = Tensor::f_arange_start_step(0, dim, 2, (Kind::Int64, tch::Device::Cpu))?
         .f_to_kind(Kind::Float)?
         .f_div_scalar(dim as f64)?;
     let inv_freq = Tensor::f_full([], base, (Kind::Float, tch::Device::Cpu))?
         .f_pow(&exponents)?
         .f_reciprocal()?;
-    let scaling = cfg
-        .rope_scaling_kind()
-        .map_err(|m| ModelError::Invalid(format!("rope parameters: {m}")))?;
-    let inv_freq = match scaling {
+    let inv_freq = match *scaling {
         RopeScaling::Default => inv_freq,
         RopeScaling::Linear { factor } => inv_freq.f_div_scalar(factor)?,
         RopeScaling::Llama3 {

@@ -161,15 +161,54 @@ impl ParamLayout {
                 vec![h],
                 true,
             );
-            b.chunk(
-                &format!("{p}.mlp.gate_up_proj.weight"),
-                &[
-                    (format!("{p}.mlp.gate_proj.weight"), vec![ff, h]),
-                    (format!("{p}.mlp.up_proj.weight"), vec![ff, h]),
-                ],
-                false,
-            );
-            b.single(format!("{p}.mlp.down_proj.weight"), vec![h, ff], false);
+            if cfg.sandwich_norms() {
+                b.single(
+                    format!("{p}.pre_feedforward_layernorm.weight"),
+                    vec![h],
+                    true,
+                );
+            }
+            match cfg.moe().filter(|_| cfg.is_moe_layer(i)) {
+                Some((experts, _, eff)) => {
+                    // The router, then every expert's gate and up rows as one (E, 2 ff, H) view
+                    // and their down projections as one (E, H, ff) view.
+                    b.single(format!("{p}.mlp.gate.weight"), vec![experts, h], false);
+                    let expert = |e: i64, n: &str, shape: Vec<i64>| {
+                        (format!("{p}.mlp.experts.{e}.{n}.weight"), shape)
+                    };
+                    let gate_up: Vec<_> = (0..experts)
+                        .flat_map(|e| {
+                            [
+                                expert(e, "gate_proj", vec![eff, h]),
+                                expert(e, "up_proj", vec![eff, h]),
+                            ]
+                        })
+                        .collect();
+                    b.chunk(&format!("{p}.mlp.experts.gate_up_proj"), &gate_up, false);
+                    let down: Vec<_> = (0..experts)
+                        .map(|e| expert(e, "down_proj", vec![h, eff]))
+                        .collect();
+                    b.chunk(&format!("{p}.mlp.experts.down_proj"), &down, false);
+                }
+                None => {
+                    b.chunk(
+                        &format!("{p}.mlp.gate_up_proj.weight"),
+                        &[
+                            (format!("{p}.mlp.gate_proj.weight"), vec![ff, h]),
+                            (format!("{p}.mlp.up_proj.weight"), vec![ff, h]),
+                        ],
+                        false,
+                    );
+                    b.single(format!("{p}.mlp.down_proj.weight"), vec![h, ff], false);
+                }
+            }
+            if cfg.sandwich_norms() {
+                b.single(
+                    format!("{p}.post_feedforward_layernorm.weight"),
+                    vec![h],
+                    true,
+                );
+            }
         }
         b.single("model.norm.weight".into(), vec![h], true);
         if !cfg.tie_word_embeddings {

@@ -1,5 +1,8 @@
 //! GGUF: dequantization of every supported tensor type against gguf-py (the reference
 //! implementation maintained with llama.cpp), and clear errors for unsupported types.
+//!
+//! Supported (each checked bit-exactly): F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K,
+//! Q4_K, Q5_K and Q6_K. The fixture's unsupported example is IQ4_NL.
 
 use rlrun_model::gguf::GgufFile;
 use rlrun_model::ModelError;
@@ -21,19 +24,26 @@ fn every_supported_type_dequantizes_like_gguf_py() {
         checked.push(name.clone());
     }
     checked.sort();
-    assert_eq!(checked.len(), 8, "{checked:?}");
+    assert_eq!(checked.len(), 13, "{checked:?}");
+    // Every type in the Gemma 3 270M Q4_K_M file (llama.cpp's default K-quant mix) is covered.
+    for ty in ["F32", "Q5_0", "Q8_0", "Q4_K", "Q6_K"] {
+        assert!(
+            checked.contains(&format!("t_{ty}")),
+            "{ty} not checked: {checked:?}"
+        );
+    }
 }
 
 #[test]
 fn unsupported_type_names_tensor_file_and_type() {
     let path = fixtures().join("quants.gguf");
     let file = GgufFile::open(&path).unwrap();
-    let t = file.tensor("t_Q5_0").unwrap();
+    let t = file.tensor("t_IQ4_NL").unwrap();
     let err = file.dequantize(t).unwrap_err();
     assert!(matches!(err, ModelError::UnsupportedGgufType { .. }));
     let msg = err.to_string();
     assert!(
-        msg.contains("t_Q5_0") && msg.contains("Q5_0") && msg.contains("quants.gguf"),
+        msg.contains("t_IQ4_NL") && msg.contains("type IQ4_NL") && msg.contains("quants.gguf"),
         "{msg}"
     );
 }

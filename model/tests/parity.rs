@@ -1,5 +1,5 @@
-//! Logits parity with transformers for tiny random Llama-3 (llama3 rope scaling), Qwen2, Qwen3 and
-//! a sharded tied-embedding Llama (linear rope scaling): full forward with left and right padding,
+//! Logits parity with transformers for tiny random Llama-3 (llama3 rope scaling), Qwen2, Qwen3,
+//! Gemma 3 (sliding-window layers), Qwen3-MoE and a sharded tied-embedding Llama (linear rope scaling): full forward with left and right padding,
 //! and KV-cache prefill + incremental decode, each against transformers' full forward (f32, CPU).
 //! References come from `scripts/hf_reference.py fixtures` (run by `make fixtures`).
 
@@ -177,6 +177,30 @@ fn qwen3_qk_norm_head_dim_matches_transformers() {
     cached_decode("tiny-qwen3", 6);
 }
 
+/// Gemma 3: sliding-window layers (window 4 < the inputs) with their own RoPE base between global
+/// layers with linear scaling, `(1 + w)` norms around attention and MLP, q/k norms, scaled
+/// embeddings, GELU-tanh, `query_pre_attn_scalar` != head_dim. The decode runs past the window,
+/// so the KV cache path applies it too.
+#[test]
+fn gemma3_sliding_window_matches_transformers() {
+    let cfg = load("tiny-gemma3").model.config().clone();
+    assert!(cfg.window() == Some(4) && cfg.is_sliding(0) && !cfg.is_sliding(2));
+    full_forward("tiny-gemma3");
+    cached_decode("tiny-gemma3", 2);
+    cached_decode("tiny-gemma3", 7);
+}
+
+/// Qwen3-MoE: top-2 of 8 experts with renormalised weights on layers 0 and 2, a dense MLP on
+/// layer 1 (`mlp_only_layers`).
+#[test]
+fn qwen3_moe_matches_transformers() {
+    let cfg = load("tiny-qwen3moe").model.config().clone();
+    assert_eq!(cfg.moe(), Some((8, 2, 32)));
+    assert!(cfg.is_moe_layer(0) && !cfg.is_moe_layer(1) && cfg.is_moe_layer(2));
+    full_forward("tiny-qwen3moe");
+    cached_decode("tiny-qwen3moe", 4);
+}
+
 #[test]
 fn sharded_safetensors_linear_rope_matches_transformers() {
     assert!(fixtures()
@@ -205,7 +229,7 @@ fn bf16_and_f16_loading_convert_on_the_fly() {
 #[test]
 fn grouped_forward_equals_full_forward() {
     let _guard = tch::no_grad_guard();
-    for name in ["tiny-llama3", "tiny-qwen3"] {
+    for name in ["tiny-llama3", "tiny-qwen3", "tiny-gemma3", "tiny-qwen3moe"] {
         let c = load(name);
         let prompts: Vec<Vec<i64>> = vec![
             vec![5, 9, 33, 2, 17],

@@ -122,6 +122,7 @@ fn completion_to_pb(c: Completion) -> pb::Completion {
         queued_s: c.timings.queued_s,
         first_token_s: c.timings.first_token_s,
         total_s: c.timings.total_s,
+        routes: c.routes.into_iter().map(i32::from).collect(),
     }
 }
 
@@ -143,6 +144,7 @@ fn completion_from_pb(c: pb::Completion) -> Completion {
             first_token_s: c.first_token_s,
             total_s: c.total_s,
         },
+        routes: c.routes.into_iter().map(|r| r as i16).collect(),
     }
 }
 

@@ -39,6 +39,7 @@ fn seq_to_pb(s: &TrainSequence) -> pb::TrainSequence {
         old_values: s.old_values.clone().unwrap_or_default(),
         has_ref_logprobs: s.ref_logprobs.is_some(),
         ref_logprobs: s.ref_logprobs.clone().unwrap_or_default(),
+        routes: s.routes.iter().map(|&r| i32::from(r)).collect(),
     }
 }
 
@@ -51,6 +52,7 @@ fn seq_from_pb(s: pb::TrainSequence) -> TrainSequence {
         returns: s.has_returns.then_some(s.returns),
         old_values: s.has_old_values.then_some(s.old_values),
         ref_logprobs: s.has_ref_logprobs.then_some(s.ref_logprobs),
+        routes: s.routes.into_iter().map(|r| r as i16).collect(),
     }
 }
 

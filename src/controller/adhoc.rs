@@ -57,6 +57,7 @@ impl Run {
             returns: None,
             old_values: None,
             ref_logprobs: None,
+            routes: Vec::new(),
         };
         Ok(self.actors.trainer.compute_logprobs(&[seq])?.remove(0))
     }

@@ -33,6 +33,7 @@ pub(crate) fn build(groups: &[ScoredGroup]) -> StepBatch {
                 returns: None,
                 old_values: None,
                 ref_logprobs: None,
+                routes: comp.routes.clone(),
             });
             b.group_ids.push(gi as u64);
             b.rewards.push(reward);
@@ -99,6 +100,7 @@ mod tests {
             finish_reason: FinishReason::Stop,
             policy_version: version,
             timings: Timings::default(),
+            routes: vec![],
         }
     }
 

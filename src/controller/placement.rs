@@ -211,6 +211,7 @@ fn trainer_config(c: &RecipeConfig, loss: PolicyLossConfig) -> TrainerConfig {
         temperature: c.rollout.temperature,
         activation_checkpointing: c.trainer.activation_checkpointing,
         entropy_metric: c.trainer.entropy_metric,
+        routing_replay: c.trainer.routing_replay,
         lora: c.model.lora.clone(),
         seed: c.seed,
         critic: c.trainer.critic.as_ref().map(|cs| CriticConfig {

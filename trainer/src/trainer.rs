@@ -50,6 +50,11 @@ pub struct TrainerConfig {
     /// Compute each response token's entropy for the `actor/entropy` metric (one more reduction
     /// over each logits chunk). The entropy bonus (`entropy_coef != 0`) computes it regardless.
     pub entropy_metric: bool,
+    /// Mixture-of-experts models: replay the generator's expert choices in every forward (the
+    /// routes each rollout carries), so a router that would flip on tiny numeric differences
+    /// cannot change the log-probs. Off: the router chooses; `actor/routing_flip_frac` is logged
+    /// either way.
+    pub routing_replay: bool,
     pub critic: Option<CriticConfig>,
     /// LoRA: train adapters on the frozen base instead of the full weights (`[model.lora]`).
     pub lora: Option<LoraConfig>,
@@ -69,6 +74,7 @@ impl Default for TrainerConfig {
             temperature: 1.0,
             activation_checkpointing: true,
             entropy_metric: true,
+            routing_replay: true,
             critic: None,
             lora: None,
             seed: 0,
@@ -526,6 +532,13 @@ impl Trainer {
         mb.to_padded(&lp)
     }
 
+    /// A micro-batch of `seqs` on the trainer's device, replaying their routes if configured.
+    fn micro_batch(&self, seqs: &[&TrainSequence]) -> Result<MicroBatch> {
+        let mut mb = MicroBatch::new(seqs, self.device)?;
+        mb.routing_replay = self.cfg.routing_replay;
+        Ok(mb)
+    }
+
     fn score(&self, seqs: &[&TrainSequence], model: &Model) -> Result<SeqValues> {
         let _g = tch::no_grad_guard();
         let idx: Vec<usize> = (0..seqs.len()).collect();
@@ -533,7 +546,7 @@ impl Trainer {
         let mut out = vec![Vec::new(); seqs.len()];
         for mb_idx in pack_micro_batches(&owned, &idx, self.cfg.micro_batch_tokens) {
             let mb_seqs: Vec<&TrainSequence> = mb_idx.iter().map(|&i| seqs[i]).collect();
-            let mb = MicroBatch::new(&mb_seqs, self.device)?;
+            let mb = self.micro_batch(&mb_seqs)?;
             let lp = self.log_probs_of(model, &mb)?;
             let lp = lp.f_to_device(Device::Cpu)?;
             for (k, &i) in mb_idx.iter().enumerate() {
@@ -577,7 +590,7 @@ impl Trainer {
         let mut out = vec![Vec::new(); seqs.len()];
         for mb_idx in pack_micro_batches(seqs, &idx, self.cfg.micro_batch_tokens) {
             let mb_seqs: Vec<&TrainSequence> = mb_idx.iter().map(|&i| &seqs[i]).collect();
-            let mb = MicroBatch::new(&mb_seqs, self.device)?;
+            let mb = self.micro_batch(&mb_seqs)?;
             let v =
                 critic_values(&model, &c.head.params.f_detach()?, &mb)?.f_to_device(Device::Cpu)?;
             for (k, &i) in mb_idx.iter().enumerate() {
@@ -732,7 +745,7 @@ impl Trainer {
                 .iter()
                 .map(|s| s.prompt.len() + s.response.len())
                 .sum::<usize>();
-            let mb = MicroBatch::new(&mseqs, self.device)?;
+            let mb = self.micro_batch(&mseqs)?;
             self.policy_micro_step(&mseqs, &micro, &mb, refs.old, refs.reference, &norm, acc)?;
             if self.critic.is_some() {
                 self.critic_micro_step(&mseqs, &mb, &norm, acc)?;
@@ -789,6 +802,15 @@ impl Trainer {
         let model = self.policy.model()?;
         let want_entropy = self.cfg.loss.entropy_coef != 0.0;
         let fwd = mb.forward(&model, self.cfg.activation_checkpointing)?;
+        let (flipped, replayed) = fwd.route_flips;
+        if replayed > 0 {
+            acc.add(
+                "actor/routing_flip_frac",
+                flipped as f64,
+                replayed as f64,
+                None,
+            );
+        }
         let rows = fwd.rows.f_detach()?;
         let lm_head = model.lm_head_weight();
         let (lp_flat, ent_flat) = {

@@ -39,6 +39,7 @@ fn batch(n: usize, vocab: i64) -> TrainBatch {
                 returns: Some(vec![0.5; r]),
                 old_values: None,
                 ref_logprobs: None,
+                routes: Vec::new(),
             }
         })
         .collect();

@@ -45,6 +45,7 @@ fn batch(n: usize, vocab: i64) -> TrainBatch {
             returns: None,
             old_values: None,
             ref_logprobs: None,
+            routes: Vec::new(),
         });
     }
     TrainBatch {
