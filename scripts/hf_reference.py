@@ -14,6 +14,8 @@ Run from the repo's .venv (``make fixtures`` does it). Subcommands:
                         transformers' own tokenizer conversion of a Gemma 3 GGUF: ids and decodes of
                         varied strings, merges sample, added tokens, chat template renderings
                         (`fixtures` writes OUT/gemma3-tokenizer-cases.json if the package is installed).
+  moe-aux MODEL IN OUT  transformers' load-balancing loss and the gradients of coef * aux (IN: JSON
+                        sequences and coef) of a mixture-of-experts MODEL.
   compare-gguf GGUF DIR max |diff| between transformers' own dequantization of GGUF and DIR's
                         model.safetensors, per tensor, as JSON on stdout.
 
@@ -624,6 +626,31 @@ def cmd_peft_logits(model_dir, adapter_dir, out):
     save_file({"logits": hf_logits(model, t["input_ids"], t["attention_mask"], t["position_ids"]).contiguous()}, out)
 
 
+def cmd_moe_aux(model_dir, inp_json, out):
+    """transformers' load-balancing loss of a mixture-of-experts model (`output_router_logits`,
+    `load_balancing_loss_func` with the attention mask) on right-padded prompt + response
+    sequences, and the gradient of `coef * aux` for every parameter."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    cfg = json.load(open(inp_json))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    model.train()
+    seqs = [s["prompt"] + s["response"] for s in cfg["sequences"]]
+    t = max(len(x) for x in seqs)
+    ids = torch.zeros(len(seqs), t, dtype=torch.int64)
+    mask = torch.zeros_like(ids)
+    for i, x in enumerate(seqs):
+        ids[i, :len(x)] = torch.tensor(x)
+        mask[i, :len(x)] = 1
+    model.zero_grad()
+    aux = model(input_ids=ids, attention_mask=mask, output_router_logits=True).aux_loss
+    (cfg["coef"] * aux).backward()
+    grads = {f"grad.{n}": p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads["aux"] = aux.detach().reshape(1)
+    save_file(grads, out)
+
+
 GEMMA3_PROMPTS = [
     "The capital of France is",
     "Question: What is 12 + 35?\nAnswer:",
@@ -677,5 +704,5 @@ if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
     {"fixtures": cmd_fixtures, "smollm2-cases": cmd_smollm2_cases, "logits": cmd_logits,
      "compare-gguf": cmd_compare_gguf, "generate": cmd_generate, "adamw-check": cmd_adamw_check,
-     "lora-check": cmd_lora_check, "peft-logits": cmd_peft_logits, "gemma3": cmd_gemma3,
+     "lora-check": cmd_lora_check, "peft-logits": cmd_peft_logits, "gemma3": cmd_gemma3, "moe-aux": cmd_moe_aux,
      "gemma3-tokenizer-cases": gemma3_tokenizer_cases}[cmd](*args)

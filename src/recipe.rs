@@ -257,6 +257,8 @@ pub struct TrainerSection {
     /// Mixture-of-experts models: use the generator's expert choices in the trainer's forward
     /// (routing replay). `actor/routing_flip_frac` is logged either way.
     pub routing_replay: bool,
+    /// Mixture-of-experts models: coefficient of the load-balancing loss (0: off).
+    pub router_aux_loss_coef: f64,
     pub critic: Option<CriticSection>,
 }
 
@@ -277,6 +279,7 @@ impl Default for TrainerSection {
             activation_checkpointing: true,
             entropy_metric: true,
             routing_replay: true,
+            router_aux_loss_coef: 0.0,
             critic: None,
         }
     }
@@ -815,6 +818,12 @@ fn validate(
     let t = &c.trainer;
     if !(t.lr > 0.0 && t.lr.is_finite()) {
         return Err(err("trainer.lr", format!("must be > 0, got {}", t.lr)));
+    }
+    if !(t.router_aux_loss_coef >= 0.0 && t.router_aux_loss_coef.is_finite()) {
+        return Err(err(
+            "trainer.router_aux_loss_coef",
+            format!("must be >= 0, got {}", t.router_aux_loss_coef),
+        ));
     }
     if t.weight_decay < 0.0 {
         return Err(err(

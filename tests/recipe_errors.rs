@@ -225,6 +225,12 @@ fn negative_learning_rate_is_rejected() {
 }
 
 #[test]
+fn negative_router_aux_loss_coef_is_rejected() {
+    let e = check_error(|t| t.replace("lr = 1e-5", "lr = 1e-5\nrouter_aux_loss_coef = -0.1"));
+    assert_has(&e, &["`trainer.router_aux_loss_coef`", "must be >= 0"]);
+}
+
+#[test]
 fn toml_syntax_error_has_line_and_column() {
     let e = check_error(|t| t.replace("lr = 1e-5", "lr = = 1e-5"));
     assert_has(&e, &[&format!(":{}:", line_of("lr = 1e-5"))]);

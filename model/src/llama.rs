@@ -92,6 +92,12 @@ pub struct Routing {
     replay: Vec<Option<Tensor>>,
     /// Use the replayed experts (else only count where the router differs from them).
     enforce: bool,
+    /// Valid tokens per input, `(.., T)` bool: set to record the load-balancing statistics.
+    valid: Vec<Tensor>,
+    /// Per (input, MoE layer): assignments per expert `(E,)` over valid tokens (no grad), the
+    /// router probabilities summed over valid tokens `(E,)` (in the graph when grad is on), and
+    /// the number of valid tokens.
+    load: std::cell::RefCell<std::collections::BTreeMap<(usize, usize), (Tensor, Tensor, i64)>>,
     recorded: std::cell::RefCell<std::collections::BTreeMap<(usize, usize), Tensor>>,
     flips: std::cell::RefCell<std::collections::BTreeMap<(usize, usize), (i64, i64)>>,
 }
@@ -128,6 +134,57 @@ impl Routing {
         }
         let d = layers[0].dim() as i64 - 1;
         Ok(Some(Tensor::f_stack(&layers, d)?))
+    }
+
+    /// Records the statistics of the load-balancing loss ([`Routing::aux_weights`]) over the
+    /// tokens `valid[i]` marks in input `i`.
+    pub fn with_load_balancing(mut self, valid: Vec<Tensor>) -> Self {
+        self.valid = valid;
+        self
+    }
+
+    /// The load-balancing loss of transformers' `load_balancing_loss_func` (Switch Transformer),
+    /// over all MoE layers and valid tokens of the pass: `E · Σ_e f_e · P_e`, with `f_e` the
+    /// fraction of the `L·N` token-layer rows routed to expert e (counting each of the top-k)
+    /// and `P_e` the mean router probability of e. As `f` carries no gradient, the loss is
+    /// linear in the summed probabilities: it equals `Σ_layers g · psum_layer` with the weights
+    /// `g = E · f / (L·N)` returned here (None without statistics).
+    pub fn aux_weights(&self) -> Result<Option<Tensor>> {
+        let load = self.load.borrow();
+        let Some(((_, _), (c0, _, _))) = load.iter().next() else {
+            return Ok(None);
+        };
+        let mut counts = c0.f_zeros_like()?;
+        let mut rows = 0i64;
+        for (c, _, n) in load.values() {
+            counts = counts.f_add(c)?;
+            rows += n;
+        }
+        let e = counts.size()[0] as f64;
+        let rows = rows.max(1) as f64;
+        Ok(Some(
+            counts
+                .f_to_kind(Kind::Float)?
+                .f_mul_scalar(e / (rows * rows))?,
+        ))
+    }
+
+    /// `Σ g · psum` over the recorded layers (only MoE layer `layer` if given): the
+    /// load-balancing loss, or one layer's part of it, in the graph of the pass that recorded it.
+    pub fn aux_term(&self, layer: Option<usize>, g: &Tensor) -> Result<Option<Tensor>> {
+        let load = self.load.borrow();
+        let mut total: Option<Tensor> = None;
+        for ((_, m), (_, psum, _)) in load.iter() {
+            if layer.is_some_and(|l| l != *m) {
+                continue;
+            }
+            let t = psum.f_mul(g)?.f_sum(Kind::Float)?;
+            total = Some(match total {
+                Some(x) => x.f_add(&t)?,
+                None => t,
+            });
+        }
+        Ok(total)
     }
 
     /// (replayed tokens the router would have routed to a different set of experts, replayed
@@ -463,9 +520,9 @@ impl Model {
         }
         if let Some(i) = self.layers.iter().position(|l| {
             l.router.is_some()
-                && [Target::Gate, Target::Up, Target::Down]
+                && Target::ALL
                     .iter()
-                    .any(|t| l.lora[t.index()].is_some())
+                    .any(|t| t.is_mlp() && l.lora[t.index()].is_some())
         }) {
             return Err(ModelError::Invalid(format!(
                 "layer {i} is a mixture of experts: LoRA targets gate_proj/up_proj/down_proj are \
@@ -693,6 +750,26 @@ impl Model {
                 _ => None,
             };
             let (y, idx, flips) = self.experts(l, router, &x, replay, routing.enforce)?;
+            if let Some(valid) = routing.valid.get(input) {
+                let (e, k) = (router.size()[0], self.top_k);
+                let probs = x
+                    .f_reshape([-1, *x.size().last().unwrap_or(&1)])?
+                    .f_linear::<Tensor>(router, None)?
+                    .f_softmax(-1, Kind::Float)?; // (N, E), in the graph
+                let v = valid.f_reshape([-1])?.f_to_device(probs.device())?;
+                let vf = v.f_to_kind(Kind::Float)?.f_unsqueeze(1)?;
+                let psum = probs.f_mul(&vf)?.f_sum_dim_intlist(0, false, Kind::Float)?;
+                let chosen = idx
+                    .f_reshape([-1, k])?
+                    .f_index_select(0, &v.f_nonzero()?.f_squeeze_dim(1)?)?
+                    .f_reshape([-1])?;
+                let counts = chosen.f_bincount::<Tensor>(None, e)?;
+                let n = v.f_sum(Kind::Int64)?.f_int64_value(&[])?;
+                routing
+                    .load
+                    .borrow_mut()
+                    .insert((input, *m), (counts, psum, n));
+            }
             routing.recorded.borrow_mut().insert((input, *m), idx);
             if let Some(f) = flips {
                 routing.flips.borrow_mut().insert((input, *m), f);
@@ -913,6 +990,11 @@ impl Model {
                 })
             })
             .collect()
+    }
+
+    /// The index of decoder layer `i` among the mixture-of-experts layers, if it is one.
+    pub fn moe_index(&self, i: usize) -> Option<usize> {
+        self.layers.get(i)?.router.as_ref().map(|(_, m)| *m)
     }
 
     /// Number of decoder layers.

@@ -90,6 +90,11 @@ impl Target {
         }
     }
 
+    /// Whether the target is an MLP projection (gate, up or down).
+    pub fn is_mlp(self) -> bool {
+        matches!(self, Target::Gate | Target::Up | Target::Down)
+    }
+
     /// Index in [`Target::ALL`].
     pub fn index(self) -> usize {
         self as usize

@@ -225,7 +225,8 @@ impl ParamLayout {
         let mut b = Builder::new();
         for i in 0..cfg.num_hidden_layers {
             for t in crate::lora::Target::ALL {
-                if !targets.contains(&t) {
+                // A mixture-of-experts layer has no single gate/up/down projection to adapt.
+                if !targets.contains(&t) || (cfg.is_moe_layer(i) && t.is_mlp()) {
                     continue;
                 }
                 let (fan_in, fan_out) = t.dims(cfg);

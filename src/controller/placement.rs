@@ -212,6 +212,7 @@ fn trainer_config(c: &RecipeConfig, loss: PolicyLossConfig) -> TrainerConfig {
         activation_checkpointing: c.trainer.activation_checkpointing,
         entropy_metric: c.trainer.entropy_metric,
         routing_replay: c.trainer.routing_replay,
+        router_aux_loss_coef: c.trainer.router_aux_loss_coef,
         lora: c.model.lora.clone(),
         seed: c.seed,
         critic: c.trainer.critic.as_ref().map(|cs| CriticConfig {

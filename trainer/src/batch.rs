@@ -175,6 +175,11 @@ pub struct MicroBatch {
     /// Replay `routes` in the forward (routing replay); else only count where the router
     /// differs from them.
     pub routing_replay: bool,
+    /// Record the load-balancing loss statistics of a mixture-of-experts model
+    /// ([`Forward::aux`]).
+    pub load_balancing: bool,
+    /// Valid (non-padding) tokens of each input of the layout, `(.., T)` bool.
+    valid: Vec<Tensor>,
 }
 
 enum Layout {
@@ -273,7 +278,38 @@ impl MicroBatch {
                     .collect::<std::result::Result<Vec<_>, _>>()
             })
             .transpose()?;
+        let lens = |rows: &[usize], t: i64| -> Result<Tensor> {
+            let v: Vec<bool> = rows
+                .iter()
+                .flat_map(|&len| (0..t as usize).map(move |j| j < len))
+                .collect();
+            Ok(Tensor::from_slice(&v).f_view([rows.len() as i64, t])?)
+        };
+        let valid = match &layout {
+            Layout::Grouped {
+                prompts,
+                prompt_lens,
+                conts,
+                ..
+            } => {
+                let p: Vec<usize> = prompt_lens.iter().map(|&x| x as usize).collect();
+                let r: Vec<usize> = seqs.iter().map(|s| s.response.len()).collect();
+                vec![lens(&p, prompts.size()[1])?, lens(&r, conts.size()[1])?]
+            }
+            Layout::Full { ids, .. } => {
+                let t: Vec<usize> = seqs
+                    .iter()
+                    .map(|s| s.prompt.len() + s.response.len())
+                    .collect();
+                vec![lens(&t, ids.size()[1])?]
+            }
+        };
         Ok(MicroBatch {
+            valid: valid
+                .into_iter()
+                .map(dev)
+                .collect::<std::result::Result<_, _>>()?,
+            load_balancing: false,
             routes,
             routing_replay: true,
             layout,
@@ -315,7 +351,7 @@ impl MicroBatch {
                 (model.pass_full(positions, None)?, vec![ids.shallow_clone()])
             }
         };
-        let pass = match (&self.routes, model.config().moe()) {
+        let mut pass = match (&self.routes, model.config().moe()) {
             (Some(routes), Some((_, k, _))) => {
                 let per_layer = routes
                     .iter()
@@ -334,6 +370,11 @@ impl MicroBatch {
             }
             _ => pass,
         };
+        if self.load_balancing && model.config().moe().is_some() {
+            let routing = std::mem::take(&mut pass.routing);
+            pass.routing =
+                routing.with_load_balancing(self.valid.iter().map(Tensor::shallow_clone).collect());
+        }
         let id_refs: Vec<&Tensor> = ids.iter().collect();
         if !checkpoint {
             let hidden = model.run_layers(&pass, model.embed(&id_refs)?)?;
@@ -341,6 +382,7 @@ impl MicroBatch {
             return Ok(Forward {
                 rows,
                 route_flips: pass.routing.flips(),
+                aux: aux_of(&pass, true)?,
                 saved: None,
             });
         }
@@ -362,6 +404,7 @@ impl MicroBatch {
         Ok(Forward {
             rows,
             route_flips: pass.routing.flips(),
+            aux: aux_of(&pass, false)?,
             saved: Some(Saved {
                 pass,
                 ids,
@@ -418,8 +461,26 @@ pub struct Forward {
     /// Routing replay: (tokens x MoE layers the router alone would have routed to other
     /// experts than the generator, tokens x MoE layers replayed).
     pub route_flips: (i64, i64),
+    /// With [`MicroBatch::load_balancing`] on a mixture-of-experts model: the weights `g` of the
+    /// load-balancing loss (`Σ_layers g · psum`, see `rlrun_model::Routing::aux_weights`), its
+    /// value, and, without activation checkpointing, the loss in the autograd graph (with it,
+    /// each layer's part is added as the backward recomputes the layer).
+    pub aux: Option<(Tensor, f64, Option<Tensor>)>,
     /// With activation checkpointing: what the backward recomputes the layers from.
     pub saved: Option<Saved>,
+}
+
+/// The load-balancing loss of a pass that recorded its statistics: (weights, value, the loss in
+/// the graph if `in_graph`).
+fn aux_of(pass: &Pass, in_graph: bool) -> Result<Option<(Tensor, f64, Option<Tensor>)>> {
+    let Some(g) = pass.routing.aux_weights()? else {
+        return Ok(None);
+    };
+    let Some(loss) = pass.routing.aux_term(None, &g)? else {
+        return Ok(None);
+    };
+    let value = loss.f_double_value(&[])?;
+    Ok(Some((g, value, in_graph.then_some(loss))))
 }
 
 /// The sequences' routes laid out like `layout`'s inputs: `[(G, P, W), (N, L, W)]` for shared

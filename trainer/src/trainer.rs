@@ -55,6 +55,10 @@ pub struct TrainerConfig {
     /// cannot change the log-probs. Off: the router chooses; `actor/routing_flip_frac` is logged
     /// either way.
     pub routing_replay: bool,
+    /// Mixture-of-experts models: coefficient of the load-balancing loss (transformers'
+    /// `load_balancing_loss_func`) added to the policy loss; 0 (the default) leaves it out.
+    /// Logged as `actor/router_aux_loss` when on.
+    pub router_aux_loss_coef: f64,
     pub critic: Option<CriticConfig>,
     /// LoRA: train adapters on the frozen base instead of the full weights (`[model.lora]`).
     pub lora: Option<LoraConfig>,
@@ -75,6 +79,7 @@ impl Default for TrainerConfig {
             activation_checkpointing: true,
             entropy_metric: true,
             routing_replay: true,
+            router_aux_loss_coef: 0.0,
             critic: None,
             lora: None,
             seed: 0,
@@ -254,12 +259,27 @@ impl FlatModel {
     /// on a model whose only leaves are that layer's parameters (so a backward touches that
     /// layer's slice of the gradient, not the whole buffer), and the gradient of its output goes
     /// back into its parameters and its input. The embedding comes last.
-    fn backward(&self, model: &Model, fwd: Forward, objective: &Tensor) -> Result<()> {
-        self.backward_into_compute(model, fwd, objective)?;
+    /// `aux`: the load-balancing weights `g` (scaled by the coefficient) whose layer terms
+    /// `g · psum` are added as the recomputed layers go back (activation checkpointing; without
+    /// it the loss is already in `objective`).
+    fn backward(
+        &self,
+        model: &Model,
+        fwd: Forward,
+        objective: &Tensor,
+        aux: Option<&Tensor>,
+    ) -> Result<()> {
+        self.backward_into_compute(model, fwd, objective, aux)?;
         self.flush_grad()
     }
 
-    fn backward_into_compute(&self, model: &Model, fwd: Forward, objective: &Tensor) -> Result<()> {
+    fn backward_into_compute(
+        &self,
+        model: &Model,
+        fwd: Forward,
+        objective: &Tensor,
+        aux: Option<&Tensor>,
+    ) -> Result<()> {
         objective.f_backward()?;
         let Some(mut saved) = fwd.saved else {
             return Ok(());
@@ -276,7 +296,13 @@ impl FlatModel {
                 .map(|t| t.f_set_requires_grad(true))
                 .collect::<std::result::Result<Vec<_>, _>>()?;
             let y = layer_model.layer(i, &saved.pass, &x)?;
-            weighted_sum(&y, &grads)?.f_backward()?;
+            let mut obj = weighted_sum(&y, &grads)?;
+            if let (Some(g), Some(m)) = (aux, model.moe_index(i)) {
+                if let Some(t) = saved.pass.routing.aux_term(Some(m), g)? {
+                    obj = obj.f_add(&t)?;
+                }
+            }
+            obj.f_backward()?;
             self.add_leaf_grads(&leaves)?;
             grads = leaf_grads(&x)?;
         }
@@ -536,6 +562,7 @@ impl Trainer {
     fn micro_batch(&self, seqs: &[&TrainSequence]) -> Result<MicroBatch> {
         let mut mb = MicroBatch::new(seqs, self.device)?;
         mb.routing_replay = self.cfg.routing_replay;
+        mb.load_balancing = self.cfg.router_aux_loss_coef != 0.0;
         Ok(mb)
     }
 
@@ -893,7 +920,19 @@ impl Trainer {
                     .f_sum(Kind::Float)?,
             )?;
         }
-        self.policy.backward(&model, fwd, &objective)?;
+        // The load-balancing loss, weighted by the micro-batch's share of the response tokens.
+        let mut aux_scaled = None;
+        if let Some((g, value, loss)) = &fwd.aux {
+            let share = mb.mask.f_sum(Kind::Double)?.f_double_value(&[])? / norm.tokens.max(1.0);
+            let coef = self.cfg.router_aux_loss_coef;
+            match loss {
+                Some(l) => objective = objective.f_add(&l.f_mul_scalar(coef * share)?)?,
+                None => aux_scaled = Some(g.f_mul_scalar(coef * share)?),
+            }
+            acc.add("actor/router_aux_loss", value * share, share, None);
+        }
+        self.policy
+            .backward(&model, fwd, &objective, aux_scaled.as_ref())?;
         for (name, m) in out.metrics {
             acc.add(&format!("actor/{name}"), m.sum, m.count, m.max);
         }
@@ -967,7 +1006,7 @@ impl Trainer {
             .f_mul(&mb.mask)?
             .f_sum(Kind::Float)?
             .f_div_scalar(norm.tokens)?;
-        c.body.backward(&model, fwd, &loss)?;
+        c.body.backward(&model, fwd, &loss, None)?;
         acc.add(
             "critic/vf_loss",
             loss.f_double_value(&[])? * norm.tokens,
