@@ -3,7 +3,7 @@
 
 Run from the repo's .venv (``make fixtures`` does it). Subcommands:
 
-  fixtures OUT          tiny random Llama-3 / Qwen2 / Qwen3 / Gemma 3 / Qwen3-MoE models (+ a sharded one) with a tiny
+  fixtures OUT          tiny random Llama-3 / Qwen2 / Qwen3 / Gemma 3 / Qwen3-MoE / Qwen2-MoE models (+ a sharded one) with a tiny
                         BPE tokenizer, inputs and transformers' logits; tokenizer and chat-template
                         cases for SmolLM2 (from its GGUF) and Qwen3 (npm tokenizer, if present).
   logits MODEL IN OUT   transformers logits of MODEL for the ids/mask/positions in IN (safetensors).
@@ -142,6 +142,14 @@ TINY = {
         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
         num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1],
         max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+    ),
+    # Qwen2-MoE: 6 experts, top 2 not renormalised, plus a gated shared expert; q/k/v bias.
+    "tiny-qwen2moe": dict(
+        model_type="qwen2_moe", hidden_size=48, intermediate_size=96, moe_intermediate_size=24,
+        shared_expert_intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        num_experts=6, num_experts_per_tok=2, norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[],
+        max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False, qkv_bias=True,
         rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
     ),
 }

@@ -12,7 +12,14 @@ use serde::{Deserialize, Serialize};
 use crate::error::{ModelError, Result};
 
 /// `model_type` values this crate can build.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "qwen2", "qwen3", "qwen3_moe", "gemma3_text"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
+    "llama",
+    "qwen2",
+    "qwen2_moe",
+    "qwen3",
+    "qwen3_moe",
+    "gemma3_text",
+];
 
 /// The architecture family, from `model_type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,6 +33,9 @@ pub enum Architecture {
     Qwen3,
     /// Qwen3-MoE: Qwen3 attention; the MLP of its sparse layers is a top-k mixture of experts.
     Qwen3Moe,
+    /// Qwen2-MoE (Qwen1.5-MoE): Qwen2 attention (`qkv_bias`); top-k experts plus a shared expert
+    /// scaled by a sigmoid gate.
+    Qwen2Moe,
     /// Gemma 3 (text): q/k norms, norms before and after attention and MLP with `(1 + w)`
     /// weights, scaled embeddings, GELU-tanh MLP, local sliding-window layers with their own
     /// RoPE base between global ones.
@@ -174,6 +184,12 @@ pub struct Config {
     /// Coefficient of the load-balancing loss in transformers (rlrun's is set in the recipe).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub router_aux_loss_coef: Option<f64>,
+    /// Qwen2-MoE: hidden size of the shared expert every token also goes through (0: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_expert_intermediate_size: Option<i64>,
+    /// Qwen2-MoE: bias on the q/k/v projections (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qkv_bias: Option<bool>,
     #[serde(default)]
     pub bos_token_id: Option<TokenIds>,
     #[serde(default)]
@@ -254,9 +270,12 @@ impl Config {
                 self.model_type
             )));
         }
-        if self.arch() == Architecture::Qwen3Moe {
+        if matches!(self.arch(), Architecture::Qwen3Moe | Architecture::Qwen2Moe) {
             let (e, k, ff) = self.moe().ok_or_else(|| {
-                err("`num_experts` and `num_experts_per_tok` are required for qwen3_moe".into())
+                err(format!(
+                    "`num_experts` and `num_experts_per_tok` are required for {}",
+                    self.model_type
+                ))
             })?;
             if k <= 0 || k > e || ff <= 0 {
                 return Err(err(format!(
@@ -319,6 +338,7 @@ impl Config {
             "qwen2" => Ok(Architecture::Qwen2),
             "qwen3" => Ok(Architecture::Qwen3),
             "qwen3_moe" => Ok(Architecture::Qwen3Moe),
+            "qwen2_moe" => Ok(Architecture::Qwen2Moe),
             "gemma3_text" => Ok(Architecture::Gemma3),
             other => Err(ModelError::UnsupportedArchitecture {
                 model_type: other.to_string(),
@@ -346,6 +366,7 @@ impl Config {
     pub fn qkv_bias(&self) -> bool {
         match self.arch() {
             Architecture::Qwen2 => true,
+            Architecture::Qwen2Moe => self.qkv_bias.unwrap_or(true),
             _ => self.attention_bias.unwrap_or(false),
         }
     }
@@ -353,7 +374,7 @@ impl Config {
     /// Whether the output projection carries a bias.
     pub fn o_bias(&self) -> bool {
         match self.arch() {
-            Architecture::Qwen2 => false,
+            Architecture::Qwen2 | Architecture::Qwen2Moe => false,
             _ => self.attention_bias.unwrap_or(false),
         }
     }
@@ -368,7 +389,7 @@ impl Config {
 
     /// The mixture of experts of sparse layers: (experts, experts per token, expert hidden size).
     pub fn moe(&self) -> Option<(i64, i64, i64)> {
-        if self.arch() != Architecture::Qwen3Moe {
+        if !matches!(self.arch(), Architecture::Qwen3Moe | Architecture::Qwen2Moe) {
             return None;
         }
         match (self.num_experts, self.num_experts_per_tok) {
@@ -379,6 +400,12 @@ impl Config {
             )),
             _ => None,
         }
+    }
+
+    /// Hidden size of the shared expert of the MoE layers (Qwen2-MoE), if they have one.
+    pub fn shared_expert(&self) -> Option<i64> {
+        self.shared_expert_intermediate_size
+            .filter(|&s| s > 0 && self.moe().is_some())
     }
 
     /// Whether decoder layer `i` has a mixture of experts instead of a dense MLP.

@@ -726,6 +726,8 @@ impl GgufModel {
             mlp_only_layers: None,
             norm_topk_prob: None,
             router_aux_loss_coef: None,
+            shared_expert_intermediate_size: None,
+            qkv_bias: None,
             bos_token_id: bos,
             eos_token_id: eos,
             pad_token_id: pad,

@@ -180,6 +180,7 @@ pub fn save_hf_dir(
         config::Architecture::Qwen2 => "Qwen2ForCausalLM",
         config::Architecture::Qwen3 => "Qwen3ForCausalLM",
         config::Architecture::Qwen3Moe => "Qwen3MoeForCausalLM",
+        config::Architecture::Qwen2Moe => "Qwen2MoeForCausalLM",
         config::Architecture::Gemma3 => "Gemma3ForCausalLM",
     }]);
     loader::write_json(&dir.join("config.json"), &cfg_json)?;

@@ -42,6 +42,9 @@ struct Layer {
     down: Tensor,
     /// The router `(E, H)` of a mixture-of-experts layer and the layer's index among those.
     router: Option<(Tensor, usize)>,
+    /// Qwen2-MoE's shared expert: fused gate/up `(2 sff, H)`, down `(H, sff)`, and its sigmoid
+    /// gate `(1, H)`.
+    shared: Option<(Tensor, Tensor, Tensor)>,
     /// Gemma: the norm of the MLP output (`post_feedforward_layernorm`).
     mlp_out_norm: Option<Tensor>,
     /// A local (sliding-window) attention layer.
@@ -428,7 +431,16 @@ impl Model {
                     None,
                 ),
             };
+            let shared = match cfg.shared_expert().filter(|_| router.is_some()) {
+                Some(_) => Some((
+                    get(&format!("{p}.mlp.shared_expert.gate_up_proj.weight"))?,
+                    get(&format!("{p}.mlp.shared_expert.down_proj.weight"))?,
+                    get(&format!("{p}.mlp.shared_expert_gate.weight"))?,
+                )),
+                None => None,
+            };
             layers.push(Layer {
+                shared,
                 attn_norm: get(&format!("{p}.input_layernorm.weight"))?,
                 qkv_w: get(&format!("{p}.self_attn.qkv_proj.weight"))?,
                 qkv_b: opt(&format!("{p}.self_attn.qkv_proj.bias")),
@@ -749,7 +761,15 @@ impl Model {
                 Some(Some(r)) => Some(r.f_select(r.dim() as i64 - 2, *m as i64)?),
                 _ => None,
             };
-            let (y, idx, flips) = self.experts(l, router, &x, replay, routing.enforce)?;
+            let (mut y, idx, flips) = self.experts(l, router, &x, replay, routing.enforce)?;
+            if let Some((gate_up, down, gate)) = &l.shared {
+                let ff = gate_up.size()[0] / 2;
+                let g = x.f_linear::<Tensor>(&gate_up.f_narrow(0, 0, ff)?, None)?;
+                let u = x.f_linear::<Tensor>(&gate_up.f_narrow(0, ff, ff)?, None)?;
+                let s = g.f_silu()?.f_mul(&u)?.f_linear::<Tensor>(down, None)?;
+                let w = x.f_linear::<Tensor>(gate, None)?.f_sigmoid()?;
+                y = y.f_add(&w.f_mul(&s)?)?;
+            }
             if let Some(valid) = routing.valid.get(input) {
                 let (e, k) = (router.size()[0], self.top_k);
                 let probs = x

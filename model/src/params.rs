@@ -189,6 +189,23 @@ impl ParamLayout {
                         .map(|e| expert(e, "down_proj", vec![h, eff]))
                         .collect();
                     b.chunk(&format!("{p}.mlp.experts.down_proj"), &down, false);
+                    if let Some(sff) = cfg.shared_expert() {
+                        let s = format!("{p}.mlp.shared_expert");
+                        b.chunk(
+                            &format!("{s}.gate_up_proj.weight"),
+                            &[
+                                (format!("{s}.gate_proj.weight"), vec![sff, h]),
+                                (format!("{s}.up_proj.weight"), vec![sff, h]),
+                            ],
+                            false,
+                        );
+                        b.single(format!("{s}.down_proj.weight"), vec![h, sff], false);
+                        b.single(
+                            format!("{p}.mlp.shared_expert_gate.weight"),
+                            vec![1, h],
+                            false,
+                        );
+                    }
                 }
                 None => {
                     b.chunk(

@@ -1,5 +1,5 @@
 //! Logits parity with transformers for tiny random Llama-3 (llama3 rope scaling), Qwen2, Qwen3,
-//! Gemma 3 (sliding-window layers), Qwen3-MoE and a sharded tied-embedding Llama (linear rope scaling): full forward with left and right padding,
+//! Gemma 3 (sliding-window layers), Qwen3-MoE, Qwen2-MoE (shared expert) and a sharded tied-embedding Llama (linear rope scaling): full forward with left and right padding,
 //! and KV-cache prefill + incremental decode, each against transformers' full forward (f32, CPU).
 //! References come from `scripts/hf_reference.py fixtures` (run by `make fixtures`).
 
@@ -199,6 +199,20 @@ fn qwen3_moe_matches_transformers() {
     assert!(cfg.is_moe_layer(0) && !cfg.is_moe_layer(1) && cfg.is_moe_layer(2));
     full_forward("tiny-qwen3moe");
     cached_decode("tiny-qwen3moe", 4);
+}
+
+/// Qwen2-MoE: top-2 of 6 experts without renormalisation, plus the sigmoid-gated shared expert;
+/// q/k/v bias.
+#[test]
+fn qwen2_moe_shared_expert_matches_transformers() {
+    let cfg = load("tiny-qwen2moe").model.config().clone();
+    assert_eq!(
+        (cfg.moe(), cfg.shared_expert()),
+        (Some((6, 2, 24)), Some(40))
+    );
+    assert!(cfg.qkv_bias());
+    full_forward("tiny-qwen2moe");
+    cached_decode("tiny-qwen2moe", 3);
 }
 
 #[test]
