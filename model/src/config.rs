@@ -604,9 +604,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("gpt_neox") && e.contains("llama, qwen2, qwen3"),
+            e.contains("gpt_neox") && e.contains(&SUPPORTED_MODEL_TYPES.join(", ")),
             "{e}"
         );
+        assert!(e.contains("gemma3_text") && e.contains("qwen3_moe"), "{e}");
     }
 
     #[test]
