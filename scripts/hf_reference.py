@@ -520,15 +520,19 @@ def cmd_adamw_check(model_dir, inp_json, grads_file, out):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
     model.train()
     params = dict(model.named_parameters())
-    # 1. Autograd gradient of -sum(A * logp) / tokens, one unpadded sequence at a time.
-    ntok = sum(len(s["response"]) for s in cfg["sequences"])
+    # 1. Autograd gradient of -sum(A * logp) / tokens, one unpadded sequence at a time; a
+    # sequence's optional `loss_mask` (multi-turn observations) drops tokens from both sums.
+    def loss_mask(s):
+        return torch.tensor(s.get("loss_mask") or [1] * len(s["response"]), dtype=torch.float32)
+
+    ntok = sum(float(loss_mask(s).sum()) for s in cfg["sequences"])
     model.zero_grad()
     for s in cfg["sequences"]:
         ids = torch.tensor([s["prompt"] + s["response"]])
         logits = model(ids).logits[0].float()
         p = len(s["prompt"])
         lp = torch.log_softmax(logits[p - 1:-1], -1).gather(-1, torch.tensor(s["response"])[:, None]).squeeze(-1)
-        loss = -(torch.tensor(s["advantages"]) * lp).sum() / ntok
+        loss = -(torch.tensor(s["advantages"]) * lp * loss_mask(s)).sum() / ntok
         loss.backward()
     out_t = {f"torch_grad.{n}": p.grad.detach().clone() for n, p in params.items()}
     # 2. Two optimizer steps from rlrun's gradients.

@@ -699,6 +699,7 @@ fn train(a: &TrainArgs) -> anyhow::Result<()> {
                     old_values: None,
                     ref_logprobs: None,
                     routes: Vec::new(),
+                    loss_mask: Vec::new(),
                 }
             })
             .collect(),

@@ -280,6 +280,7 @@ pub fn lora_large(
                 old_values: None,
                 ref_logprobs: None,
                 routes: Vec::new(),
+                loss_mask: Vec::new(),
             })
             .collect();
         let t_train = Instant::now();

@@ -117,6 +117,7 @@ pub fn cuda(fixtures: &Path, smollm2: Option<&Path>, out: Option<&Path>) -> Resu
                     old_values: None,
                     ref_logprobs: None,
                     routes: Vec::new(),
+                    loss_mask: Vec::new(),
                 })
                 .collect(),
             max_response_len: 8,
@@ -207,6 +208,7 @@ pub fn cuda(fixtures: &Path, smollm2: Option<&Path>, out: Option<&Path>) -> Resu
                 old_values: None,
                 ref_logprobs: None,
                 routes: Vec::new(),
+                loss_mask: Vec::new(),
             })
             .collect();
         let lps = trainer.compute_logprobs(&seqs)?;

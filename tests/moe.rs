@@ -71,6 +71,7 @@ fn trainer_replays_the_generators_expert_choices() {
                 old_values: None,
                 ref_logprobs: None,
                 routes: c.routes.clone(),
+                loss_mask: Vec::new(),
             }
         })
         .collect();

@@ -178,6 +178,7 @@ fn rollouts(generator: &dyn GeneratorActor, vocab: i64) -> Vec<TrainSequence> {
             old_values: None,
             ref_logprobs: None,
             routes: Vec::new(),
+            loss_mask: Vec::new(),
         })
         .collect()
 }

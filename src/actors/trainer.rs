@@ -40,6 +40,7 @@ fn seq_to_pb(s: &TrainSequence) -> pb::TrainSequence {
         has_ref_logprobs: s.ref_logprobs.is_some(),
         ref_logprobs: s.ref_logprobs.clone().unwrap_or_default(),
         routes: s.routes.iter().map(|&r| i32::from(r)).collect(),
+        loss_mask: s.loss_mask.clone(),
     }
 }
 
@@ -53,6 +54,7 @@ fn seq_from_pb(s: pb::TrainSequence) -> TrainSequence {
         old_values: s.has_old_values.then_some(s.old_values),
         ref_logprobs: s.has_ref_logprobs.then_some(s.ref_logprobs),
         routes: s.routes.into_iter().map(|r| r as i16).collect(),
+        loss_mask: s.loss_mask,
     }
 }
 

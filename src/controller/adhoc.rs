@@ -58,6 +58,7 @@ impl Run {
             old_values: None,
             ref_logprobs: None,
             routes: Vec::new(),
+            loss_mask: Vec::new(),
         };
         Ok(self.actors.trainer.compute_logprobs(&[seq])?.remove(0))
     }

@@ -34,6 +34,7 @@ pub(crate) fn build(groups: &[ScoredGroup]) -> StepBatch {
                 old_values: None,
                 ref_logprobs: None,
                 routes: comp.routes.clone(),
+                loss_mask: Vec::new(),
             });
             b.group_ids.push(gi as u64);
             b.rewards.push(reward);

@@ -29,6 +29,12 @@ pub struct TrainSequence {
     /// the last, flattened `(token, moe_layer, k)` (routing replay); empty if none.
     #[serde(default)]
     pub routes: Vec<i16>,
+    /// Multi-turn rollouts: which response tokens carry loss (the model's own, 1) and which are
+    /// context (tool or environment observations, 0); empty means every token carries loss.
+    /// Masked tokens are still fed to the model, but count in neither the loss nor its
+    /// normaliser.
+    #[serde(default)]
+    pub loss_mask: Vec<u8>,
 }
 
 /// A rollout batch for one trainer step.
@@ -37,6 +43,17 @@ pub struct TrainBatch {
     pub sequences: Vec<TrainSequence>,
     /// The generation length limit (Dr.GRPO's constant normalizer).
     pub max_response_len: usize,
+}
+
+impl TrainSequence {
+    /// Response tokens that carry loss (all of them without a `loss_mask`).
+    pub fn loss_tokens(&self) -> usize {
+        if self.loss_mask.is_empty() {
+            self.response.len()
+        } else {
+            self.loss_mask.iter().filter(|&&m| m != 0).count()
+        }
+    }
 }
 
 impl TrainBatch {
@@ -58,6 +75,9 @@ impl TrainBatch {
             }
             if s.advantages.len() != r {
                 return bad("advantages", s.advantages.len());
+            }
+            if !s.loss_mask.is_empty() && s.loss_mask.len() != r {
+                return bad("loss_mask", s.loss_mask.len());
             }
             if let Some(b) = &s.behavior_logprobs {
                 if b.len() != r {
@@ -218,7 +238,10 @@ impl MicroBatch {
             for (j, &tok) in s.response.iter().enumerate() {
                 targets.push(tok);
                 dest.push(i as i64 * l + j as i64);
-                mask[i * l as usize + j] = 1.0;
+                mask[i * l as usize + j] = match s.loss_mask.get(j) {
+                    Some(0) => 0.0,
+                    _ => 1.0,
+                };
             }
         }
         let layout = if g < n {
@@ -585,6 +608,7 @@ mod tests {
             old_values: None,
             ref_logprobs: None,
             routes: Vec::new(),
+            loss_mask: Vec::new(),
         }
     }
 

@@ -746,9 +746,12 @@ impl Trainer {
         let norm = Normalizer {
             tokens: indices
                 .iter()
-                .map(|&i| seqs[i].response.len())
+                .map(|&i| seqs[i].loss_tokens())
                 .sum::<usize>() as f64,
-            sequences: indices.len() as f64,
+            sequences: indices
+                .iter()
+                .filter(|&&i| seqs[i].loss_tokens() > 0)
+                .count() as f64,
             max_response_len: batch.max_response_len.max(
                 indices
                     .iter()

@@ -40,6 +40,7 @@ fn batch(n: usize, vocab: i64) -> TrainBatch {
                 old_values: None,
                 ref_logprobs: None,
                 routes: Vec::new(),
+                loss_mask: Vec::new(),
             }
         })
         .collect();

@@ -31,6 +31,7 @@ fn load_balancing_loss_and_gradients_match_transformers() {
                 old_values: None,
                 ref_logprobs: None,
                 routes: Vec::new(),
+                loss_mask: Vec::new(),
             }
         })
         .collect();
