@@ -104,6 +104,7 @@
 
 pub mod advantage;
 pub mod data;
+pub mod env;
 mod error;
 pub mod reward;
 mod runner;

@@ -87,20 +87,7 @@ pub fn evaluate_countdown(
     available: &[i128],
     require_all: bool,
 ) -> std::result::Result<CountdownEval, CountdownError> {
-    if expression.len() > 1000 {
-        return Err(CountdownError::TooComplex);
-    }
-    let mut parser = Parser {
-        s: expression.as_bytes(),
-        i: 0,
-        depth: 0,
-        numbers: Vec::new(),
-    };
-    let value = parser.expr()?;
-    parser.skip_ws();
-    if parser.i != parser.s.len() {
-        return Err(CountdownError::Syntax(parser.i));
-    }
+    let (value, parser) = parse_arithmetic(expression)?;
     let mut pool: Vec<i128> = available.to_vec();
     for &n in &parser.numbers {
         match pool.iter().position(|&m| m == n) {
@@ -117,6 +104,32 @@ pub fn evaluate_countdown(
         value: (value.n, value.d),
         numbers_used: parser.numbers,
     })
+}
+
+/// The exact value `(numerator, denominator > 0)` of an arithmetic expression of integers with
+/// `+ - * /` and parentheses (the calculator tool of multi-turn environments). No code runs.
+pub fn evaluate_arithmetic(expression: &str) -> std::result::Result<(i128, i128), CountdownError> {
+    parse_arithmetic(expression).map(|(v, _)| (v.n, v.d))
+}
+
+fn parse_arithmetic(
+    expression: &str,
+) -> std::result::Result<(Rational, Parser<'_>), CountdownError> {
+    if expression.len() > 1000 {
+        return Err(CountdownError::TooComplex);
+    }
+    let mut parser = Parser {
+        s: expression.as_bytes(),
+        i: 0,
+        depth: 0,
+        numbers: Vec::new(),
+    };
+    let value = parser.expr()?;
+    parser.skip_ws();
+    if parser.i != parser.s.len() {
+        return Err(CountdownError::Syntax(parser.i));
+    }
+    Ok((value, parser))
 }
 
 #[derive(Clone, Copy, Debug)]

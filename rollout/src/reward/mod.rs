@@ -36,7 +36,8 @@ use crate::sample::{Completion, Sample};
 
 pub use combine::{WeightedSum, WeightedTerm};
 pub use countdown::{
-    evaluate_countdown, CountdownConfig, CountdownError, CountdownEval, CountdownReward,
+    evaluate_arithmetic, evaluate_countdown, CountdownConfig, CountdownError, CountdownEval,
+    CountdownReward,
 };
 pub use length::{LengthPenalty, LengthPenaltyConfig, OverlongPenalty, OverlongPenaltyConfig};
 pub use math::{MathMatch, MathMatchConfig};
