@@ -91,6 +91,47 @@ impl ChatTemplate {
         let v = serde_json::to_value(messages).map_err(|e| ModelError::Invalid(e.to_string()))?;
         self.render_json(&v, add_generation_prompt)
     }
+
+    /// Multi-turn rollouts: the text that follows a model turn which ended with `end_of_turn` (the
+    /// stop token's text, e.g. `<|im_end|>`), carrying the `observation` messages and the next
+    /// generation prompt, exactly as the template renders them after an assistant message.
+    /// Tokenized alone and appended to the sampled tokens, it extends the trajectory without
+    /// re-tokenizing (or re-rendering) any earlier turn. Found by rendering a conversation with a
+    /// placeholder assistant turn with and without the observation; an error if the template
+    /// does not end assistant turns with `end_of_turn` or renders the earlier part differently.
+    pub fn observation_suffix(
+        &self,
+        observation: &[ChatMessage],
+        end_of_turn: &str,
+    ) -> Result<String> {
+        const PLACEHOLDER: &str = "\u{1}rlrun-model-turn\u{1}";
+        let head = [
+            ChatMessage::new("user", "\u{1}rlrun-user\u{1}"),
+            ChatMessage::new("assistant", PLACEHOLDER),
+        ];
+        let before = self.render(&head, false)?;
+        let mut all = head.to_vec();
+        all.extend_from_slice(observation);
+        let after = self.render(&all, true)?;
+        let err = |m: &str| ModelError::Template(format!("observation suffix: {m}"));
+        let content_end = before
+            .find(PLACEHOLDER)
+            .map(|i| i + PLACEHOLDER.len())
+            .ok_or_else(|| err("the template drops the assistant's content"))?;
+        if !before[content_end..].starts_with(end_of_turn) {
+            return Err(err(&format!(
+                "the template does not end an assistant turn with `{end_of_turn}` (it writes {:?})",
+                &before[content_end..before.len().min(content_end + 40)]
+            )));
+        }
+        let cut = content_end + end_of_turn.len();
+        if after.get(..cut) != Some(&before[..cut]) {
+            return Err(err(
+                "the template renders the turns before the observation differently once it follows",
+            ));
+        }
+        Ok(after[cut..].to_string())
+    }
 }
 
 /// `strftime_now` of HF templates: the current UTC date and time in `fmt`.
