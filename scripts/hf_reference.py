@@ -249,6 +249,24 @@ def conversations():
     return convs
 
 
+# rlrun_rollout::env::tools::Calculator's schema (Tool::schema), as chat templates receive it.
+CALCULATOR_SCHEMA = {"type": "function", "function": {
+    "name": "calculator",
+    "description": "Evaluates an arithmetic expression of integers with + - * / and parentheses.",
+    "parameters": {"type": "object", "properties": {"expression": {"type": "string",
+                   "description": "for example (12 + 3) * 4"}}, "required": ["expression"]}}}
+
+
+def tool_conversations():
+    return [
+        [{"role": "user", "content": "What is 123 * 456?"}],
+        [{"role": "system", "content": "Use tools."}, {"role": "user", "content": "What is 2 + 2?"}],
+        [{"role": "user", "content": "What is 12 * 34?"},
+         {"role": "assistant", "content": "<tool_call>\n{\"name\": \"calculator\", \"arguments\": {\"expression\": \"12 * 34\"}}\n</tool_call>"},
+         {"role": "tool", "content": "408"}],
+    ]
+
+
 def tokenizer_cases(model_dir, out_file, gguf_file=None):
     from transformers import AutoTokenizer
 
@@ -269,6 +287,13 @@ def tokenizer_cases(model_dir, out_file, gguf_file=None):
             if isinstance(ids, dict) or hasattr(ids, "keys"):
                 ids = ids["input_ids"]
             chats.append({"messages": c, "add_generation_prompt": agp, "text": text, "ids": list(ids)})
+    # Tools passed to the template (multi-turn tool use): Qwen3's template declares them in the
+    # system turn and wraps tool results; templates without tool support ignore them.
+    for c in tool_conversations():
+        text = tok.apply_chat_template(c, tools=[CALCULATOR_SCHEMA], tokenize=False, add_generation_prompt=True)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        chats.append({"messages": c, "tools": [CALCULATOR_SCHEMA], "add_generation_prompt": True,
+                      "text": text, "ids": list(ids)})
     cases = {"strings": strings, "ids": enc, "ids_no_special": enc_plain, "decoded": dec,
              "decoded_skip_special": dec_skip, "chats": chats}
     if gguf_file is not None:

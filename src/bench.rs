@@ -113,6 +113,19 @@ pub enum BenchCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Multi-turn rollouts with a slow tool: wall time per step of a recipe with an
+    /// `[environment]` whose every tool call waits `--latency-ms`, against the same recipe with
+    /// instant tools (the waits overlap the other episodes' decoding).
+    ToolLatency {
+        recipe: PathBuf,
+        #[arg(long, default_value_t = 200)]
+        latency_ms: u64,
+        /// Overrides applied to both runs.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -377,6 +390,12 @@ pub fn run(what: BenchCommand) -> anyhow::Result<()> {
             json,
         } => shm_sync(&model, iters, checksum, json.as_deref()),
         BenchCommand::Async { recipe, set, json } => async_rollouts(&recipe, &set, json.as_deref()),
+        BenchCommand::ToolLatency {
+            recipe,
+            latency_ms,
+            set,
+            json,
+        } => tool_latency(&recipe, latency_ms, &set, json.as_deref()),
         BenchCommand::Memory {
             model,
             rank,
@@ -874,30 +893,49 @@ fn shm_sync(
 
 /// A recipe run with `rollout.max_staleness` = 0 and = 1 (same overrides otherwise); mean wall
 /// time per step, the first step excluded (nothing to overlap yet).
+/// Runs `recipe` with `overrides` (no evaluations) and returns the mean wall time per step and
+/// the mean of each of `metrics` over steps 2.. (the first warms up).
+fn per_step(
+    recipe: &Path,
+    overrides: &[String],
+    metrics: &[&str],
+) -> anyhow::Result<(f64, Vec<f64>)> {
+    let mut overrides = overrides.to_vec();
+    overrides.push("eval.before=false".into());
+    overrides.push("eval.after=false".into());
+    overrides.push("eval.every=0".into());
+    let tmp = tempfile::tempdir()?;
+    overrides.push(format!("logging.run_dir=\"{}\"", tmp.path().display()));
+    let mut run = rlrun::Run::create(rlrun::Recipe::load(recipe, &overrides)?)?;
+    let steps = run.recipe.config.steps;
+    let t = Instant::now();
+    let mut first = 0.0;
+    let mut sums = vec![0.0; metrics.len()];
+    for i in 0..steps {
+        let m = run.step()?;
+        if i == 0 {
+            first = t.elapsed().as_secs_f64();
+        } else {
+            for (sum, k) in sums.iter_mut().zip(metrics) {
+                *sum += m.get(*k).copied().unwrap_or(f64::NAN);
+            }
+        }
+    }
+    let later = steps.saturating_sub(1).max(1) as f64;
+    let s = (t.elapsed().as_secs_f64() - first) / later;
+    Ok((s, sums.into_iter().map(|x| x / later).collect()))
+}
+
 fn async_rollouts(recipe: &Path, set: &[String], json_path: Option<&Path>) -> anyhow::Result<()> {
-    let mut per_step = Vec::new();
+    let mut per_step_s = Vec::new();
     for k in [0u64, 1] {
         let mut overrides = set.to_vec();
         overrides.push(format!("rollout.max_staleness={k}"));
-        overrides.push("eval.before=false".into());
-        overrides.push("eval.after=false".into());
-        overrides.push("eval.every=0".into());
-        let tmp = tempfile::tempdir()?;
-        overrides.push(format!("logging.run_dir=\"{}\"", tmp.path().display()));
-        let mut run = rlrun::Run::create(rlrun::Recipe::load(recipe, &overrides)?)?;
-        let steps = run.recipe.config.steps;
-        let t = Instant::now();
-        let mut first = 0.0;
-        for i in 0..steps {
-            run.step()?;
-            if i == 0 {
-                first = t.elapsed().as_secs_f64();
-            }
-        }
-        let s = (t.elapsed().as_secs_f64() - first) / (steps.saturating_sub(1).max(1)) as f64;
-        println!("  max_staleness = {k}: {:.2} s/step (steps 2..{steps})", s);
-        per_step.push(s);
+        let (s, _) = per_step(recipe, &overrides, &[])?;
+        println!("  max_staleness = {k}: {s:.2} s/step (steps after the first)");
+        per_step_s.push(s);
     }
+    let per_step = per_step_s;
     println!("asynchronous rollouts, {}", recipe.display());
     println!("  machine: {}", machine());
     println!(
@@ -908,6 +946,45 @@ fn async_rollouts(recipe: &Path, set: &[String], json_path: Option<&Path>) -> an
         let v = json!({"bench": "async", "machine": machine(), "recipe": recipe, "overrides": set,
             "on_policy_s_per_step": per_step[0], "async_s_per_step": per_step[1],
             "ratio": per_step[1] / per_step[0]});
+        std::fs::write(p, serde_json::to_string_pretty(&v)?)?;
+    }
+    Ok(())
+}
+
+fn tool_latency(
+    recipe: &Path,
+    latency_ms: u64,
+    set: &[String],
+    json_path: Option<&Path>,
+) -> anyhow::Result<()> {
+    let mut rows = Vec::new();
+    for ms in [0, latency_ms] {
+        let mut overrides = set.to_vec();
+        overrides.push(format!("environment.tool_latency_ms={ms}"));
+        let (step_s, m) = per_step(
+            recipe,
+            &overrides,
+            &["time/generate_s", "env/tool_calls_mean"],
+        )?;
+        let (rollout_s, calls) = (m[0], m[1]);
+        println!(
+            "  tool latency {ms:>4} ms: {step_s:.2} s/step, rollouts {rollout_s:.2} s/step, {calls:.2} tool calls per episode"
+        );
+        rows.push((step_s, rollout_s));
+    }
+    println!("multi-turn rollouts with a slow tool, {}", recipe.display());
+    println!("  machine: {}", machine());
+    println!(
+        "  ratio ({latency_ms} ms tool / instant tool): step {:.2}, rollouts {:.2}",
+        rows[1].0 / rows[0].0,
+        rows[1].1 / rows[0].1
+    );
+    if let Some(p) = json_path {
+        let v = json!({"bench": "tool-latency", "machine": machine(), "recipe": recipe,
+            "overrides": set, "latency_ms": latency_ms,
+            "instant_s_per_step": rows[0].0, "slow_s_per_step": rows[1].0,
+            "instant_rollout_s": rows[0].1, "slow_rollout_s": rows[1].1,
+            "step_ratio": rows[1].0 / rows[0].0, "rollout_ratio": rows[1].1 / rows[0].1});
         std::fs::write(p, serde_json::to_string_pretty(&v)?)?;
     }
     Ok(())

@@ -8,6 +8,7 @@ pub mod controller;
 pub mod error;
 pub mod manifest;
 pub mod metrics;
+pub mod multiturn;
 pub mod recipe;
 pub mod sync;
 pub mod tensorboard;

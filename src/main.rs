@@ -192,6 +192,18 @@ fn train(mut run: Run) -> anyhow::Result<()> {
             );
         }
     }
+    if let (Some(b), Some(a)) = (
+        summary
+            .before
+            .as_ref()
+            .and_then(|e| e.tool_calls_per_episode),
+        summary
+            .after
+            .as_ref()
+            .and_then(|e| e.tool_calls_per_episode),
+    ) {
+        println!("tool calls per held-out episode: {b:.2} before, {a:.2} after");
+    }
     if summary.interrupted {
         println!(
             "interrupted at step {}: checkpoint written; continue with `rlrun resume {}`",

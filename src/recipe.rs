@@ -67,7 +67,13 @@ pub struct RecipeConfig {
     pub data: DataSection,
     #[serde(default)]
     pub rollout: RolloutSection,
-    pub reward: RewardConfig,
+    /// How completions are scored; required unless an `[environment]` scores episodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reward: Option<RewardConfig>,
+    /// Multi-turn episodes in an environment (tool use, games) instead of single completions:
+    /// the environment's rewards replace `[reward]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment: Option<rlrun_rollout::env::EnvironmentConfig>,
     #[serde(default)]
     pub reward_runner: RewardRunnerConfig,
     #[serde(default)]
@@ -479,7 +485,9 @@ pub struct Built {
     pub train: Arc<dyn Dataset>,
     /// The evaluation problems (distinct; see `eval_set`), empty without `data.eval`.
     pub eval: Vec<Sample>,
-    pub reward: Arc<dyn RewardFn>,
+    /// None when an environment scores the episodes.
+    pub reward: Option<Arc<dyn RewardFn>>,
+    pub environment: Option<Arc<dyn rlrun_rollout::env::Environment>>,
     pub estimator: Arc<dyn AdvantageEstimator>,
 }
 
@@ -815,6 +823,27 @@ fn validate(
             return Err(err("algorithm.dynamic_sampling", format!("needs a group advantage (grpo, dr-grpo, rloo, reinforce-pp-baseline), not `{adv_name}`")));
         }
     }
+    if let Some(e) = &c.environment {
+        if r.max_staleness > 0 {
+            return Err(err(
+                "rollout.max_staleness",
+                "multi-turn episodes ([environment]) are generated on-policy: set it to 0".into(),
+            ));
+        }
+        if e.max_tokens_per_turn == Some(0) {
+            return Err(err(
+                "environment.max_tokens_per_turn",
+                "must be at least 1".into(),
+            ));
+        }
+        if c.eval.pass_k > 0 {
+            return Err(err(
+                "eval.pass_k",
+                "pass@k is not computed for multi-turn episodes ([environment]): set it to 0"
+                    .into(),
+            ));
+        }
+    }
     let t = &c.trainer;
     if !(t.lr > 0.0 && t.lr.is_finite()) {
         return Err(err("trainer.lr", format!("must be > 0, got {}", t.lr)));
@@ -966,7 +995,26 @@ fn build(
         }
         None => Vec::new(),
     };
-    let reward = c.reward.build().map_err(|e| err("reward", e.to_string()))?;
+    let reward = match (&c.reward, &c.environment) {
+        (Some(r), None) => Some(r.build().map_err(|e| err("reward", e.to_string()))?),
+        (None, Some(_)) => None,
+        (Some(_), Some(_)) => {
+            return Err(err(
+                "reward",
+                "an [environment] scores its episodes: remove [reward] (or the environment)".into(),
+            ))
+        }
+        (None, None) => {
+            return Err(err(
+                "reward",
+                "missing: add a [reward] section (or an [environment])".into(),
+            ))
+        }
+    };
+    let environment = match &c.environment {
+        Some(e) => Some(e.build().map_err(|m| err("environment", m))?),
+        None => None,
+    };
     let estimator = c
         .algorithm
         .advantage
@@ -976,6 +1024,7 @@ fn build(
         train,
         eval,
         reward,
+        environment,
         estimator: Arc::from(estimator),
     })
 }

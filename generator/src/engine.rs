@@ -119,6 +119,12 @@ pub struct EngineConfig {
     /// which stay as loaded (and may be shared with a trainer in the same process).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora: Option<rlrun_model::LoraConfig>,
+    /// Multi-turn: the KV cache of finished single-sample sequences is kept, up to this many
+    /// tokens in all (the oldest dropped first), so that a request continuing one (its prompt
+    /// starts with that sequence's prompt and generated tokens, as a conversation's next turn
+    /// does) prefills only its new tokens. 0 (default): off. Dropped at every weight update.
+    #[serde(default)]
+    pub prefix_cache_tokens: usize,
 }
 
 /// The prefill budget (prompt tokens per prefill step) a run's generators use: what
@@ -134,6 +140,7 @@ impl Default for EngineConfig {
             seed: 0,
             update_policy: UpdatePolicy::Drain,
             lora: None,
+            prefix_cache_tokens: 0,
         }
     }
 }
@@ -182,6 +189,10 @@ pub struct EngineStats {
     pub tokens_per_s: f64,
     pub busy_s: f64,
     pub policy_version: u64,
+    /// Prompt tokens not prefilled because a kept prefix held them (see
+    /// [`EngineConfig::prefix_cache_tokens`]).
+    #[serde(default)]
+    pub prefix_hit_tokens: u64,
     /// Seconds per decode phase, summed over steps, when `RLRUN_PROFILE=1` (each phase is
     /// synchronized on CUDA, which itself costs time: for diagnosis only).
     pub profile: std::collections::BTreeMap<String, f64>,
@@ -241,6 +252,16 @@ struct Pending {
     samples: Vec<usize>,
 }
 
+/// The KV cache of a finished sequence, kept for a request that continues it.
+struct KeptPrefix {
+    /// The tokens whose keys and values `kv` holds (prompt and all but the last sampled token).
+    tokens: Vec<i64>,
+    kv: Vec<Tensor>,
+    /// The experts of each of those tokens (mixture-of-experts models).
+    routes: Vec<i16>,
+    version: u64,
+}
+
 struct Seq {
     req: Arc<ReqState>,
     sample: usize,
@@ -273,6 +294,9 @@ pub struct Engine {
     mapped: Option<rlrun_weights_sync::shm::MappedWeights>,
     aborted: HashSet<u64>,
     stats: EngineStats,
+    /// Kept prefixes, oldest first, and their tokens in all.
+    prefixes: VecDeque<KeptPrefix>,
+    prefix_tokens: usize,
 }
 
 impl Engine {
@@ -344,6 +368,8 @@ impl Engine {
             mapped: None,
             aborted: HashSet::new(),
             stats,
+            prefixes: VecDeque::new(),
+            prefix_tokens: 0,
         })
     }
 
@@ -390,6 +416,8 @@ impl Engine {
             return Ok(0);
         }
         let freed = self.cache.bytes();
+        self.prefixes.clear();
+        self.prefix_tokens = 0;
         self.cache = KvCache::new(
             &self.config,
             0,
@@ -629,6 +657,8 @@ impl Engine {
         }
         self.version = version;
         self.stats.policy_version = version;
+        self.prefixes.clear();
+        self.prefix_tokens = 0;
         Ok(())
     }
 
@@ -748,25 +778,43 @@ impl Engine {
         )?;
         self.stats.kv_cache_bytes = self.cache.bytes();
         let device = self.weights.device();
+        // Prompts that continue a kept prefix start after it, its keys and values copied in.
+        let mut start = Vec::with_capacity(groups.len());
+        let mut kept_routes = Vec::with_capacity(groups.len());
+        for (p, slots) in &groups {
+            match self.take_prefix(&p.req.prompt) {
+                Some(k) => {
+                    self.cache.import_prefix(slots[0] as i64, &k.kv)?;
+                    start.push(k.tokens.len() as i64);
+                    self.stats.prefix_hit_tokens += k.tokens.len() as u64;
+                    kept_routes.push(k.routes);
+                }
+                None => {
+                    start.push(0);
+                    kept_routes.push(Vec::new());
+                }
+            }
+        }
         let g = groups.len() as i64;
         let t = groups
             .iter()
-            .map(|(p, _)| p.req.prompt.len())
+            .zip(&start)
+            .map(|((p, _), &s)| p.req.prompt.len() - s as usize)
             .max()
             .unwrap_or(1) as i64;
         let mut ids = vec![0i64; (g * t) as usize];
         let mut lens = Vec::with_capacity(groups.len());
         let mut primaries = Vec::with_capacity(groups.len());
         for (r, (p, slots)) in groups.iter().enumerate() {
-            ids[r * t as usize..r * t as usize + p.req.prompt.len()].copy_from_slice(&p.req.prompt);
-            lens.push(p.req.prompt.len() as i64);
+            let new = &p.req.prompt[start[r] as usize..];
+            ids[r * t as usize..r * t as usize + new.len()].copy_from_slice(new);
+            lens.push(new.len() as i64);
             primaries.push(slots[0] as i64);
         }
         let ids_t = Tensor::from_slice(&ids)
             .f_view([g, t])?
             .f_to_device(device)?;
         let slots_t = Tensor::from_slice(&primaries).f_to_device(device)?;
-        let start = vec![0i64; groups.len()];
         let routing = Routing::default();
         let hidden = self.model.forward_cached_routed(
             &ids_t,
@@ -794,7 +842,8 @@ impl Engine {
         for (r, (p, slots)) in groups.iter().enumerate() {
             if slots.len() > 1 {
                 let dst: Vec<i64> = slots[1..].iter().map(|&s| s as i64).collect();
-                self.cache.copy_prefix(slots[0] as i64, &dst, lens[r])?;
+                self.cache
+                    .copy_prefix(slots[0] as i64, &dst, start[r] + lens[r])?;
             }
             for &s in &p.samples {
                 row_of_sample.push(r as i64);
@@ -805,10 +854,15 @@ impl Engine {
         let (tokens, lps) = sample(&logits.f_index_select(0, &sel)?, &rows)?;
         let (tokens, lps) = to_host(&tokens, &lps)?;
         let mut k = 0;
-        for ((p, slots), routes) in groups.into_iter().zip(prompt_routes) {
-            // Only the prompt's valid tokens (the row is padded to the longest prompt).
+        for (((p, slots), routes), mut kept) in
+            groups.into_iter().zip(prompt_routes).zip(kept_routes)
+        {
+            // Only the prompt's valid tokens (the row is padded to the longest prompt), after
+            // those of a kept prefix.
             let per_token = routes.len() / t as usize;
-            let routes = &routes[..per_token * p.req.prompt.len()];
+            let new = p.req.prompt.len() - kept.len() / per_token.max(1);
+            kept.extend_from_slice(&routes[..per_token * new.min(t as usize)]);
+            let routes = &kept[..];
             for (&sample_idx, &slot) in p.samples.iter().zip(&slots) {
                 let seq = Seq {
                     routes: routes.to_vec(),
@@ -823,7 +877,10 @@ impl Engine {
                 k += 1;
                 self.stats.generated_tokens += 1;
                 match self.finish_reason(&seq) {
-                    Some(reason) => done.push(finish(seq, reason, self.version)),
+                    Some(reason) => {
+                        self.keep_prefix(slot, &seq, reason)?;
+                        done.push(finish(seq, reason, self.version));
+                    }
                     None => self.slots[slot] = Some(seq),
                 }
             }
@@ -904,6 +961,7 @@ impl Engine {
             self.stats.generated_tokens += 1;
             if let Some(reason) = self.finish_reason(self.slots[slot].as_ref().expect("active")) {
                 if let Some(seq) = self.slots[slot].take() {
+                    self.keep_prefix(slot, &seq, reason)?;
                     done.push(finish(seq, reason, self.version));
                 }
             }
@@ -935,6 +993,52 @@ impl Engine {
             self.slots[dst] = self.slots[src].take();
         }
         Ok(())
+    }
+
+    /// Keeps the cache of a finished single-sample sequence (see
+    /// [`EngineConfig::prefix_cache_tokens`]).
+    fn keep_prefix(&mut self, slot: usize, seq: &Seq, reason: FinishReason) -> Result<()> {
+        let budget = self.cfg.prefix_cache_tokens;
+        let len = seq.pos as usize;
+        if budget == 0 || seq.req.params.n != 1 || reason == FinishReason::Abort || len > budget {
+            return Ok(());
+        }
+        let prompt = &seq.req.prompt;
+        let tokens = [prompt.as_slice(), &seq.tokens[..len - prompt.len()]].concat();
+        let kv = self.cache.export_prefix(slot as i64, seq.pos)?;
+        while self.prefix_tokens + len > budget {
+            let Some(old) = self.prefixes.pop_front() else {
+                break;
+            };
+            self.prefix_tokens -= old.tokens.len();
+        }
+        self.prefix_tokens += len;
+        self.prefixes.push_back(KeptPrefix {
+            tokens,
+            kv,
+            routes: seq.routes.clone(),
+            version: self.version,
+        });
+        Ok(())
+    }
+
+    /// Takes the longest kept prefix of `prompt` (shorter than it: at least one token is
+    /// prefilled), from these weights.
+    fn take_prefix(&mut self, prompt: &[i64]) -> Option<KeptPrefix> {
+        let i = self
+            .prefixes
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| {
+                k.version == self.version
+                    && k.tokens.len() < prompt.len()
+                    && prompt.starts_with(&k.tokens)
+            })
+            .max_by_key(|(_, k)| k.tokens.len())?
+            .0;
+        let k = self.prefixes.remove(i)?;
+        self.prefix_tokens -= k.tokens.len();
+        Some(k)
     }
 
     fn finish_reason(&self, seq: &Seq) -> Option<FinishReason> {

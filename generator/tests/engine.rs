@@ -686,3 +686,114 @@ fn abort_frees_the_slot_for_queued_work() {
     assert_eq!(done[0].token_ids.len(), 40);
     assert_eq!(done[0].finish_reason, FinishReason::Length);
 }
+
+/// A kept prefix (multi-turn): a request continuing a finished sequence prefills only its new
+/// tokens, and its completion (tokens and log-probs) is the one a full prefill gives; also with
+/// `n > 1` samples of the continuation and across a mix of continuing and fresh prompts. A weight
+/// update drops the kept prefixes.
+#[test]
+fn kept_prefixes_continue_conversations_like_a_full_prefill() {
+    let dir = fixtures().join("tiny-llama3");
+    let cfg = |keep: usize| EngineConfig {
+        max_slots: 8,
+        max_len: 128,
+        prefix_cache_tokens: keep,
+        ..Default::default()
+    };
+    let params = |n: usize, max_tokens: usize| SamplingParams {
+        n,
+        temperature: 1.0,
+        max_tokens,
+        stop_token_ids: Some(vec![]),
+        seed: Some(7),
+        ..Default::default()
+    };
+    let first: Vec<Vec<i64>> = (0..3)
+        .map(|i| (0..9 + 3 * i).map(|j| 5 + (i * 31 + j * 7) % 300).collect())
+        .collect();
+    let run = |keep: usize| {
+        let (mut engine, _) = engine_for(&dir, cfg(keep));
+        for (i, p) in first.iter().enumerate() {
+            engine
+                .submit(Request {
+                    id: i as u64,
+                    prompt: p.clone(),
+                    params: params(1, 6),
+                    key: None,
+                })
+                .unwrap();
+        }
+        let turn1 = by_key(engine.run_to_completion().unwrap());
+        // Next turns: the conversation so far plus an observation; one fresh prompt besides.
+        let mut next = Vec::new();
+        for (i, p) in first.iter().enumerate() {
+            let mut q = p.clone();
+            q.extend(&turn1[&(i as u64, 0)].token_ids);
+            q.extend([11, 12, 13 + i as i64]);
+            next.push(q);
+        }
+        next.push((0..12).map(|j| 40 + j).collect());
+        for (i, q) in next.iter().enumerate() {
+            engine
+                .submit(Request {
+                    id: 10 + i as u64,
+                    prompt: q.clone(),
+                    params: params(if i == 1 { 3 } else { 1 }, 5),
+                    key: None,
+                })
+                .unwrap();
+        }
+        let turn2 = by_key(engine.run_to_completion().unwrap());
+        (turn2, engine.stats())
+    };
+    let (full, full_stats) = run(0);
+    let (kept, kept_stats) = run(10_000);
+    assert_eq!(full_stats.prefix_hit_tokens, 0);
+    // Turn 1's prompts and all but the last sampled token of each completion were kept.
+    let want: u64 = first.iter().map(|p| p.len() as u64 + 5).sum();
+    assert_eq!(kept_stats.prefix_hit_tokens, want);
+    assert_eq!(
+        full_stats.prefill_tokens - kept_stats.prefill_tokens,
+        want,
+        "only the new tokens are prefilled"
+    );
+    assert_eq!(full.len(), kept.len());
+    let mut worst = 0f32;
+    for (k, a) in &full {
+        let b = &kept[k];
+        assert_eq!(a.token_ids, b.token_ids, "{k:?}");
+        for (x, y) in a.logprobs.iter().zip(&b.logprobs) {
+            worst = worst.max((x - y).abs());
+        }
+    }
+    assert!(worst <= 1e-5, "{worst:e}");
+
+    // A weight update drops them: the next continuation prefills in full.
+    let (mut engine, files) = engine_for(&dir, cfg(10_000));
+    engine
+        .submit(Request {
+            id: 1,
+            prompt: first[0].clone(),
+            params: params(1, 4),
+            key: None,
+        })
+        .unwrap();
+    let c = engine.run_to_completion().unwrap().remove(0);
+    let w = files.load_weights(Kind::Float, Device::Cpu).unwrap();
+    engine
+        .update_weights(1, WeightUpdate::Flat(w.flat.shallow_clone()))
+        .unwrap();
+    let mut q = first[0].clone();
+    q.extend(&c.token_ids);
+    q.push(9);
+    engine
+        .submit(Request {
+            id: 2,
+            prompt: q,
+            params: params(1, 2),
+            key: None,
+        })
+        .unwrap();
+    engine.run_to_completion().unwrap();
+    assert_eq!(engine.stats().prefix_hit_tokens, 0);
+}

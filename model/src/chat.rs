@@ -72,8 +72,23 @@ impl ChatTemplate {
 
     /// Renders `messages` (a JSON list of message objects).
     pub fn render_json(&self, messages: &Json, add_generation_prompt: bool) -> Result<String> {
+        self.render_json_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// Renders `messages` with `tools` (a JSON list of function schemas, see
+    /// `rlrun_rollout::env::tools::Tool::schema`) passed to the template as `tools`, like
+    /// `apply_chat_template(messages, tools=tools, ...)`; templates without tool support ignore it.
+    pub fn render_json_with_tools(
+        &self,
+        messages: &Json,
+        tools: Option<&Json>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let mut ctx = self.specials.clone();
         ctx.insert("messages".into(), messages.clone());
+        if let Some(t) = tools {
+            ctx.insert("tools".into(), t.clone());
+        }
         ctx.insert(
             "add_generation_prompt".into(),
             Json::Bool(add_generation_prompt),

@@ -287,6 +287,32 @@ impl KvCache {
             .sum()
     }
 
+    /// A copy of the first `len` positions of slot `slot`: keys then values of each layer, each
+    /// `(n_kv, len, head_dim)` (for [`KvCache::import_prefix`]).
+    pub fn export_prefix(&self, slot: i64, len: i64) -> Result<Vec<Tensor>> {
+        self.k
+            .iter()
+            .chain(&self.v)
+            .map(|c| Ok(c.f_select(0, slot)?.f_narrow(1, 0, len)?.copy()))
+            .collect()
+    }
+
+    /// Writes a prefix from [`KvCache::export_prefix`] into positions `0..len` of slot `slot`.
+    pub fn import_prefix(&mut self, slot: i64, prefix: &[Tensor]) -> Result<()> {
+        if prefix.len() != self.k.len() * 2 {
+            return Err(ModelError::Invalid(format!(
+                "a KV prefix of {} tensors for a cache of {} layers",
+                prefix.len(),
+                self.k.len()
+            )));
+        }
+        for (c, p) in self.k.iter_mut().chain(self.v.iter_mut()).zip(prefix) {
+            let len = p.size()[1];
+            c.f_select(0, slot)?.f_narrow(1, 0, len)?.f_copy_(p)?;
+        }
+        Ok(())
+    }
+
     /// Copies the first `len` positions of slot `src` into each slot of `dst` (shared prompts).
     pub fn copy_prefix(&mut self, src: i64, dst: &[i64], len: i64) -> Result<()> {
         if dst.is_empty() || len == 0 {

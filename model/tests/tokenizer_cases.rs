@@ -42,7 +42,9 @@ pub fn check(tok: &Tokenizer, cases: &Value) -> usize {
     assert!(chats.len() >= 20, "only {} conversations", chats.len());
     for c in chats {
         let agp = c["add_generation_prompt"].as_bool().unwrap();
-        let text = tpl.render_json(&c["messages"], agp).unwrap();
+        let text = tpl
+            .render_json_with_tools(&c["messages"], c.get("tools"), agp)
+            .unwrap();
         assert_eq!(
             text,
             c["text"].as_str().unwrap(),

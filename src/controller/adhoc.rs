@@ -84,8 +84,9 @@ impl Run {
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.prompts.tokenizer
     }
-    pub fn rewards_mut(&mut self) -> &mut RewardRunner {
-        &mut self.rewards
+    /// The reward runner (None when an environment scores episodes).
+    pub fn rewards_mut(&mut self) -> Option<&mut RewardRunner> {
+        self.rewards.as_mut()
     }
     pub fn generator(&self) -> &dyn GeneratorActor {
         self.actors.generator.as_ref()

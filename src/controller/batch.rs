@@ -24,9 +24,16 @@ pub(crate) struct StepBatch {
 pub(crate) fn build(groups: &[ScoredGroup]) -> StepBatch {
     let mut b = StepBatch::default();
     for (gi, g) in groups.iter().enumerate() {
-        for ((comp, &reward), text) in g.completions.iter().zip(&g.rewards).zip(&g.texts) {
+        for (j, ((comp, &reward), text)) in g
+            .completions
+            .iter()
+            .zip(&g.rewards)
+            .zip(&g.texts)
+            .enumerate()
+        {
+            let episode = g.episodes.get(j);
             b.seqs.push(TrainSequence {
-                prompt: g.prompt_ids.clone(),
+                prompt: episode.map_or_else(|| g.prompt_ids.clone(), |e| e.prompt.clone()),
                 response: comp.token_ids.clone(),
                 advantages: Vec::new(),
                 behavior_logprobs: Some(comp.logprobs.clone()),
@@ -34,7 +41,7 @@ pub(crate) fn build(groups: &[ScoredGroup]) -> StepBatch {
                 old_values: None,
                 ref_logprobs: None,
                 routes: comp.routes.clone(),
-                loss_mask: Vec::new(),
+                loss_mask: episode.map(|e| e.loss_mask.clone()).unwrap_or_default(),
             });
             b.group_ids.push(gi as u64);
             b.rewards.push(reward);
@@ -112,6 +119,7 @@ mod tests {
             texts: comps.iter().map(|c| format!("{:?}", c.token_ids)).collect(),
             completions: comps,
             rewards,
+            episodes: Vec::new(),
         }
     }
 

@@ -27,6 +27,9 @@ pub struct EvalResult {
     /// intervals and paired comparisons between evaluations).
     #[serde(default)]
     pub correct: Vec<bool>,
+    /// Multi-turn episodes: tool calls per episode (with an environment).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls_per_episode: Option<f64>,
 }
 
 impl EvalResult {
@@ -84,8 +87,6 @@ impl Run {
             ));
         }
         let t = Instant::now();
-        let mut skipped = 0;
-        let items = self.prompts.prepare(self.eval_set.clone(), &mut skipped)?;
         let max_tokens = c.eval.max_tokens.unwrap_or(c.rollout.max_tokens);
         let greedy = SamplingParams {
             n: 1,
@@ -100,8 +101,35 @@ impl Run {
             ..DrawKey::default()
         };
         let generator = self.actors.generator.as_ref();
+        if let Some(ep) = &self.episodes {
+            let batch = ep.run(
+                generator,
+                &self.prompts,
+                &self.eval_set,
+                1,
+                &greedy,
+                key(Purpose::Eval),
+            )?;
+            let g = &batch.groups;
+            self.last_eval = g
+                .iter()
+                .map(|g| (g.prompt_text.clone(), g.texts[0].clone(), g.rewards[0]))
+                .collect();
+            let rewards: Vec<f32> = g.iter().map(|g| g.rewards[0]).collect();
+            let lengths: Vec<usize> = g.iter().map(|g| g.completions[0].token_ids.len()).collect();
+            let mut extra: Vec<(String, f64)> = batch.stats.metrics("eval/env");
+            let tool_calls = batch.stats.tool_calls as f64 / batch.stats.episodes.max(1) as f64;
+            extra.push(("eval/tool_calls_per_episode".into(), tool_calls));
+            return self.finish_eval(t, &rewards, &lengths, None, Some(tool_calls), extra);
+        }
+        let mut skipped = 0;
+        let items = self.prompts.prepare(self.eval_set.clone(), &mut skipped)?;
         let groups = generate(generator, &items, &greedy, key(Purpose::Eval))?;
-        let scored = score(&self.rewards, &self.prompts, &items, &groups, max_tokens)?;
+        let rewards_runner = self
+            .rewards
+            .as_ref()
+            .ok_or_else(|| Error::Usage("this run has no [reward]".into()))?;
+        let scored = score(rewards_runner, &self.prompts, &items, &groups, max_tokens)?;
         self.last_eval = items
             .iter()
             .zip(&scored.texts)
@@ -109,17 +137,7 @@ impl Run {
             .map(|((it, t), &r)| Ok((self.prompts.decode(&it.ids)?, t.clone(), r)))
             .collect::<Result<_>>()?;
         let rewards = scored.rewards;
-        let n = rewards.len().max(1) as f64;
-        let correct = rewards
-            .iter()
-            .filter(|&&r| r >= c.eval.correct_threshold)
-            .count() as f64;
-        let mean_len = groups
-            .iter()
-            .flatten()
-            .map(|c| c.token_ids.len())
-            .sum::<usize>() as f64
-            / n;
+        let lengths: Vec<usize> = groups.iter().flatten().map(|c| c.token_ids.len()).collect();
         let pass_at_k = if c.eval.pass_k > 0 {
             let params = SamplingParams {
                 n: c.eval.pass_k,
@@ -127,7 +145,7 @@ impl Run {
                 ..sampling(c)
             };
             let g = generate(generator, &items, &params, key(Purpose::PassAtK))?;
-            let r = score(&self.rewards, &self.prompts, &items, &g, max_tokens)?.rewards;
+            let r = score(rewards_runner, &self.prompts, &items, &g, max_tokens)?.rewards;
             let solved = r
                 .chunks(c.eval.pass_k)
                 .filter(|ch| ch.iter().any(|&x| x >= c.eval.correct_threshold))
@@ -136,18 +154,35 @@ impl Run {
         } else {
             None
         };
+        self.finish_eval(t, &rewards, &lengths, pass_at_k, None, Vec::new())
+    }
+
+    /// The result of an evaluation with these greedy rewards and lengths, logged and kept.
+    fn finish_eval(
+        &mut self,
+        t: Instant,
+        rewards: &[f32],
+        lengths: &[usize],
+        pass_at_k: Option<f64>,
+        tool_calls_per_episode: Option<f64>,
+        extra: Vec<(String, f64)>,
+    ) -> Result<EvalResult> {
+        let c = &self.recipe.config;
+        let n = rewards.len().max(1) as f64;
+        let correct: Vec<bool> = rewards
+            .iter()
+            .map(|&r| r >= c.eval.correct_threshold)
+            .collect();
         let res = EvalResult {
             step: self.step,
             problems: rewards.len(),
-            accuracy: correct / n,
+            accuracy: correct.iter().filter(|&&x| x).count() as f64 / n,
             mean_reward: rewards.iter().map(|&r| f64::from(r)).sum::<f64>() / n,
-            mean_response_len: mean_len,
+            mean_response_len: lengths.iter().sum::<usize>() as f64 / n,
             pass_at_k,
             seconds: t.elapsed().as_secs_f64(),
-            correct: rewards
-                .iter()
-                .map(|&r| r >= c.eval.correct_threshold)
-                .collect(),
+            correct,
+            tool_calls_per_episode,
         };
         let mut m = BTreeMap::new();
         m.insert("eval/accuracy".to_string(), res.accuracy);
@@ -158,6 +193,7 @@ impl Run {
         if let Some(p) = res.pass_at_k {
             m.insert(format!("eval/pass_at_{}", c.eval.pass_k), p);
         }
+        m.extend(extra);
         self.sink.eval(self.step, &m)?;
         self.evals.push(res.clone());
         Ok(res)
@@ -220,6 +256,7 @@ mod tests {
             pass_at_k: None,
             seconds: 0.0,
             correct: correct.to_vec(),
+            tool_calls_per_episode: None,
         }
     }
 

@@ -21,6 +21,7 @@
 mod adhoc;
 mod batch;
 mod checkpoint;
+mod episodes;
 mod eval;
 mod placement;
 mod rollouts;
@@ -72,7 +73,10 @@ pub struct Run {
     sync: Box<dyn WeightSync>,
     rollouts: Rollouts,
     eval_set: Vec<Sample>,
-    rewards: RewardRunner,
+    /// None when an environment scores episodes.
+    rewards: Option<RewardRunner>,
+    /// The recipe's environment (multi-turn episodes), if any.
+    episodes: Option<episodes::Episodes>,
     estimator: Arc<dyn AdvantageEstimator>,
     step: u64,
     sink: MetricsSink,
@@ -118,7 +122,8 @@ macro_rules! context {
         rollouts::Context {
             generator: $run.actors.generator.as_ref(),
             enc: &$run.prompts,
-            rewards: &$run.rewards,
+            rewards: $run.rewards.as_ref(),
+            episodes: $run.episodes.as_ref(),
             config: &$run.recipe.config,
         }
     };
@@ -158,13 +163,22 @@ impl Run {
         let files = ModelFiles::open(&recipe.model_path)?;
         let tokenizer = Arc::new(files.tokenizer.clone());
         let prompts = PromptEncoder::new(tokenizer.clone(), files.chat_template()?, c);
+        let episodes = episodes::Episodes::new(
+            c,
+            recipe.built.environment.clone(),
+            &files,
+            tokenizer.clone(),
+        )?;
         let actors = placement::place(&recipe, &files, tokenizer)?;
         let sync = crate::sync::build(actors.sync, c.sync.checksum, c.model.lora.is_some())?;
         // The recipe's datasets, rewards and estimator were built (and checked) by validation.
         let built = recipe.built.clone();
         let stream = PromptStream::new(built.train.clone(), c.seed, c.data.shuffle)?;
         let eval_set = built.eval.clone();
-        let rewards = RewardRunner::new(built.reward.clone(), c.reward_runner.clone())?;
+        let rewards = match &built.reward {
+            Some(r) => Some(RewardRunner::new(r.clone(), c.reward_runner.clone())?),
+            None => None,
+        };
         let estimator = built.estimator.clone();
         let manifest = crate::manifest::build(&recipe, &files, resume_from.as_deref())?;
         let sink = MetricsSink::open(&run_dir, c.logging.tensorboard, resume_from.is_some())?;
@@ -176,6 +190,7 @@ impl Run {
             rollouts: Rollouts::new(stream),
             eval_set,
             rewards,
+            episodes,
             estimator,
             step: 0,
             sink,

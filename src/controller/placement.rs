@@ -236,15 +236,22 @@ fn engine_config(c: &RecipeConfig) -> EngineConfig {
         .unwrap_or(c.data.prompts_per_step * c.rollout.n)
         .max(c.rollout.n);
     let eval_slots = c.eval.size.unwrap_or(256).min(256);
+    let max_len =
+        c.data.max_prompt_tokens + c.rollout.max_tokens.max(c.eval.max_tokens.unwrap_or(0)) + 1;
     EngineConfig {
         max_slots: slots.max(eval_slots),
-        max_len: c.data.max_prompt_tokens
-            + c.rollout.max_tokens.max(c.eval.max_tokens.unwrap_or(0))
-            + 1,
+        max_len,
         max_prefill_tokens: rlrun_generator::RUN_PREFILL_TOKENS,
         seed: c.seed,
         update_policy: c.rollout.update_policy,
         lora: c.model.lora.clone(),
+        // Multi-turn episodes continue their conversations: keep finished turns' caches (as
+        // many tokens as the cache itself holds at most).
+        prefix_cache_tokens: if c.environment.is_some() {
+            slots.max(eval_slots) * max_len
+        } else {
+            0
+        },
     }
 }
 

@@ -17,7 +17,9 @@ use rlrun_rollout::{
     Sample, ScoreJob,
 };
 
+use super::episodes::Episodes;
 use crate::error::{Error, Result};
+use crate::multiturn::EpisodeStats;
 use crate::recipe::RecipeConfig;
 
 /// Renders prompts with the chat template and tokenizes them; decodes completions.
@@ -218,6 +220,15 @@ pub(crate) struct ScoredGroup {
     pub completions: Vec<Completion>,
     pub rewards: Vec<f32>,
     pub texts: Vec<String>,
+    /// Multi-turn episodes: each completion's own prompt and loss mask (empty for single turns).
+    pub episodes: Vec<EpisodeTokens>,
+}
+
+/// What a multi-turn episode adds to its completion.
+pub(crate) struct EpisodeTokens {
+    pub prompt: Vec<i64>,
+    /// 1 on the model's tokens, 0 on observations.
+    pub loss_mask: Vec<u8>,
 }
 
 /// What one step's collection produced.
@@ -238,14 +249,26 @@ pub(crate) struct StepRollouts {
     pub generate_s: f64,
     pub generate_wait_s: f64,
     pub reward_s: f64,
+    /// Multi-turn episodes' counts (with an environment).
+    pub episodes: Option<EpisodeStats>,
 }
 
 /// What collection reads of the rest of the run.
 pub(crate) struct Context<'a> {
     pub generator: &'a dyn GeneratorActor,
     pub enc: &'a PromptEncoder,
-    pub rewards: &'a RewardRunner,
+    /// None when an environment scores episodes.
+    pub rewards: Option<&'a RewardRunner>,
+    pub episodes: Option<&'a Episodes>,
     pub config: &'a RecipeConfig,
+}
+
+impl Context<'_> {
+    /// The reward runner (recipes without an environment have one).
+    pub fn rewards(&self) -> Result<&RewardRunner> {
+        self.rewards
+            .ok_or_else(|| Error::Usage("this run has no [reward]".into()))
+    }
 }
 
 /// The recipe's sampling settings for training rollouts.
@@ -319,9 +342,54 @@ impl Rollouts {
             generate_s: 0.0,
             generate_wait_s: 0.0,
             reward_s: 0.0,
+            episodes: None,
         };
         loop {
             let round = out.rounds;
+            if let Some(ep) = cx.episodes {
+                let want = if dynamic.is_some() {
+                    sampler.suggested_prompts().max(1)
+                } else {
+                    p
+                };
+                let samples = self.stream.next_batch(want);
+                let t = Instant::now();
+                let batch = ep.run(
+                    cx.generator,
+                    cx.enc,
+                    &samples,
+                    c.rollout.n,
+                    &params,
+                    DrawKey::train(step, round, 0),
+                )?;
+                out.generate_s += t.elapsed().as_secs_f64();
+                out.generate_wait_s += t.elapsed().as_secs_f64();
+                out.tokens += batch
+                    .groups
+                    .iter()
+                    .flat_map(|g| &g.episodes)
+                    .map(|e| e.loss_mask.iter().filter(|&&m| m == 1).count())
+                    .sum::<usize>();
+                out.all_rewards
+                    .extend(batch.groups.iter().flat_map(|g| g.rewards.iter().copied()));
+                match &mut out.episodes {
+                    Some(s) => s.add(&batch.stats),
+                    None => out.episodes = Some(batch.stats),
+                }
+                out.rounds += 1;
+                if dynamic.is_none() {
+                    out.kept = batch.groups;
+                    return Ok(out);
+                }
+                sampler.add_round(batch.groups.into_iter().map(|g| {
+                    let r = g.rewards.clone();
+                    (g, r)
+                }));
+                if sampler.is_done() {
+                    break;
+                }
+                continue;
+            }
             let (items, groups) = match self.take_prefetched(cx, step, round, trainer_version)? {
                 Some(pf) => {
                     out.skipped += pf.skipped;
@@ -356,7 +424,7 @@ impl Rollouts {
                 .map(|c| c.token_ids.len())
                 .sum::<usize>();
             let t = Instant::now();
-            let scored = score(cx.rewards, cx.enc, &items, &groups, c.rollout.max_tokens)?;
+            let scored = score(cx.rewards()?, cx.enc, &items, &groups, c.rollout.max_tokens)?;
             out.reward_s += t.elapsed().as_secs_f64();
             out.all_rewards.extend(&scored.rewards);
             out.reward_stats.push(scored.stats);
@@ -369,6 +437,7 @@ impl Rollouts {
                     completions: g,
                     rewards: scored.rewards[gi * n..(gi + 1) * n].to_vec(),
                     texts: scored.texts[gi * n..(gi + 1) * n].to_vec(),
+                    episodes: Vec::new(),
                 });
             }
             out.rounds += 1;

@@ -43,6 +43,9 @@ pub(crate) fn rollouts(r: &StepRollouts, c: &RecipeConfig) -> Metrics {
         m.insert("dynamic_sampling/rounds".into(), r.rounds as f64);
         m.insert("dynamic_sampling/kept_groups".into(), r.kept.len() as f64);
     }
+    if let Some(e) = &r.episodes {
+        m.extend(e.metrics("env"));
+    }
     m.insert("prompts/skipped_too_long".into(), r.skipped as f64);
     m.insert("time/generate_s".into(), r.generate_s);
     // Generation time the controller waited for (the rest overlapped earlier steps' work).

@@ -75,6 +75,192 @@ pub trait Environment: Send + Sync {
     fn start(&self, sample: &Sample) -> Result<Box<dyn Episode>, EnvError>;
 }
 
+/// `[environment]` of a recipe: which environment runs the episodes.
+///
+/// ```toml
+/// [environment]
+/// name = "tools"              # or "guess-number", or "registered" (class = NAME)
+/// tools = ["calculator"]
+/// tool_call_format = "text"   # hermes (Qwen), llama3, text
+/// max_turns = 3
+/// ```
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnvironmentConfig {
+    /// `tools` ([`ToolEnv`]), `guess-number` ([`GuessNumber`]) or `registered` (an
+    /// environment registered at run time, e.g. a Python class, named by `class`).
+    pub name: String,
+    /// `registered`: the name it was registered under.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<String>,
+    /// `tools`: the tools offered (`calculator`).
+    #[serde(default)]
+    pub tools: Vec<String>,
+    /// How tool calls are parsed from the model's text (default `hermes`).
+    #[serde(default = "default_format")]
+    pub tool_call_format: ToolCallFormat,
+    /// Model turns per episode at most (default 4).
+    #[serde(default = "default_max_turns")]
+    pub max_turns: usize,
+    /// Tokens per model turn at most (default: `rollout.max_tokens`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens_per_turn: Option<usize>,
+    /// Wall-time limit of one environment step, seconds (default 30): a step past it fails its
+    /// episode (scored 0, counted in `env/step_errors`).
+    #[serde(default = "default_step_timeout")]
+    pub step_timeout_s: f64,
+    /// A turn that reaches its token limit without ending: closed with the end-of-turn token (as
+    /// context, no loss) and passed to the environment (true), or the episode ends there, cut
+    /// (false, default).
+    #[serde(default)]
+    pub close_cut_turns: bool,
+    /// Add the environment's per-turn rewards to the episode's final reward (default true).
+    #[serde(default = "yes")]
+    pub turn_rewards: bool,
+    /// Messages placed before each episode's first messages (after `data.system_prompt`), e.g. a
+    /// worked example of a tool call.
+    #[serde(default)]
+    pub prelude: Vec<ChatMessage>,
+    /// Limits of the `python` tool (`[environment.python]`), when `tools` lists it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub python: Option<tools::PythonToolConfig>,
+    /// Every tool call answers after this delay, in milliseconds (default 0): simulates a slow
+    /// tool, for measuring how tool waits overlap generation (`rlrun bench tool-latency`).
+    #[serde(default)]
+    pub tool_latency_ms: u64,
+}
+
+fn default_format() -> ToolCallFormat {
+    ToolCallFormat::Hermes
+}
+fn default_max_turns() -> usize {
+    4
+}
+fn default_step_timeout() -> f64 {
+    30.0
+}
+fn yes() -> bool {
+    true
+}
+
+impl EnvironmentConfig {
+    /// Builds the environment; an error names what is wrong (an unknown environment or tool).
+    pub fn build(&self) -> Result<Arc<dyn Environment>, String> {
+        if self.max_turns == 0 {
+            return Err("max_turns must be at least 1".into());
+        }
+        if !(self.step_timeout_s > 0.0 && self.step_timeout_s.is_finite()) {
+            return Err(format!(
+                "step_timeout_s must be > 0, got {}",
+                self.step_timeout_s
+            ));
+        }
+        if self.python.is_some() && !self.tools.iter().any(|t| t == "python") {
+            return Err("[environment.python] is set but `tools` does not list \"python\"".into());
+        }
+        if !self.tools.is_empty() && self.name != "tools" {
+            return Err(format!(
+                "`tools` are for name = \"tools\", not `{}`",
+                self.name
+            ));
+        }
+        match self.name.as_str() {
+            "tools" => {
+                let tools = self
+                    .tools
+                    .iter()
+                    .map(|t| match t.as_str() {
+                        "calculator" => Ok(Arc::new(tools::Calculator) as Arc<dyn Tool>),
+                        "python" => Ok(Arc::new(tools::PythonTool {
+                            config: self.python.clone().unwrap_or_default(),
+                        }) as Arc<dyn Tool>),
+                        other => Err(format!(
+                            "unknown tool `{other}` (known: calculator, python)"
+                        )),
+                    })
+                    .map(|t| {
+                        t.map(|t| match self.tool_latency_ms {
+                            0 => t,
+                            ms => Arc::new(tools::Delayed {
+                                inner: t,
+                                delay: Duration::from_millis(ms),
+                            }) as Arc<dyn Tool>,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                if tools.is_empty() {
+                    return Err("name = \"tools\" needs at least one tool in `tools`".into());
+                }
+                Ok(Arc::new(ToolEnv::new(
+                    tools,
+                    self.tool_call_format,
+                    self.max_turns,
+                )))
+            }
+            "guess-number" => Ok(Arc::new(GuessNumber {
+                max_turns: self.max_turns,
+            })),
+            "registered" => {
+                let class = self
+                    .class
+                    .as_deref()
+                    .ok_or("name = \"registered\" needs `class`, the registered name")?;
+                registry::get(class).ok_or_else(|| {
+                    format!(
+                        "no environment registered as `{class}` (registered: {}); register it \
+                         first, e.g. with @rlrun.environment in Python",
+                        registry::names().join(", ")
+                    )
+                })
+            }
+            other => Err(format!(
+                "unknown environment `{other}` (known: tools, guess-number, registered)"
+            )),
+        }
+    }
+
+    /// The step time limit.
+    pub fn step_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.step_timeout_s)
+    }
+}
+
+/// Environments registered at run time under a name (e.g. Python classes), for recipes'
+/// `[environment] name = "registered"`.
+pub mod registry {
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex, OnceLock};
+
+    use super::Environment;
+
+    type Table = Mutex<BTreeMap<String, Arc<dyn Environment>>>;
+
+    fn table() -> &'static Table {
+        static T: OnceLock<Table> = OnceLock::new();
+        T.get_or_init(|| Mutex::new(BTreeMap::new()))
+    }
+
+    /// Registers (or replaces) an environment under `name`.
+    pub fn register(name: &str, env: Arc<dyn Environment>) {
+        if let Ok(mut t) = table().lock() {
+            t.insert(name.to_string(), env);
+        }
+    }
+
+    /// The environment registered under `name`.
+    pub fn get(name: &str) -> Option<Arc<dyn Environment>> {
+        table().lock().ok()?.get(name).cloned()
+    }
+
+    /// Registered names, sorted.
+    pub fn names() -> Vec<String> {
+        table()
+            .lock()
+            .map(|t| t.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
 /// Runs one episode step on its own thread with a time limit: a panic or an overrun becomes an
 /// error (the episode is then scored as failed and counted by the caller), never a crash or a
 /// stall of the batch. A timed-out step's thread is left to finish on its own; the episode is

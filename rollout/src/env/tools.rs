@@ -171,9 +171,245 @@ impl Tool for Calculator {
     }
 }
 
+/// A tool wrapped to answer after a fixed delay: a stand-in for a slow tool (a remote API, a
+/// sandbox start-up) when measuring how well tool waits overlap generation
+/// (`environment.tool_latency_ms`).
+pub struct Delayed {
+    pub inner: std::sync::Arc<dyn Tool>,
+    pub delay: std::time::Duration,
+}
+
+impl Tool for Delayed {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn description(&self) -> &str {
+        self.inner.description()
+    }
+    fn parameters(&self) -> Value {
+        self.inner.parameters()
+    }
+    fn call(&self, arguments: &Value) -> Result<String, String> {
+        std::thread::sleep(self.delay);
+        self.inner.call(arguments)
+    }
+}
+
+/// Limits of the [`PythonTool`] (`[environment.python]`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PythonToolConfig {
+    /// The interpreter (default `python3` on the `PATH`).
+    #[serde(default = "default_interpreter")]
+    pub interpreter: String,
+    /// CPU seconds (RLIMIT_CPU, default 5).
+    #[serde(default = "default_cpu_seconds")]
+    pub cpu_seconds: u64,
+    /// Address space in MiB (RLIMIT_AS, default 1024).
+    #[serde(default = "default_memory_mb")]
+    pub memory_mb: u64,
+    /// Wall seconds before the process is killed (default 10).
+    #[serde(default = "default_wall_seconds")]
+    pub wall_seconds: f64,
+    /// Characters of output kept (default 2000).
+    #[serde(default = "default_max_output")]
+    pub max_output: usize,
+}
+
+fn default_interpreter() -> String {
+    "python3".into()
+}
+fn default_cpu_seconds() -> u64 {
+    5
+}
+fn default_memory_mb() -> u64 {
+    1024
+}
+fn default_wall_seconds() -> f64 {
+    10.0
+}
+fn default_max_output() -> usize {
+    2000
+}
+
+impl Default for PythonToolConfig {
+    fn default() -> Self {
+        PythonToolConfig {
+            interpreter: default_interpreter(),
+            cpu_seconds: default_cpu_seconds(),
+            memory_mb: default_memory_mb(),
+            wall_seconds: default_wall_seconds(),
+            max_output: default_max_output(),
+        }
+    }
+}
+
+/// Runs the model's Python code, only when a recipe lists the `python` tool: in a child process
+/// (isolated mode, empty environment, a fresh temporary working directory) with CPU-time, memory
+/// and file-size limits, in its own network namespace with no interfaces up (no network, not
+/// even loopback), killed after `wall_seconds`. Answers what it printed (stdout, then stderr),
+/// cut to `max_output` characters. Where a network namespace cannot be made, the call fails
+/// instead of running the code with network access.
+pub struct PythonTool {
+    pub config: PythonToolConfig,
+}
+
+impl Tool for PythonTool {
+    fn name(&self) -> &str {
+        "python"
+    }
+    fn description(&self) -> &str {
+        "Runs a Python program and returns what it prints. No network, no files kept."
+    }
+    fn parameters(&self) -> Value {
+        json!({"type": "object", "properties": {"code": {"type": "string",
+            "description": "the program, e.g. print(2 ** 100)"}}, "required": ["code"]})
+    }
+    fn call(&self, arguments: &Value) -> Result<String, String> {
+        let code = arguments
+            .get("code")
+            .or_else(|| arguments.get("input"))
+            .and_then(Value::as_str)
+            .ok_or("missing string argument `code`")?;
+        run_python(code, &self.config)
+    }
+}
+
+fn run_python(code: &str, c: &PythonToolConfig) -> Result<String, String> {
+    use std::io::Read;
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+    let dir = std::env::temp_dir().join(format!(
+        "rlrun-python-{}-{}",
+        std::process::id(),
+        NEXT_SANDBOX.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("sandbox directory: {e}"))?;
+    let (cpu, mem) = (c.cpu_seconds.max(1), c.memory_mb.max(16) << 20);
+    let mut cmd = Command::new(&c.interpreter);
+    cmd.args(["-I", "-c", code])
+        .current_dir(&dir)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: only async-signal-safe calls (setrlimit, unshare) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let limit = |res, v: u64| {
+                let r = libc::rlimit {
+                    rlim_cur: v as libc::rlim_t,
+                    rlim_max: v as libc::rlim_t,
+                };
+                if libc::setrlimit(res, &r) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            };
+            limit(libc::RLIMIT_CPU, cpu)?;
+            limit(libc::RLIMIT_AS, mem)?;
+            limit(libc::RLIMIT_FSIZE, 1 << 20)?;
+            limit(libc::RLIMIT_CORE, 0)?;
+            // A new network namespace: no interfaces up. Unprivileged, it needs a user namespace too.
+            if libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNET) != 0
+                && libc::unshare(libc::CLONE_NEWNET) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let result = (|| {
+        let mut child = cmd.spawn().map_err(|e| {
+            format!(
+                "cannot start the sandboxed interpreter `{}`: {e}",
+                c.interpreter
+            )
+        })?;
+        let mut out = child.stdout.take().expect("piped");
+        let mut err = child.stderr.take().expect("piped");
+        let reader = std::thread::spawn(move || {
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            let _ = out.read_to_end(&mut a);
+            let _ = err.read_to_end(&mut b);
+            (a, b)
+        });
+        let deadline =
+            std::time::Instant::now() + std::time::Duration::from_secs_f64(c.wall_seconds);
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(s)) => break Some(s),
+                Ok(None) if std::time::Instant::now() >= deadline => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break None;
+                }
+                Ok(None) => std::thread::sleep(std::time::Duration::from_millis(5)),
+                Err(e) => return Err(format!("waiting for the interpreter: {e}")),
+            }
+        };
+        let (stdout, stderr) = reader.join().unwrap_or_default();
+        let mut text = String::from_utf8_lossy(&stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&stderr);
+        if !stderr.trim().is_empty() {
+            text.push_str(&stderr);
+        }
+        let text: String = text.chars().take(c.max_output).collect();
+        match status {
+            None => Err(format!("killed after {} s", c.wall_seconds)),
+            Some(s) if s.success() => Ok(text),
+            Some(s) => {
+                use std::os::unix::process::ExitStatusExt;
+                let why = match s.signal() {
+                    Some(libc::SIGXCPU) | Some(libc::SIGKILL) => {
+                        format!("CPU-time limit of {} s reached", c.cpu_seconds)
+                    }
+                    Some(sig) => format!("killed by signal {sig}"),
+                    None => format!("exit status {}", s.code().unwrap_or(-1)),
+                };
+                Err(format!("{why}\n{text}"))
+            }
+        }
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+static NEXT_SANDBOX: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn python_tool_runs_code_without_network_and_within_limits() {
+        let tool = PythonTool {
+            config: PythonToolConfig {
+                cpu_seconds: 1,
+                memory_mb: 256,
+                wall_seconds: 5.0,
+                ..Default::default()
+            },
+        };
+        let run = |code: &str| tool.call(&json!({ "code": code }));
+        assert_eq!(
+            run("print(2 ** 100)").unwrap().trim(),
+            "1267650600228229401496703205376"
+        );
+        // No network: not even loopback is reachable (the namespace has no interface up).
+        let net = run(
+            "import socket\ns = socket.socket()\ntry:\n    s.connect(('127.0.0.1', 9))\n    print('connected')\nexcept OSError as e:\n    print('errno', e.errno)",
+        )
+        .unwrap();
+        assert!(net.starts_with("errno"), "{net}");
+        let err = run("while True: pass").unwrap_err();
+        assert!(err.contains("CPU-time limit"), "{err}");
+        let err = run("x = bytearray(1 << 30)").unwrap_err();
+        assert!(err.contains("MemoryError"), "{err}");
+        let err = run("raise ValueError('bad')").unwrap_err();
+        assert!(err.contains("ValueError: bad"), "{err}");
+    }
 
     #[test]
     fn hermes_calls_with_malformed_ones_kept() {
