@@ -76,6 +76,8 @@ pub struct EpisodeResult {
     pub turns: usize,
     pub tool_calls: usize,
     pub malformed_calls: usize,
+    /// Tool calls answered with an error (see [`Step::tool_errors`]).
+    pub tool_errors: usize,
     /// Why the episode failed (a step that errored, panicked or timed out), if it did.
     pub error: Option<EnvError>,
     /// Cut by a limit (turns, context, or a turn that hit its token limit unclosed).
@@ -108,6 +110,7 @@ pub struct EpisodeStats {
     pub turns: usize,
     pub tool_calls: usize,
     pub malformed_calls: usize,
+    pub tool_errors: usize,
     /// Episodes ended by a failed environment step (error, panic, time limit).
     pub step_errors: usize,
     pub timeouts: usize,
@@ -130,6 +133,7 @@ impl EpisodeStats {
             s.turns += r.turns;
             s.tool_calls += r.tool_calls;
             s.malformed_calls += r.malformed_calls;
+            s.tool_errors += r.tool_errors;
             s.cut += usize::from(r.cut);
             s.env_seconds += r.env_seconds;
             match &r.error {
@@ -148,6 +152,7 @@ impl EpisodeStats {
         self.turns += o.turns;
         self.tool_calls += o.tool_calls;
         self.malformed_calls += o.malformed_calls;
+        self.tool_errors += o.tool_errors;
         self.step_errors += o.step_errors;
         self.timeouts += o.timeouts;
         self.panics += o.panics;
@@ -167,6 +172,7 @@ impl EpisodeStats {
                 self.tool_calls as f64 / self.turns.max(1) as f64,
             ),
             ("malformed_calls", self.malformed_calls as f64),
+            ("tool_errors", self.tool_errors as f64),
             ("step_errors", self.step_errors as f64),
             ("step_timeouts", self.timeouts as f64),
             ("step_panics", self.panics as f64),
@@ -267,21 +273,22 @@ pub fn run_episodes(
             Ok(true)
         };
     let outcome = (|| -> anyhow::Result<()> {
+        let render = |messages: Vec<rlrun_rollout::ChatMessage>| -> anyhow::Result<Vec<i64>> {
+            let mut first = conv.prelude.clone();
+            first.extend(
+                messages
+                    .into_iter()
+                    .map(|m| ChatMessage::new(m.role, m.content)),
+            );
+            let v = serde_json::to_value(&first)?;
+            ids(&conv
+                .template
+                .render_json_with_tools(&v, conv.tools.as_ref(), true)?)
+        };
         for (i, sample) in episodes.iter().enumerate() {
             match env.start(sample) {
                 Ok(episode) => {
-                    let mut first = conv.prelude.clone();
-                    first.extend(
-                        episode
-                            .first_messages()
-                            .into_iter()
-                            .map(|m| ChatMessage::new(m.role, m.content)),
-                    );
-                    let v = serde_json::to_value(&first)?;
-                    let text =
-                        conv.template
-                            .render_json_with_tools(&v, conv.tools.as_ref(), true)?;
-                    results[i].prompt = ids(&text)?;
+                    results[i].prompt = render(episode.first_messages())?;
                     results[i].policy_version = u64::MAX;
                     if submit(i, &results[i], &mut in_flight)? {
                         running[i] = Some(episode);
@@ -290,7 +297,16 @@ pub fn run_episodes(
                         results[i].cut = true;
                     }
                 }
-                Err(e) => results[i].error = Some(e),
+                Err(e) => {
+                    // Trained as its question with no turn (see below).
+                    results[i].prompt = render(match &sample.prompt {
+                        rlrun_rollout::Prompt::Messages(m) => m.clone(),
+                        rlrun_rollout::Prompt::Text(t) => {
+                            vec![rlrun_rollout::ChatMessage::user(t.clone())]
+                        }
+                    })?;
+                    results[i].error = Some(e);
+                }
             }
         }
         while active > 0 {
@@ -353,6 +369,7 @@ pub fn run_episodes(
                         (None, Ok(_)) => unreachable!("run_step returns the episode with its step"),
                     };
                     r.turn_rewards.extend(step.reward);
+                    r.tool_errors += step.tool_errors;
                     if step.done || r.turns >= limits.max_turns {
                         r.cut = !step.done;
                         r.final_reward = episode.final_reward();
@@ -390,6 +407,13 @@ pub fn run_episodes(
     for r in &mut results {
         if r.policy_version == u64::MAX {
             r.policy_version = 0;
+        }
+        // An episode that never got a turn (its start failed, or its first messages do not fit
+        // the context) still trains as one context token: no loss, reward 0.
+        if r.response.is_empty() {
+            r.response.push(eot);
+            r.loss_mask.push(0);
+            r.logprobs.push(0.0);
         }
     }
     Ok(results)

@@ -102,6 +102,7 @@ impl Episode for ScriptedEpisode {
             )],
             reward: Some(0.5),
             done: false,
+            tool_errors: usize::from(self.turns == 2),
         })
     }
     fn final_reward(&self) -> f32 {
@@ -171,6 +172,7 @@ fn episodes_are_token_exact_masked_and_survive_hanging_and_crashing_steps() {
     assert!(engine.prefix_hit_tokens > 0, "{engine:?}");
     let stats = EpisodeStats::of(&results, 0.0);
     assert_eq!((stats.timeouts, stats.panics, stats.step_errors), (1, 1, 2));
+    assert_eq!(stats.tool_errors, 6, "one per finished episode");
     let eot = files.tokenizer.encode("<|im_end|>", false).unwrap()[0] as i64;
     let requests = generator.requests.lock().unwrap().clone();
     for (i, r) in results.iter().enumerate().skip(2) {

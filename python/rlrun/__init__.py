@@ -24,7 +24,8 @@ import torch as _torch  # noqa: F401  (loads libtorch and its Python bindings be
 from . import _rlrun
 from .errors import RecipeError
 
-__all__ = ["Recipe", "Run", "RecipeError", "reward", "registered_rewards", "__version__"]
+__all__ = ["Recipe", "Run", "RecipeError", "reward", "registered_rewards", "environment",
+           "registered_environments", "__version__"]
 __version__ = _rlrun.__version__
 
 
@@ -142,3 +143,28 @@ def reward(name):
 def registered_rewards():
     """Names of the rewards registered in this process."""
     return _rlrun.registered_rewards()
+
+
+def environment(name):
+    """Registers the decorated class as a multi-turn environment named ``name``, usable by recipes
+    run in this process as ``[environment] name = "registered", class = "<name>"``.
+
+    Each episode is an instance, made as ``cls(prompt, ground_truth, *, data_source, extra)``.
+    It may define ``first_messages()`` (a list of ``{"role", "content"}`` dicts; default: the
+    sample's prompt). ``step(text, tool_calls)`` answers each model turn (``tool_calls``: dicts with
+    ``name`` and ``arguments``, or ``error`` and ``raw`` for a malformed call, parsed in the class's
+    ``tool_call_format``: ``"hermes"`` (default), ``"llama3"`` or ``"text"``) and returns a dict
+    with ``observation`` (a string, a message dict or a list of them; strings become ``tool``
+    messages), optional ``reward`` (per turn) and ``done``. ``final_reward()`` scores the episode.
+    An exception in ``step`` fails that episode only (scored 0, counted in ``env/step_errors``)."""
+
+    def wrap(cls):
+        _rlrun.register_environment(name, cls)
+        return cls
+
+    return wrap
+
+
+def registered_environments():
+    """Names of the environments registered in this process."""
+    return _rlrun.registered_environments()

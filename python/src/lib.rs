@@ -13,8 +13,11 @@ use pyo3::types::{PyDict, PyList};
 use pyo3_tch::PyTensor;
 use rlrun::{Recipe, Run};
 use rlrun_generator::SamplingParams;
+use rlrun_rollout::env::registry as env_registry;
+use rlrun_rollout::env::tools::ToolCallFormat;
+use rlrun_rollout::env::{EnvError, Environment, Episode, ModelTurn, Step};
 use rlrun_rollout::reward::registry;
-use rlrun_rollout::{Completion, Prompt, Reward, RewardError, RewardFn, Sample};
+use rlrun_rollout::{ChatMessage, Completion, Prompt, Reward, RewardError, RewardFn, Sample};
 use tch::Tensor;
 
 fn runtime_err(e: impl std::fmt::Display) -> PyErr {
@@ -407,6 +410,187 @@ fn registered_rewards() -> Vec<String> {
     registry::names()
 }
 
+/// A Python class used as a multi-turn environment: each episode is an instance,
+/// `cls(prompt, ground_truth, *, data_source, extra)`, with `step(text, tool_calls)` answering
+/// a model turn (a dict with `observation` (a string, a message dict or a list of them),
+/// optional `reward` and `done`), `final_reward()`, and optionally `first_messages()` (default:
+/// the sample's prompt messages).
+struct PyEnvironment {
+    name: String,
+    class: Py<PyAny>,
+}
+
+struct PyEpisode {
+    env: String,
+    obj: Py<PyAny>,
+    first: Vec<ChatMessage>,
+}
+
+fn env_err(env: &str, what: &str, e: PyErr) -> EnvError {
+    EnvError::Failed(format!("Python environment `{env}`: {what} raised {e}"))
+}
+
+/// A message from a Python dict `{"role": ..., "content": ...}`, or a string (a `tool` message).
+fn py_message(v: &Bound<'_, PyAny>, default_role: &str) -> PyResult<ChatMessage> {
+    if let Ok(text) = v.extract::<String>() {
+        return Ok(ChatMessage::new(default_role, text));
+    }
+    let d = v.downcast::<PyDict>()?;
+    let get = |k: &str| -> PyResult<Option<String>> {
+        d.get_item(k)?.map(|x| x.extract::<String>()).transpose()
+    };
+    Ok(ChatMessage::new(
+        get("role")?.unwrap_or_else(|| default_role.to_string()),
+        get("content")?.unwrap_or_default(),
+    ))
+}
+
+fn py_messages(v: &Bound<'_, PyAny>, default_role: &str) -> PyResult<Vec<ChatMessage>> {
+    if v.is_none() {
+        return Ok(Vec::new());
+    }
+    if let Ok(list) = v.downcast::<PyList>() {
+        return list.iter().map(|m| py_message(&m, default_role)).collect();
+    }
+    Ok(vec![py_message(v, default_role)?])
+}
+
+impl Environment for PyEnvironment {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn tool_call_format(&self) -> ToolCallFormat {
+        Python::with_gil(|py| {
+            self.class
+                .bind(py)
+                .getattr("tool_call_format")
+                .and_then(|f| f.extract::<String>())
+                .ok()
+                .and_then(|f| serde_json::from_value(serde_json::Value::String(f)).ok())
+                .unwrap_or(ToolCallFormat::Hermes)
+        })
+    }
+    fn start(&self, sample: &Sample) -> Result<Box<dyn Episode>, EnvError> {
+        Python::with_gil(|py| {
+            let kwargs = PyDict::new(py);
+            kwargs.set_item("data_source", &sample.data_source)?;
+            let extra = py
+                .import("json")?
+                .call_method1("loads", (sample.extra.to_string(),))?;
+            kwargs.set_item("extra", extra)?;
+            let obj = self.class.bind(py).call(
+                (prompt_text(&sample.prompt), sample.ground_truth.clone()),
+                Some(&kwargs),
+            )?;
+            let first = if obj.hasattr("first_messages")? {
+                py_messages(&obj.call_method0("first_messages")?, "user")?
+            } else {
+                match &sample.prompt {
+                    Prompt::Messages(m) => m.clone(),
+                    Prompt::Text(t) => vec![ChatMessage::user(t.clone())],
+                }
+            };
+            Ok(Box::new(PyEpisode {
+                env: self.name.clone(),
+                obj: obj.unbind(),
+                first,
+            }) as Box<dyn Episode>)
+        })
+        .map_err(|e: PyErr| env_err(&self.name, "starting an episode", e))
+    }
+}
+
+impl Episode for PyEpisode {
+    fn first_messages(&self) -> Vec<ChatMessage> {
+        self.first.clone()
+    }
+    fn step(&mut self, turn: &ModelTurn) -> Result<Step, EnvError> {
+        Python::with_gil(|py| -> PyResult<Step> {
+            let calls = PyList::empty(py);
+            for c in &turn.tool_calls {
+                let d = PyDict::new(py);
+                match c {
+                    Ok(call) => {
+                        d.set_item("name", &call.name)?;
+                        let args = py
+                            .import("json")?
+                            .call_method1("loads", (call.arguments.to_string(),))?;
+                        d.set_item("arguments", args)?;
+                    }
+                    Err(bad) => {
+                        d.set_item("error", &bad.reason)?;
+                        d.set_item("raw", &bad.raw)?;
+                    }
+                }
+                calls.append(d)?;
+            }
+            let out = self
+                .obj
+                .bind(py)
+                .call_method1("step", (turn.text.clone(), calls))?;
+            let d = out.downcast::<PyDict>().map_err(|_| {
+                PyRuntimeError::new_err(
+                    "step must return a dict with `observation`, `reward` and `done`",
+                )
+            })?;
+            let observation = match d.get_item("observation")? {
+                Some(o) => py_messages(&o, "tool")?,
+                None => Vec::new(),
+            };
+            let reward = match d.get_item("reward")? {
+                Some(r) if !r.is_none() => Some(r.extract::<f64>()? as f32),
+                _ => None,
+            };
+            let done = match d.get_item("done")? {
+                Some(x) => x.extract::<bool>()?,
+                None => false,
+            };
+            Ok(Step {
+                observation,
+                reward,
+                done,
+                tool_errors: 0,
+            })
+        })
+        .map_err(|e| env_err(&self.env, "step", e))
+    }
+    fn final_reward(&self) -> f32 {
+        Python::with_gil(|py| {
+            self.obj
+                .bind(py)
+                .call_method0("final_reward")
+                .and_then(|r| r.extract::<f64>())
+        })
+        .map(|r| r as f32)
+        .unwrap_or_else(|e| {
+            eprintln!(
+                "Python environment `{}`: final_reward raised {e}; scored 0",
+                self.env
+            );
+            0.0
+        })
+    }
+}
+
+/// Registers a Python class as a multi-turn environment usable by recipes in this process
+/// (`[environment] name = "registered", class = NAME`).
+#[pyfunction]
+fn register_environment(name: String, class: Py<PyAny>) {
+    env_registry::register(
+        &name,
+        Arc::new(PyEnvironment {
+            name: name.clone(),
+            class,
+        }),
+    );
+}
+
+/// Names of the registered environments.
+#[pyfunction]
+fn registered_environments() -> Vec<String> {
+    env_registry::names()
+}
+
 #[pymodule]
 fn _rlrun(m: &Bound<'_, PyModule>) -> PyResult<()> {
     rlrun::tune_allocator();
@@ -414,6 +598,8 @@ fn _rlrun(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyRun>()?;
     m.add_function(wrap_pyfunction!(register_reward, m)?)?;
     m.add_function(wrap_pyfunction!(registered_rewards, m)?)?;
+    m.add_function(wrap_pyfunction!(register_environment, m)?)?;
+    m.add_function(wrap_pyfunction!(registered_environments, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

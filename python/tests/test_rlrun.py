@@ -82,6 +82,63 @@ def test_python_reward_used_by_a_recipe(tmp_path):
     assert "reward/chars" in m and m["reward/panics"] == 0.0 and m["reward/errors"] == 0.0
 
 
+MULTITURN = ROOT / "recipes" / "multiturn_calculator.toml"
+
+
+def test_python_environment_trains(tmp_path):
+    turns = []
+
+    @rlrun.environment("say_twice")
+    class SayTwice:
+        tool_call_format = "text"
+
+        def __init__(self, prompt, ground_truth, **meta):
+            self.turns, self.last = 0, ""
+            assert "data_source" in meta
+
+        def first_messages(self):
+            return [{"role": "user", "content": "Say something."}]
+
+        def step(self, text, tool_calls):
+            self.turns += 1
+            turns.append(text)
+            if self.turns == 1:
+                return {"observation": "Once more.", "reward": 0.25, "done": False}
+            self.last = text
+            return {"done": True}
+
+        def final_reward(self):
+            return float(len(self.last) % 2)
+
+    @rlrun.environment("broken")
+    class Broken:
+        def __init__(self, prompt, ground_truth, **meta):
+            pass
+
+        def step(self, text, tool_calls):
+            raise RuntimeError("the environment fell over")
+
+        def final_reward(self):
+            return 1.0
+
+    assert {"say_twice", "broken"} <= set(rlrun.registered_environments())
+    over = tiny(tmp_path, **{"rollout.max_tokens": 32, "steps": 1})
+    env = {"name": "registered", "class": "say_twice", "max_turns": 3, "max_tokens_per_turn": 4,
+           "close_cut_turns": True}
+    run = rlrun.Run(rlrun.Recipe.load(MULTITURN, overrides=dict(over, environment=env)))
+    m = run.step()
+    # 2 prompts x 2 episodes, each two turns; the update ran on them.
+    assert len(turns) == 8 and m["env/turns_mean"] == 2.0 and m["env/step_errors"] == 0.0
+    assert m["policy/version"] == 1.0 and "actor/grad_norm" in m
+    rewards = [r["reward"] for r in run.rollouts()]
+    assert len(rewards) == 4 and all(r in (0.25, 1.25) for r in rewards), rewards
+    # An exception in step fails its episode (scored 0, counted), not the run.
+    env = dict(env, **{"class": "broken"})
+    run = rlrun.Run(rlrun.Recipe.load(MULTITURN, overrides=dict(over, environment=env)))
+    m = run.step()
+    assert m["env/step_errors"] == 4.0 and m["reward/mean"] == 0.0
+
+
 def test_exception_in_python_reward_is_isolated(tmp_path):
     @rlrun.reward("broken")
     def broken(prompt, completion, ground_truth, **meta):

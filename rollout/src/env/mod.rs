@@ -47,6 +47,9 @@ pub struct Step {
     pub reward: Option<f32>,
     /// The episode is over.
     pub done: bool,
+    /// Tool calls of this turn that failed (an error answered to the model: unknown tool,
+    /// malformed call, the tool's own error), for the `env/tool_errors` metric.
+    pub tool_errors: usize,
 }
 
 /// One running episode.
@@ -345,19 +348,17 @@ impl Environment for ToolEnv {
 }
 
 impl ToolEpisode {
-    /// The result message of one parsed call.
-    fn answer_call(&self, call: &ParsedCall) -> ChatMessage {
+    /// The result message of one parsed call, and whether it is an error.
+    fn answer_call(&self, call: &ParsedCall) -> (ChatMessage, bool) {
         let text = match call {
-            Err(bad) => format!("error: malformed tool call ({})", bad.reason),
+            Err(bad) => Err(format!("error: malformed tool call ({})", bad.reason)),
             Ok(c) => match self.tools.iter().find(|t| t.name() == c.name) {
-                None => format!("error: unknown tool `{}`", c.name),
-                Some(t) => match t.call(&c.arguments) {
-                    Ok(r) => r,
-                    Err(e) => format!("error: {e}"),
-                },
+                None => Err(format!("error: unknown tool `{}`", c.name)),
+                Some(t) => t.call(&c.arguments).map_err(|e| format!("error: {e}")),
             },
         };
-        ChatMessage::new("tool", text)
+        let failed = text.is_err();
+        (ChatMessage::new("tool", text.unwrap_or_else(|e| e)), failed)
     }
 }
 
@@ -380,14 +381,13 @@ impl Episode for ToolEpisode {
                 ..Default::default()
             });
         }
+        let (observation, failed): (Vec<ChatMessage>, Vec<bool>) =
+            turn.tool_calls.iter().map(|c| self.answer_call(c)).unzip();
         Ok(Step {
-            observation: turn
-                .tool_calls
-                .iter()
-                .map(|c| self.answer_call(c))
-                .collect(),
+            observation,
             reward: None,
             done: false,
+            tool_errors: failed.into_iter().filter(|&f| f).count(),
         })
     }
     fn final_reward(&self) -> f32 {
@@ -461,6 +461,7 @@ impl Episode for GuessEpisode {
             observation: vec![ChatMessage::user(reply)],
             reward: Some(reward),
             done: self.turns >= self.max_turns,
+            tool_errors: 0,
         })
     }
     fn final_reward(&self) -> f32 {
@@ -505,6 +506,7 @@ mod tests {
             "{texts:?}"
         );
         assert!(s.observation.iter().all(|m| m.role == "tool"));
+        assert_eq!(s.tool_errors, 2, "the unknown tool and the malformed call");
         let s = ep
             .step(&turn(ToolCallFormat::Hermes, "The answer is 56088."))
             .unwrap();
