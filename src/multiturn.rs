@@ -71,6 +71,9 @@ pub struct EpisodeResult {
     pub logprobs: Vec<f32>,
     /// Per-turn rewards the environment gave.
     pub turn_rewards: Vec<f32>,
+    /// Where each of `turn_rewards` belongs: the index in `response` of the last token the
+    /// model sampled in that turn.
+    pub turn_reward_positions: Vec<usize>,
     /// The environment's final reward (0 for a failed episode).
     pub final_reward: f32,
     pub turns: usize,
@@ -100,6 +103,16 @@ impl EpisodeResult {
             } else {
                 0.0
             }
+    }
+
+    /// The per-turn rewards as per-token rewards over `response`: each on its turn's last
+    /// sampled token, 0 elsewhere (for estimators that credit tokens with the rewards after them).
+    pub fn token_rewards(&self) -> Vec<f32> {
+        let mut t = vec![0.0; self.response.len()];
+        for (&p, &r) in self.turn_reward_positions.iter().zip(&self.turn_rewards) {
+            t[p] += r;
+        }
+        t
     }
 }
 
@@ -201,6 +214,8 @@ enum Event {
 struct ModelTurnInfo {
     tool_calls: usize,
     malformed: usize,
+    /// Index in the response of the turn's last sampled token.
+    last_token: usize,
 }
 
 /// Runs one episode per entry of `episodes` (repeat a sample for several episodes of it) to its
@@ -318,6 +333,7 @@ pub fn run_episodes(
                     r.turns += 1;
                     r.policy_version = r.policy_version.min(c.policy_version);
                     r.response.extend(&c.token_ids);
+                    let last_token = r.response.len() - 1;
                     r.loss_mask
                         .extend(std::iter::repeat_n(1u8, c.token_ids.len()));
                     r.logprobs.extend(&c.logprobs);
@@ -343,6 +359,7 @@ pub fn run_episodes(
                     let info = ModelTurnInfo {
                         tool_calls: tool_calls.len(),
                         malformed: tool_calls.iter().filter(|c| c.is_err()).count(),
+                        last_token,
                     };
                     let turn = ModelTurn { text, tool_calls };
                     let (tx, limit) = (tx.clone(), limits.step_timeout);
@@ -368,7 +385,10 @@ pub fn run_episodes(
                         }
                         (None, Ok(_)) => unreachable!("run_step returns the episode with its step"),
                     };
-                    r.turn_rewards.extend(step.reward);
+                    if let Some(reward) = step.reward {
+                        r.turn_rewards.push(reward);
+                        r.turn_reward_positions.push(info.last_token);
+                    }
                     r.tool_errors += step.tool_errors;
                     if step.done || r.turns >= limits.max_turns {
                         r.cut = !step.done;

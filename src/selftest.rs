@@ -140,6 +140,64 @@ pub fn cuda(fixtures: &Path, smollm2: Option<&Path>, out: Option<&Path>) -> Resu
         );
     }
 
+    // 1c. Kept KV prefixes (multi-turn): a finished sequence's cache copied out and back in on
+    // CUDA; the next turn continues it like a full prefill.
+    {
+        let files = ModelFiles::open(&fixtures.join("tiny-llama3"))?;
+        let run = |keep: usize| -> Result<(Vec<i64>, Vec<f32>, u64)> {
+            let mut e = Engine::new(
+                files.config.clone(),
+                files.load_weights(Kind::Float, dev)?,
+                vec![],
+                None,
+                EngineConfig {
+                    max_slots: 4,
+                    max_len: 64,
+                    prefix_cache_tokens: keep,
+                    ..Default::default()
+                },
+            )?;
+            let params = |max_tokens| SamplingParams {
+                temperature: 1.0,
+                max_tokens,
+                stop_token_ids: Some(vec![]),
+                seed: Some(3),
+                ..Default::default()
+            };
+            let prompt: Vec<i64> = (0..11).map(|j| 5 + j * 13 % 300).collect();
+            e.submit(Request {
+                id: 1,
+                prompt: prompt.clone(),
+                params: params(6),
+                key: None,
+            })?;
+            let first = e.run_to_completion()?.remove(0);
+            let mut next = prompt;
+            next.extend(&first.token_ids);
+            next.extend([7, 8, 9]);
+            e.submit(Request {
+                id: 2,
+                prompt: next,
+                params: params(6),
+                key: None,
+            })?;
+            let c = e.run_to_completion()?.remove(0);
+            Ok((c.token_ids, c.logprobs, e.stats().prefix_hit_tokens))
+        };
+        let (full, kept) = (run(0)?, run(1024)?);
+        let d = full
+            .1
+            .iter()
+            .zip(&kept.1)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        rep.record(
+            "kept KV prefix continues like a full prefill (CUDA f32)",
+            full.0 == kept.0 && d <= 1e-4 && kept.2 > 0,
+            json!({"max_abs_logprob_diff": d, "prefix_hit_tokens": kept.2}),
+        );
+    }
+
     if let Some(model_dir) = smollm2 {
         let files = ModelFiles::open(model_dir)?;
         // 2. bf16 generator vs trainer log-probs on the same tokens (train/inference mismatch).

@@ -17,7 +17,7 @@ use rlrun_generator::{
 use rlrun_model::{ChatMessage, Device, Kind, ModelFiles};
 use rlrun_rollout::env::tools::ToolCallFormat;
 use rlrun_rollout::env::{EnvError, Environment, Episode, ModelTurn, Step};
-use rlrun_rollout::{Prompt, Sample};
+use rlrun_rollout::{AdvantageEstimator, AdvantageInput, Prompt, ReinforcePp, Sample};
 use rlrun_testkit::{fixtures, tempdir};
 use rlrun_trainer::{TrainSequence, Trainer, TrainerConfig};
 
@@ -229,6 +229,29 @@ fn episodes_are_token_exact_masked_and_survive_hanging_and_crashing_steps() {
         }
         let sampled = r.loss_mask.iter().filter(|&&m| m == 1).count();
         assert!(sampled >= 3, "episode {i}: {sampled} sampled tokens");
+        // Per-turn rewards sit on their turns' last sampled tokens, each followed by the end of
+        // the turn; REINFORCE++ (mask given) credits every model token with the rewards at or
+        // after it, observation tokens with nothing.
+        let tr = r.token_rewards();
+        assert_eq!(r.turn_reward_positions.len(), 2);
+        for &p in &r.turn_reward_positions {
+            assert_eq!((r.loss_mask[p], r.response[p + 1], tr[p]), (1, eot, 0.5));
+        }
+        let mask: Vec<Vec<bool>> = vec![r.loss_mask.iter().map(|&m| m == 1).collect()];
+        let trs = vec![tr.clone()];
+        let (outcome, len) = ([r.final_reward], [r.response.len()]);
+        let input = AdvantageInput::new(&outcome, &[0], &len)
+            .with_token_rewards(&trs)
+            .with_response_mask(&mask);
+        let out = ReinforcePp::default().compute(&input).unwrap();
+        for t in 0..r.response.len() {
+            if r.loss_mask[t] == 1 {
+                let want = r.final_reward + tr[t..].iter().sum::<f32>();
+                assert!((out.returns[0][t] - want).abs() < 1e-6, "token {t}");
+            } else {
+                assert_eq!(out.advantages[0][t], 0.0);
+            }
+        }
     }
     // The trainer, given the trajectories, computes the generator's log-probs on every token
     // the model sampled.

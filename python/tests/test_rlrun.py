@@ -192,6 +192,7 @@ def test_notebook_runs_headless(tmp_path):
         "RLRUN_NOTEBOOK_EVAL_SIZE": "8",
         "RLRUN_NOTEBOOK_MODEL": str(FIXTURES / "smollm2"),
         "RLRUN_NOTEBOOK_RUN_DIR": str(tmp_path),
+        "RLRUN_NOTEBOOK_PROMPTS": "2",
     })
     try:
         NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
@@ -200,3 +201,6 @@ def test_notebook_runs_headless(tmp_path):
         os.environ.update(env_backup)
     text = json.dumps(nb.dict())
     assert "held-out accuracy" in text and "image/png" in text
+    # The Python-defined multi-turn environment trained.
+    assert "multi-turn, Python environment: held-out accuracy" in text
+    assert "tool calls per episode, by step" in text

@@ -18,6 +18,12 @@ pub(crate) struct StepBatch {
     /// The policy version that generated each sequence.
     pub versions: Vec<u64>,
     pub lengths: Vec<usize>,
+    /// Multi-turn episodes: the final rewards (`rewards` hold the episodes' totals), the
+    /// per-turn rewards per token, and which tokens are the model's (observations are not: no
+    /// advantage, left out of the estimators' statistics). None without episodes.
+    pub outcomes: Option<Vec<f32>>,
+    pub token_rewards: Option<Vec<Vec<f32>>>,
+    pub response_mask: Option<Vec<Vec<bool>>>,
 }
 
 /// One training sequence per completion of `groups`, carrying the generator's log-probs.
@@ -43,6 +49,22 @@ pub(crate) fn build(groups: &[ScoredGroup]) -> StepBatch {
                 routes: comp.routes.clone(),
                 loss_mask: episode.map(|e| e.loss_mask.clone()).unwrap_or_default(),
             });
+            if let Some(e) = episode {
+                let len = comp.token_ids.len();
+                b.token_rewards.get_or_insert_with(Vec::new).push(
+                    if e.token_rewards.len() == len {
+                        e.token_rewards.clone()
+                    } else {
+                        vec![0.0; len]
+                    },
+                );
+                b.response_mask
+                    .get_or_insert_with(Vec::new)
+                    .push(e.loss_mask.iter().map(|&m| m == 1).collect());
+            }
+            if let Some(e) = episode {
+                b.outcomes.get_or_insert_with(Vec::new).push(e.outcome);
+            }
             b.group_ids.push(gi as u64);
             b.rewards.push(reward);
             b.texts.push((g.prompt_text.clone(), text.clone()));
@@ -142,6 +164,48 @@ mod tests {
         assert_eq!(b.seqs[2].response, vec![7, 8, 9]);
         assert_eq!(b.seqs[2].behavior_logprobs, Some(vec![-7.0, -8.0, -9.0]));
         assert_eq!(b.texts[2], ("[6]".to_string(), "[7, 8, 9]".to_string()));
+    }
+
+    #[test]
+    fn episodes_carry_their_prompts_masks_outcomes_and_turn_rewards() {
+        let mut g = group(
+            vec![1, 2],
+            vec![completion(vec![3, 4, 5, 6], 0), completion(vec![7, 8], 0)],
+            vec![1.5, 0.0],
+        );
+        g.episodes = vec![
+            super::super::rollouts::EpisodeTokens {
+                prompt: vec![1, 2, 9],
+                loss_mask: vec![1, 0, 0, 1],
+                outcome: 1.0,
+                token_rewards: vec![0.5, 0.0, 0.0, 0.0],
+            },
+            super::super::rollouts::EpisodeTokens {
+                prompt: vec![1, 2],
+                loss_mask: vec![1, 1],
+                outcome: 0.0,
+                token_rewards: Vec::new(),
+            },
+        ];
+        let b = build(&[g]);
+        assert_eq!(b.seqs[0].prompt, vec![1, 2, 9]);
+        assert_eq!(b.seqs[0].loss_mask, vec![1, 0, 0, 1]);
+        // Totals for metrics and sampling; outcomes and per-token rewards for the estimators.
+        assert_eq!(b.rewards, vec![1.5, 0.0]);
+        assert_eq!(b.outcomes, Some(vec![1.0, 0.0]));
+        assert_eq!(
+            b.token_rewards,
+            Some(vec![vec![0.5, 0.0, 0.0, 0.0], vec![0.0, 0.0]])
+        );
+        assert_eq!(
+            b.response_mask,
+            Some(vec![vec![true, false, false, true], vec![true, true]])
+        );
+        assert!(
+            build(&[group(vec![1], vec![completion(vec![2], 0)], vec![1.0])])
+                .outcomes
+                .is_none()
+        );
     }
 
     #[test]

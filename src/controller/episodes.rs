@@ -145,6 +145,12 @@ impl Episodes {
                 g.episodes.push(super::rollouts::EpisodeTokens {
                     prompt: r.prompt.clone(),
                     loss_mask: r.loss_mask.clone(),
+                    outcome: r.final_reward,
+                    token_rewards: if self.cfg.turn_rewards {
+                        r.token_rewards()
+                    } else {
+                        Vec::new()
+                    },
                 });
             }
             groups.push(g);

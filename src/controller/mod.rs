@@ -324,9 +324,25 @@ impl Run {
         } else {
             None
         };
-        let mut input = AdvantageInput::new(&b.rewards, &b.group_ids, &b.lengths);
+        // Multi-turn episodes: per-turn rewards join the KL's per-token ones.
+        let token_rewards = match (token_rewards, &b.token_rewards) {
+            (Some(mut kl), Some(env)) => {
+                for (k, e) in kl.iter_mut().zip(env) {
+                    for (x, y) in k.iter_mut().zip(e) {
+                        *x += y;
+                    }
+                }
+                Some(kl)
+            }
+            (kl, env) => kl.or_else(|| env.clone()),
+        };
+        let outcomes = b.outcomes.as_deref().unwrap_or(&b.rewards);
+        let mut input = AdvantageInput::new(outcomes, &b.group_ids, &b.lengths);
         if let Some(tr) = &token_rewards {
             input = input.with_token_rewards(tr);
+        }
+        if let Some(m) = &b.response_mask {
+            input = input.with_response_mask(m);
         }
         if let Some(v) = &values {
             input = input.with_values(v);

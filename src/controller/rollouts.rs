@@ -229,6 +229,10 @@ pub(crate) struct EpisodeTokens {
     pub prompt: Vec<i64>,
     /// 1 on the model's tokens, 0 on observations.
     pub loss_mask: Vec<u8>,
+    /// The environment's final reward (the group's `rewards` hold the episode's total).
+    pub outcome: f32,
+    /// Per-turn rewards on their turns' last sampled tokens (empty when they do not count).
+    pub token_rewards: Vec<f32>,
 }
 
 /// What one step's collection produced.
