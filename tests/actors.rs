@@ -847,3 +847,62 @@ fn calls_that_see_the_same_generator_die_share_one_restart() {
     assert_eq!(pool.restarts(), 1, "one restart for both callers");
     assert_ne!(pool.pids()[0], pid);
 }
+
+/// Multi-turn through a pool of two generator processes: a request continuing a finished
+/// sequence goes to the member that holds its kept cache, so every next turn prefills only its
+/// new tokens (without the affinity, half of them would land on the other member).
+#[test]
+fn a_pool_sends_each_next_turn_to_the_member_holding_its_conversation() {
+    use rlrun::actors::GeneratorPool;
+    use rlrun_generator::{EngineConfig, GeneratorActor, Request, SamplingParams};
+    let mut cfg = tiny_generator();
+    cfg.engine = Some(EngineConfig {
+        max_slots: 8,
+        max_len: 128,
+        prefix_cache_tokens: 10_000,
+        ..Default::default()
+    });
+    let pool = GeneratorPool::spawn(cfg, vec![Vec::new(), Vec::new()]).unwrap();
+    let params = SamplingParams {
+        temperature: 1.0,
+        max_tokens: 5,
+        stop_token_ids: Some(Vec::new()),
+        seed: Some(3),
+        ..SamplingParams::default()
+    };
+    let first: Vec<Request> = (0..4)
+        .map(|i| Request {
+            id: i,
+            prompt: (0..8 + i as i64)
+                .map(|j| 3 + (j * 17 + i as i64) % 300)
+                .collect(),
+            params: params.clone(),
+            key: None,
+        })
+        .collect();
+    let turn1: Vec<_> = pool
+        .generate(first.clone())
+        .unwrap()
+        .iter()
+        .map(|c| c.unwrap())
+        .collect();
+    assert_eq!(turn1.len(), 4);
+    let mut want = 0;
+    for c in &turn1 {
+        let mut prompt = first[c.request_id as usize].prompt.clone();
+        want += (prompt.len() + c.token_ids.len() - 1) as u64;
+        prompt.extend(&c.token_ids);
+        prompt.extend([5, 6, 7]);
+        // One call per conversation, as the multi-turn driver makes them.
+        let next = pool
+            .generate(vec![Request {
+                id: 10 + c.request_id,
+                prompt,
+                params: params.clone(),
+                key: None,
+            }])
+            .unwrap();
+        assert!(next.recv().unwrap().is_ok());
+    }
+    assert_eq!(pool.stats().unwrap().prefix_hit_tokens, want);
+}

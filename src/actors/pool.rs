@@ -51,7 +51,8 @@ impl Slot {
 }
 
 /// Generators in other processes as one [`GeneratorActor`]: requests go to the least loaded
-/// member; a member whose process dies is restarted (with the current weights) and its
+/// member, except that a request continuing a single-sample sequence a member finished (a
+/// multi-turn conversation's next turn) goes to that member, which kept its cache; a member whose process dies is restarted (with the current weights) and its
 /// unfinished requests are re-queued on the pool. Sampling is seeded per request and sample, so
 /// a re-queued request gives the same completions.
 pub struct GeneratorPool {
@@ -63,6 +64,66 @@ pub struct GeneratorPool {
     token: Option<String>,
     current: Mutex<Option<WeightsRef>>,
     restarts: AtomicU64,
+    /// Which member holds the kept cache of which finished sequence (multi-turn: a next turn
+    /// goes where its conversation's cache is).
+    affinity: Mutex<Affinity>,
+}
+
+/// Finished single-sample sequences (prompt and all but the last sampled token: what a member
+/// keeps, see `EngineConfig::prefix_cache_tokens`) by length and hash, and the member that
+/// produced each. A routing hint only: a miss or a stale entry costs a full prefill, never a
+/// wrong result.
+#[derive(Default)]
+struct Affinity {
+    by_len: std::collections::BTreeMap<usize, HashMap<u64, usize>>,
+    entries: usize,
+}
+
+/// Entries kept at most (then the index starts over).
+const AFFINITY_ENTRIES: usize = 1 << 16;
+
+/// Hashes of every prefix of `tokens`: `h[k]` covers `tokens[..k]`.
+fn prefix_hashes(tokens: &[i64]) -> Vec<u64> {
+    let mut h = Vec::with_capacity(tokens.len() + 1);
+    let mut x: u64 = 0xcbf2_9ce4_8422_2325;
+    h.push(x);
+    for &t in tokens {
+        x = (x ^ t as u64)
+            .wrapping_mul(0x0100_0000_01b3)
+            .rotate_left(17);
+        h.push(x);
+    }
+    h
+}
+
+impl Affinity {
+    /// The member whose kept sequence is the longest proper prefix of `prompt`.
+    fn member_for(&self, prompt: &[i64]) -> Option<usize> {
+        if self.entries == 0 {
+            return None;
+        }
+        let h = prefix_hashes(prompt);
+        self.by_len
+            .range(..prompt.len())
+            .rev()
+            .find_map(|(&len, m)| m.get(&h[len]).copied())
+    }
+
+    fn record(&mut self, tokens: &[i64], member: usize) {
+        if self.entries >= AFFINITY_ENTRIES {
+            *self = Affinity::default();
+        }
+        let h = *prefix_hashes(tokens).last().expect("one hash at least");
+        if self
+            .by_len
+            .entry(tokens.len())
+            .or_default()
+            .insert(h, member)
+            .is_none()
+        {
+            self.entries += 1;
+        }
+    }
 }
 
 impl GeneratorPool {
@@ -83,6 +144,7 @@ impl GeneratorPool {
             token: None,
             current: Mutex::new(None),
             restarts: AtomicU64::new(0),
+            affinity: Mutex::new(Affinity::default()),
         }))
     }
 
@@ -107,6 +169,7 @@ impl GeneratorPool {
             token,
             current: Mutex::new(None),
             restarts: AtomicU64::new(0),
+            affinity: Mutex::new(Affinity::default()),
         }))
     }
 
@@ -182,6 +245,20 @@ impl GeneratorPool {
         Ok(true)
     }
 
+    /// Records which member finished `c` (single-sample requests: the ones members keep).
+    fn remember(&self, member: usize, reqs: &[Request], c: &Completion) {
+        let Some(r) = reqs.iter().find(|r| r.id == c.request_id) else {
+            return;
+        };
+        if r.params.n != 1 || c.token_ids.is_empty() {
+            return;
+        }
+        let kept = [&r.prompt[..], &c.token_ids[..c.token_ids.len() - 1]].concat();
+        if let Ok(mut a) = self.affinity.lock() {
+            a.record(&kept, member);
+        }
+    }
+
     fn least_loaded(&self) -> usize {
         (0..self.members.len())
             .min_by_key(|&i| self.members[i].outstanding.load(Ordering::SeqCst))
@@ -219,12 +296,20 @@ impl GeneratorActor for GeneratorPool {
             .me
             .upgrade()
             .ok_or_else(|| GenError::Unavailable("generator pool dropped".into()))?;
-        // Split the requests over the members, by load.
+        // Split the requests over the members, by load; a request continuing a sequence one
+        // member finished goes to that member (its kept cache).
         let k = pool.len().max(1);
         let mut parts: Vec<Vec<Request>> = vec![Vec::new(); k];
+        let affinity = pool.affinity.lock().ok();
         for (j, r) in requests.into_iter().enumerate() {
-            parts[(pool.least_loaded() + j) % k].push(r);
+            let i = affinity
+                .as_ref()
+                .and_then(|a| a.member_for(&r.prompt))
+                .filter(|&i| i < k)
+                .unwrap_or((pool.least_loaded() + j) % k);
+            parts[i].push(r);
         }
+        drop(affinity);
         for (i, part) in parts.into_iter().enumerate().filter(|(_, p)| !p.is_empty()) {
             let pool = pool.clone();
             let tx = tx.clone();
@@ -245,6 +330,10 @@ impl GeneratorActor for GeneratorPool {
         };
         if let Ok(mut c) = self.current.lock() {
             *c = Some(r.clone());
+        }
+        // Members drop their kept caches at a weight update.
+        if let Ok(mut a) = self.affinity.lock() {
+            *a = Affinity::default();
         }
         for i in 0..self.len() {
             let (res, epoch) = {
@@ -286,6 +375,8 @@ impl GeneratorActor for GeneratorPool {
             total.kv_cache_bytes += s.kv_cache_bytes;
             total.kv_cache_used_bytes += s.kv_cache_used_bytes;
             total.kv_cache_peak_used_bytes += s.kv_cache_peak_used_bytes;
+            total.prefill_tokens += s.prefill_tokens;
+            total.prefix_hit_tokens += s.prefix_hit_tokens;
             total.policy_version = s.policy_version;
         }
         Ok(total)
@@ -321,6 +412,7 @@ impl GeneratorPool {
                     for c in rx.iter() {
                         match c {
                             Ok(c) => {
+                                self.remember(i, &pending, &c);
                                 if delivered.insert((c.request_id, c.index))
                                     && tx.send(Ok(c)).is_err()
                                 {

@@ -330,7 +330,6 @@ impl Rollouts {
         trainer_version: u64,
     ) -> Result<StepRollouts> {
         let c = cx.config;
-        let params = sampling(c);
         let p = c.data.prompts_per_step;
         let dynamic = c.algorithm.dynamic_sampling;
         let mut sampler: DynamicSampler<ScoredGroup> =
@@ -350,100 +349,15 @@ impl Rollouts {
         };
         loop {
             let round = out.rounds;
-            if let Some(ep) = cx.episodes {
-                let want = if dynamic.is_some() {
-                    sampler.suggested_prompts().max(1)
-                } else {
-                    p
-                };
-                let samples = self.stream.next_batch(want);
-                let t = Instant::now();
-                let batch = ep.run(
-                    cx.generator,
-                    cx.enc,
-                    &samples,
-                    c.rollout.n,
-                    &params,
-                    DrawKey::train(step, round, 0),
-                )?;
-                out.generate_s += t.elapsed().as_secs_f64();
-                out.generate_wait_s += t.elapsed().as_secs_f64();
-                out.tokens += batch
-                    .groups
-                    .iter()
-                    .flat_map(|g| &g.episodes)
-                    .map(|e| e.loss_mask.iter().filter(|&&m| m == 1).count())
-                    .sum::<usize>();
-                out.all_rewards
-                    .extend(batch.groups.iter().flat_map(|g| g.rewards.iter().copied()));
-                match &mut out.episodes {
-                    Some(s) => s.add(&batch.stats),
-                    None => out.episodes = Some(batch.stats),
-                }
-                out.rounds += 1;
-                if dynamic.is_none() {
-                    out.kept = batch.groups;
-                    return Ok(out);
-                }
-                sampler.add_round(batch.groups.into_iter().map(|g| {
-                    let r = g.rewards.clone();
-                    (g, r)
-                }));
-                if sampler.is_done() {
-                    break;
-                }
-                continue;
-            }
-            let (items, groups) = match self.take_prefetched(cx, step, round, trainer_version)? {
-                Some(pf) => {
-                    out.skipped += pf.skipped;
-                    out.generate_s += pf.wall_s;
-                    out.generate_wait_s += pf.wait_s;
-                    (pf.items, pf.groups)
-                }
-                None => {
-                    let want = if dynamic.is_some() {
-                        sampler.suggested_prompts().max(1)
-                    } else {
-                        p
-                    };
-                    let items = cx
-                        .enc
-                        .prepare(self.stream.next_batch(want), &mut out.skipped)?;
-                    let t = Instant::now();
-                    let groups = generate(
-                        cx.generator,
-                        &items,
-                        &params,
-                        DrawKey::train(step, round, 0),
-                    )?;
-                    out.generate_s += t.elapsed().as_secs_f64();
-                    out.generate_wait_s += t.elapsed().as_secs_f64();
-                    (items, groups)
-                }
+            let want = if dynamic.is_some() {
+                sampler.suggested_prompts().max(1)
+            } else {
+                p
             };
-            out.tokens += groups
-                .iter()
-                .flatten()
-                .map(|c| c.token_ids.len())
-                .sum::<usize>();
-            let t = Instant::now();
-            let scored = score(cx.rewards()?, cx.enc, &items, &groups, c.rollout.max_tokens)?;
-            out.reward_s += t.elapsed().as_secs_f64();
-            out.all_rewards.extend(&scored.rewards);
-            out.reward_stats.push(scored.stats);
-            let n = c.rollout.n;
-            let mut round_groups = Vec::new();
-            for (gi, (it, g)) in items.into_iter().zip(groups).enumerate() {
-                round_groups.push(ScoredGroup {
-                    prompt_text: cx.enc.decode(&it.ids)?,
-                    prompt_ids: it.ids,
-                    completions: g,
-                    rewards: scored.rewards[gi * n..(gi + 1) * n].to_vec(),
-                    texts: scored.texts[gi * n..(gi + 1) * n].to_vec(),
-                    episodes: Vec::new(),
-                });
-            }
+            let round_groups = match cx.episodes {
+                Some(ep) => self.episode_round(cx, ep, step, round, want, &mut out)?,
+                None => self.completion_round(cx, step, round, want, trainer_version, &mut out)?,
+            };
             out.rounds += 1;
             if dynamic.is_none() {
                 out.kept = round_groups;
@@ -461,6 +375,103 @@ impl Rollouts {
         out.kept = kept;
         out.dropped_groups = Some(stats.groups_dropped);
         Ok(out)
+    }
+
+    /// One round of single completions: `want` prompts (or the prefetched round), generated
+    /// and scored.
+    fn completion_round(
+        &mut self,
+        cx: &Context<'_>,
+        step: u64,
+        round: u64,
+        want: usize,
+        trainer_version: u64,
+        out: &mut StepRollouts,
+    ) -> Result<Vec<ScoredGroup>> {
+        let c = cx.config;
+        let (items, groups) = match self.take_prefetched(cx, step, round, trainer_version)? {
+            Some(pf) => {
+                out.skipped += pf.skipped;
+                out.generate_s += pf.wall_s;
+                out.generate_wait_s += pf.wait_s;
+                (pf.items, pf.groups)
+            }
+            None => {
+                let items = cx
+                    .enc
+                    .prepare(self.stream.next_batch(want), &mut out.skipped)?;
+                let t = Instant::now();
+                let groups = generate(
+                    cx.generator,
+                    &items,
+                    &sampling(c),
+                    DrawKey::train(step, round, 0),
+                )?;
+                out.generate_s += t.elapsed().as_secs_f64();
+                out.generate_wait_s += t.elapsed().as_secs_f64();
+                (items, groups)
+            }
+        };
+        out.tokens += groups
+            .iter()
+            .flatten()
+            .map(|c| c.token_ids.len())
+            .sum::<usize>();
+        let t = Instant::now();
+        let scored = score(cx.rewards()?, cx.enc, &items, &groups, c.rollout.max_tokens)?;
+        out.reward_s += t.elapsed().as_secs_f64();
+        out.all_rewards.extend(&scored.rewards);
+        out.reward_stats.push(scored.stats);
+        let n = c.rollout.n;
+        let mut round_groups = Vec::new();
+        for (gi, (it, g)) in items.into_iter().zip(groups).enumerate() {
+            round_groups.push(ScoredGroup {
+                prompt_text: cx.enc.decode(&it.ids)?,
+                prompt_ids: it.ids,
+                completions: g,
+                rewards: scored.rewards[gi * n..(gi + 1) * n].to_vec(),
+                texts: scored.texts[gi * n..(gi + 1) * n].to_vec(),
+                episodes: Vec::new(),
+            });
+        }
+        Ok(round_groups)
+    }
+
+    /// One round of multi-turn episodes: `rollout.n` episodes of each of `want` prompts.
+    fn episode_round(
+        &mut self,
+        cx: &Context<'_>,
+        ep: &Episodes,
+        step: u64,
+        round: u64,
+        want: usize,
+        out: &mut StepRollouts,
+    ) -> Result<Vec<ScoredGroup>> {
+        let samples = self.stream.next_batch(want);
+        let t = Instant::now();
+        let batch = ep.run(
+            cx.generator,
+            cx.enc,
+            &samples,
+            cx.config.rollout.n,
+            &sampling(cx.config),
+            DrawKey::train(step, round, 0),
+        )?;
+        out.generate_s += t.elapsed().as_secs_f64();
+        out.generate_wait_s += t.elapsed().as_secs_f64();
+        out.tokens += batch
+            .groups
+            .iter()
+            .flat_map(|g| &g.episodes)
+            .map(|e| e.loss_mask.iter().filter(|&&m| m == 1).count())
+            .sum::<usize>();
+        out.all_rewards
+            .extend(batch.groups.iter().flat_map(|g| g.rewards.iter().copied()));
+        match &mut out.episodes {
+            Some(s) => s.add(&batch.stats),
+            None => out.episodes = Some(batch.stats),
+        }
+        Ok(batch.groups)
     }
 
     /// The prefetched first round of `step`, if there is one and it is fresh enough: a round more
