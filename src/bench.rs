@@ -713,12 +713,7 @@ fn train(a: &TrainArgs) -> anyhow::Result<()> {
                     prompt: row[..1].to_vec(),
                     response: row[1..].to_vec(),
                     advantages: vec![1.0; row.len() - 1],
-                    behavior_logprobs: None,
-                    returns: None,
-                    old_values: None,
-                    ref_logprobs: None,
-                    routes: Vec::new(),
-                    loss_mask: Vec::new(),
+                    ..Default::default()
                 }
             })
             .collect(),

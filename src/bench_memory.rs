@@ -276,11 +276,7 @@ pub fn lora_large(
                 advantages: vec![if c.index % 2 == 0 { 1.0 } else { -1.0 }; c.token_ids.len()],
                 behavior_logprobs: Some(c.logprobs.clone()),
                 response: c.token_ids.clone(),
-                returns: None,
-                old_values: None,
-                ref_logprobs: None,
-                routes: Vec::new(),
-                loss_mask: Vec::new(),
+                ..Default::default()
             })
             .collect();
         let t_train = Instant::now();

@@ -112,12 +112,7 @@ pub fn cuda(fixtures: &Path, smollm2: Option<&Path>, out: Option<&Path>) -> Resu
                     advantages: (0..3 + i)
                         .map(|j| if (i + j) % 3 == 0 { -0.5 } else { 1.0 })
                         .collect(),
-                    behavior_logprobs: None,
-                    returns: None,
-                    old_values: None,
-                    ref_logprobs: None,
-                    routes: Vec::new(),
-                    loss_mask: Vec::new(),
+                    ..Default::default()
                 })
                 .collect(),
             max_response_len: 8,
@@ -261,12 +256,7 @@ pub fn cuda(fixtures: &Path, smollm2: Option<&Path>, out: Option<&Path>) -> Resu
                 prompt: prompts[c.request_id as usize].clone(),
                 response: c.token_ids.clone(),
                 advantages: vec![0.0; c.token_ids.len()],
-                behavior_logprobs: None,
-                returns: None,
-                old_values: None,
-                ref_logprobs: None,
-                routes: Vec::new(),
-                loss_mask: Vec::new(),
+                ..Default::default()
             })
             .collect();
         let lps = trainer.compute_logprobs(&seqs)?;

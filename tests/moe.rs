@@ -5,6 +5,8 @@
 //! and `actor/routing_flip_frac` reports how often the router differs. Also: a recipe trains a
 //! mixture-of-experts model end to end.
 
+mod common;
+
 use rlrun_generator::{Engine, EngineConfig, Request, SamplingParams};
 use rlrun_model::{Device, Kind, ModelFiles, Weights};
 use rlrun_testkit::{fixtures, flipping_router, tempdir};
@@ -67,11 +69,8 @@ fn trainer_replays_the_generators_expert_choices() {
                 response: c.token_ids.clone(),
                 advantages: vec![1.0; c.token_ids.len()],
                 behavior_logprobs: Some(c.logprobs.clone()),
-                returns: None,
-                old_values: None,
-                ref_logprobs: None,
                 routes: c.routes.clone(),
-                loss_mask: Vec::new(),
+                ..Default::default()
             }
         })
         .collect();
@@ -123,40 +122,23 @@ fn trainer_replays_the_generators_expert_choices() {
 #[test]
 fn moe_recipe_runs_with_routing_replay() {
     let tmp = tempdir();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rlrun"))
-        .current_dir(rlrun_testkit::root())
-        .args([
-            "recipes/quickstart.toml",
-            "--set",
-            &format!("model.path={}", fixtures().join("tiny-qwen3moe").display()),
-            "--set",
-            &format!("logging.run_dir={}", tmp.path().display()),
-            "--set",
-            "steps=2",
-            "--set",
-            "eval.before=false",
-            "--set",
-            "eval.after=false",
-            "--set",
-            "trainer.lr=1e-3",
-        ])
-        .output()
-        .unwrap();
+    let mut args = vec!["recipes/quickstart.toml".to_string()];
+    args.extend(common::set_args(&[
+        format!("model.path={}", fixtures().join("tiny-qwen3moe").display()),
+        format!("logging.run_dir={}", tmp.path().display()),
+        "steps=2".into(),
+        "eval.before=false".into(),
+        "eval.after=false".into(),
+        "trainer.lr=1e-3".into(),
+    ]));
+    let out = common::rlrun(&args);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let metrics = std::fs::read_dir(tmp.path())
-        .unwrap()
-        .flatten()
-        .map(|e| e.path().join("metrics.jsonl"))
-        .find(|p| p.exists())
-        .expect("metrics.jsonl");
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(metrics)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
+    let lines: Vec<serde_json::Value> = common::metrics(&common::run_dir(tmp.path()))
+        .into_iter()
         .filter(|v: &serde_json::Value| v["kind"] == "train")
         .collect();
     assert_eq!(lines.len(), 2);

@@ -9,6 +9,8 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
+mod common;
+
 use rlrun::multiturn::{run_episodes, Conversation, EpisodeLimits, EpisodeStats};
 use rlrun_generator::{
     CompletionStream, DrawKey, Engine, EngineConfig, EngineStats, GeneratorActor, LocalGenerator,
@@ -270,11 +272,8 @@ fn episodes_are_token_exact_masked_and_survive_hanging_and_crashing_steps() {
             response: r.response.clone(),
             advantages: vec![1.0; r.response.len()],
             behavior_logprobs: Some(r.logprobs.clone()),
-            returns: None,
-            old_values: None,
-            ref_logprobs: None,
-            routes: Vec::new(),
             loss_mask: r.loss_mask.clone(),
+            ..Default::default()
         })
         .collect();
     let lps = trainer.compute_logprobs(&seqs).unwrap();
@@ -298,31 +297,19 @@ fn episodes_are_token_exact_masked_and_survive_hanging_and_crashing_steps() {
 #[test]
 fn environment_recipe_trains_and_logs_episode_metrics() {
     let tmp = tempdir();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rlrun"))
-        .current_dir(rlrun_testkit::root())
-        .args([
-            "recipes/multiturn_calculator.toml",
-            "--set",
-            &format!("model.path={}", fixtures().join("tiny-llama3").display()),
-            "--set",
-            &format!("logging.run_dir={}", tmp.path().display()),
-            "--set",
-            "steps=1",
-            "--set",
-            "data.prompts_per_step=2",
-            "--set",
-            "rollout.n=2",
-            "--set",
-            "eval.size=4",
-            "--set",
-            "environment.close_cut_turns=true",
-            "--set",
-            "environment.name=guess-number",
-            "--set",
-            "environment.tools=[]",
-        ])
-        .output()
-        .unwrap();
+    let mut args = vec!["recipes/multiturn_calculator.toml".to_string()];
+    args.extend(common::set_args(&[
+        format!("model.path={}", fixtures().join("tiny-llama3").display()),
+        format!("logging.run_dir={}", tmp.path().display()),
+        "steps=1".into(),
+        "data.prompts_per_step=2".into(),
+        "rollout.n=2".into(),
+        "eval.size=4".into(),
+        "environment.close_cut_turns=true".into(),
+        "environment.name=guess-number".into(),
+        "environment.tools=[]".into(),
+    ]));
+    let out = common::rlrun(&args);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -333,16 +320,7 @@ fn environment_recipe_trains_and_logs_episode_metrics() {
         stdout.contains("tool calls per held-out episode"),
         "{stdout}"
     );
-    let run = std::fs::read_dir(tmp.path())
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap();
-    let text = std::fs::read_to_string(run.path().join("metrics.jsonl")).unwrap();
-    let lines: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = common::metrics(&common::run_dir(tmp.path()));
     let step = lines
         .iter()
         .find(|l| l.get("env/turns_mean").is_some())

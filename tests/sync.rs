@@ -174,11 +174,7 @@ fn rollouts(generator: &dyn GeneratorActor, vocab: i64) -> Vec<TrainSequence> {
                 .collect(),
             behavior_logprobs: Some(c.logprobs.clone()),
             response: c.token_ids,
-            returns: None,
-            old_values: None,
-            ref_logprobs: None,
-            routes: Vec::new(),
-            loss_mask: Vec::new(),
+            ..Default::default()
         })
         .collect()
 }

@@ -865,6 +865,22 @@ impl GgufModel {
             .map(str::to_string)
     }
 
+    /// `tokenizer.ggml.tokens` and their `token_type`s (1, normal, where the file has none).
+    fn vocabulary(&self) -> Result<(Vec<&str>, Vec<i64>)> {
+        let g = |k: &str| self.file.get(&format!("tokenizer.ggml.{k}"));
+        let tokens: Vec<&str> = g("tokens")
+            .and_then(Value::as_array)
+            .ok_or_else(|| self.file.err("missing tokenizer.ggml.tokens".into()))?
+            .iter()
+            .map(|v| v.as_str().unwrap_or(""))
+            .collect();
+        let types: Vec<i64> = g("token_type")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().map(|v| v.as_f64().unwrap_or(1.0) as i64).collect())
+            .unwrap_or_else(|| vec![1; tokens.len()]);
+        Ok((tokens, types))
+    }
+
     /// Rebuilds a Hugging Face `tokenizer.json` from `tokenizer.ggml.*`: byte-level BPE models
     /// (`gpt2`) and Gemma 3's SentencePiece vocabulary (`llama`).
     pub fn tokenizer_json(&self) -> Result<Json> {
@@ -879,16 +895,7 @@ impl GgufModel {
                  llama, i.e. SentencePiece, for gemma3)"
             )));
         }
-        let tokens: Vec<&str> = g("tokens")
-            .and_then(Value::as_array)
-            .ok_or_else(|| self.file.err("missing tokenizer.ggml.tokens".into()))?
-            .iter()
-            .map(|v| v.as_str().unwrap_or(""))
-            .collect();
-        let types: Vec<i64> = g("token_type")
-            .and_then(Value::as_array)
-            .map(|a| a.iter().map(|v| v.as_f64().unwrap_or(1.0) as i64).collect())
-            .unwrap_or_else(|| vec![1; tokens.len()]);
+        let (tokens, types) = self.vocabulary()?;
         let merges: Vec<Json> = g("merges")
             .and_then(Value::as_array)
             .ok_or_else(|| self.file.err("missing tokenizer.ggml.merges".into()))?
@@ -954,17 +961,7 @@ impl GgufModel {
                 self.arch
             )));
         }
-        let g = |k: &str| self.file.get(&format!("tokenizer.ggml.{k}"));
-        let tokens: Vec<&str> = g("tokens")
-            .and_then(Value::as_array)
-            .ok_or_else(|| self.file.err("missing tokenizer.ggml.tokens".into()))?
-            .iter()
-            .map(|v| v.as_str().unwrap_or(""))
-            .collect();
-        let types: Vec<i64> = g("token_type")
-            .and_then(Value::as_array)
-            .map(|a| a.iter().map(|v| v.as_f64().unwrap_or(1.0) as i64).collect())
-            .unwrap_or_else(|| vec![1; tokens.len()]);
+        let (tokens, types) = self.vocabulary()?;
         Ok(gemma_tokenizer_json(
             &tokens,
             &types,

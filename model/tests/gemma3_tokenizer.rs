@@ -49,13 +49,8 @@ fn gguf_path(cases: &Value) -> PathBuf {
     p
 }
 
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
+mod tokenizer_cases;
+use tokenizer_cases::ids;
 
 /// The rebuilt `tokenizer.json`, and the tokenizer built from it with the config (built once for
 /// both tests).
@@ -173,22 +168,7 @@ fn gemma3_chat_template_matches_jinja2() {
     let tpl = ChatTemplate::from_tokenizer(tok).unwrap().unwrap();
     let chats = cases["chats"].as_array().unwrap();
     assert!(chats.len() >= 3, "only {} conversations", chats.len());
-    for c in chats {
-        let agp = c["add_generation_prompt"].as_bool().unwrap();
-        let text = tpl.render_json(&c["messages"], agp).unwrap();
-        assert_eq!(
-            text,
-            c["text"].as_str().unwrap(),
-            "render {}",
-            c["messages"]
-        );
-        assert_eq!(
-            tok.encode(&text, false).unwrap(),
-            ids(&c["ids"]),
-            "chat ids {}",
-            c["messages"]
-        );
-    }
+    tokenizer_cases::check_chats(tok, &tpl, chats);
     // Roles must alternate, as the template says.
     let bad = json!([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]);
     let err = tpl.render_json(&bad, true).unwrap_err().to_string();

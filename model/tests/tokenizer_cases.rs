@@ -1,9 +1,12 @@
-//! Shared checker for tokenizer/chat-template cases produced by `scripts/hf_reference.py`.
+//! Shared checker for tokenizer/chat-template cases produced by `scripts/hf_reference.py`
+//! (included by several test crates, each using part of it).
+
+#![allow(dead_code)]
 
 use rlrun_model::{ChatTemplate, Tokenizer};
 use serde_json::Value;
 
-fn ids(v: &Value) -> Vec<u32> {
+pub fn ids(v: &Value) -> Vec<u32> {
     v.as_array()
         .unwrap()
         .iter()
@@ -40,6 +43,13 @@ pub fn check(tok: &Tokenizer, cases: &Value) -> usize {
         .expect("chat template");
     let chats = cases["chats"].as_array().unwrap();
     assert!(chats.len() >= 20, "only {} conversations", chats.len());
+    check_chats(tok, &tpl, chats);
+    strings.len()
+}
+
+/// Checks each chat case (`messages`, optional `tools`, `add_generation_prompt`): `tpl` renders
+/// transformers' text and `tok` encodes it to transformers' ids.
+pub fn check_chats(tok: &Tokenizer, tpl: &ChatTemplate, chats: &[Value]) {
     for c in chats {
         let agp = c["add_generation_prompt"].as_bool().unwrap();
         let text = tpl
@@ -58,5 +68,4 @@ pub fn check(tok: &Tokenizer, cases: &Value) -> usize {
             c["messages"]
         );
     }
-    strings.len()
 }

@@ -106,6 +106,7 @@ pub mod advantage;
 pub mod data;
 pub mod env;
 mod error;
+mod named;
 pub mod reward;
 mod runner;
 mod sample;

@@ -65,8 +65,8 @@ pub struct GeneratorPool {
     current: Mutex<Option<WeightsRef>>,
     restarts: AtomicU64,
     /// Which member holds the kept cache of which finished sequence (multi-turn: a next turn
-    /// goes where its conversation's cache is).
-    affinity: Mutex<Affinity>,
+    /// goes where its conversation's cache is). None when the members keep no caches.
+    affinity: Option<Mutex<Affinity>>,
 }
 
 /// Finished single-sample sequences (prompt and all but the last sampled token: what a member
@@ -139,12 +139,16 @@ impl GeneratorPool {
         Ok(Arc::new_cyclic(|me| GeneratorPool {
             me: me.clone(),
             members,
+            affinity: cfg
+                .engine
+                .as_ref()
+                .is_some_and(|e| e.prefix_cache_tokens > 0)
+                .then(Mutex::default),
             spawn_cfg: Some(cfg),
             spawn_env: envs,
             token: None,
             current: Mutex::new(None),
             restarts: AtomicU64::new(0),
-            affinity: Mutex::new(Affinity::default()),
         }))
     }
 
@@ -169,7 +173,8 @@ impl GeneratorPool {
             token,
             current: Mutex::new(None),
             restarts: AtomicU64::new(0),
-            affinity: Mutex::new(Affinity::default()),
+            // Their engine settings are not known here: route by affinity in case they keep.
+            affinity: Some(Mutex::default()),
         }))
     }
 
@@ -247,6 +252,9 @@ impl GeneratorPool {
 
     /// Records which member finished `c` (single-sample requests: the ones members keep).
     fn remember(&self, member: usize, reqs: &[Request], c: &Completion) {
+        let Some(affinity) = &self.affinity else {
+            return;
+        };
         let Some(r) = reqs.iter().find(|r| r.id == c.request_id) else {
             return;
         };
@@ -254,7 +262,7 @@ impl GeneratorPool {
             return;
         }
         let kept = [&r.prompt[..], &c.token_ids[..c.token_ids.len() - 1]].concat();
-        if let Ok(mut a) = self.affinity.lock() {
+        if let Ok(mut a) = affinity.lock() {
             a.record(&kept, member);
         }
     }
@@ -300,7 +308,7 @@ impl GeneratorActor for GeneratorPool {
         // member finished goes to that member (its kept cache).
         let k = pool.len().max(1);
         let mut parts: Vec<Vec<Request>> = vec![Vec::new(); k];
-        let affinity = pool.affinity.lock().ok();
+        let affinity = pool.affinity.as_ref().and_then(|a| a.lock().ok());
         for (j, r) in requests.into_iter().enumerate() {
             let i = affinity
                 .as_ref()
@@ -332,7 +340,7 @@ impl GeneratorActor for GeneratorPool {
             *c = Some(r.clone());
         }
         // Members drop their kept caches at a weight update.
-        if let Ok(mut a) = self.affinity.lock() {
+        if let Some(Ok(mut a)) = self.affinity.as_ref().map(Mutex::lock) {
             *a = Affinity::default();
         }
         for i in 0..self.len() {

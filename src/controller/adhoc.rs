@@ -53,12 +53,7 @@ impl Run {
             prompt,
             response,
             advantages: vec![0.0; n],
-            behavior_logprobs: None,
-            returns: None,
-            old_values: None,
-            ref_logprobs: None,
-            routes: Vec::new(),
-            loss_mask: Vec::new(),
+            ..Default::default()
         };
         Ok(self.actors.trainer.compute_logprobs(&[seq])?.remove(0))
     }

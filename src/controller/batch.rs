@@ -43,11 +43,9 @@ pub(crate) fn build(groups: &[ScoredGroup]) -> StepBatch {
                 response: comp.token_ids.clone(),
                 advantages: Vec::new(),
                 behavior_logprobs: Some(comp.logprobs.clone()),
-                returns: None,
-                old_values: None,
-                ref_logprobs: None,
                 routes: comp.routes.clone(),
                 loss_mask: episode.map(|e| e.loss_mask.clone()).unwrap_or_default(),
+                ..Default::default()
             });
             if let Some(e) = episode {
                 let len = comp.token_ids.len();

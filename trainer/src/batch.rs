@@ -6,8 +6,8 @@ use tch::{Device, Tensor};
 
 use crate::error::{Result, TrainError};
 
-/// One rollout sequence for a training step.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// One rollout sequence for a training step (the optional fields default to absent).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct TrainSequence {
     pub prompt: Vec<i64>,
     pub response: Vec<i64>,
@@ -603,12 +603,7 @@ mod tests {
             prompt: vec![1; p],
             response: vec![2; r],
             advantages: vec![0.0; r],
-            behavior_logprobs: None,
-            returns: None,
-            old_values: None,
-            ref_logprobs: None,
-            routes: Vec::new(),
-            loss_mask: Vec::new(),
+            ..Default::default()
         }
     }
 

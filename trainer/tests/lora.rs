@@ -35,12 +35,8 @@ fn batch(n: usize, vocab: i64) -> TrainBatch {
                         }
                     })
                     .collect(),
-                behavior_logprobs: None,
                 returns: Some(vec![0.5; r]),
-                old_values: None,
-                ref_logprobs: None,
-                routes: Vec::new(),
-                loss_mask: Vec::new(),
+                ..Default::default()
             }
         })
         .collect();

@@ -26,12 +26,7 @@ fn load_balancing_loss_and_gradients_match_transformers() {
                 prompt: p,
                 advantages: vec![0.0; r.len()],
                 response: r,
-                behavior_logprobs: None,
-                returns: None,
-                old_values: None,
-                ref_logprobs: None,
-                routes: Vec::new(),
-                loss_mask: Vec::new(),
+                ..Default::default()
             }
         })
         .collect();

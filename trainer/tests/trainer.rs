@@ -41,12 +41,7 @@ fn batch(n: usize, vocab: i64) -> TrainBatch {
                     }
                 })
                 .collect(),
-            behavior_logprobs: None,
-            returns: None,
-            old_values: None,
-            ref_logprobs: None,
-            routes: Vec::new(),
-            loss_mask: Vec::new(),
+            ..Default::default()
         });
     }
     TrainBatch {

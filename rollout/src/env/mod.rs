@@ -231,36 +231,26 @@ impl EnvironmentConfig {
 /// Environments registered at run time under a name (e.g. Python classes), for recipes'
 /// `[environment] name = "registered"`.
 pub mod registry {
-    use std::collections::BTreeMap;
-    use std::sync::{Arc, Mutex, OnceLock};
+    use std::sync::Arc;
 
     use super::Environment;
+    use crate::named::Named;
 
-    type Table = Mutex<BTreeMap<String, Arc<dyn Environment>>>;
-
-    fn table() -> &'static Table {
-        static T: OnceLock<Table> = OnceLock::new();
-        T.get_or_init(|| Mutex::new(BTreeMap::new()))
-    }
+    static TABLE: Named<dyn Environment> = Named::new();
 
     /// Registers (or replaces) an environment under `name`.
     pub fn register(name: &str, env: Arc<dyn Environment>) {
-        if let Ok(mut t) = table().lock() {
-            t.insert(name.to_string(), env);
-        }
+        TABLE.register(name, env);
     }
 
     /// The environment registered under `name`.
     pub fn get(name: &str) -> Option<Arc<dyn Environment>> {
-        table().lock().ok()?.get(name).cloned()
+        TABLE.get(name)
     }
 
     /// Registered names, sorted.
     pub fn names() -> Vec<String> {
-        table()
-            .lock()
-            .map(|t| t.keys().cloned().collect())
-            .unwrap_or_default()
+        TABLE.names()
     }
 }
 

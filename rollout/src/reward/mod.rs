@@ -215,34 +215,26 @@ pub struct RegisteredConfig {
 
 /// Rewards registered by name in this process, for recipes to use (`name = "registered"`).
 pub mod registry {
-    use std::collections::BTreeMap;
-    use std::sync::{Arc, Mutex, OnceLock};
+    use std::sync::Arc;
 
     use super::RewardFn;
+    use crate::named::Named;
 
-    fn table() -> &'static Mutex<BTreeMap<String, Arc<dyn RewardFn>>> {
-        static T: OnceLock<Mutex<BTreeMap<String, Arc<dyn RewardFn>>>> = OnceLock::new();
-        T.get_or_init(|| Mutex::new(BTreeMap::new()))
-    }
+    static TABLE: Named<dyn RewardFn> = Named::new();
 
     /// Registers (or replaces) a reward under `name`.
     pub fn register(name: &str, reward: Arc<dyn RewardFn>) {
-        if let Ok(mut t) = table().lock() {
-            t.insert(name.to_string(), reward);
-        }
+        TABLE.register(name, reward);
     }
 
     /// The reward registered under `name`.
     pub fn get(name: &str) -> Option<Arc<dyn RewardFn>> {
-        table().lock().ok()?.get(name).cloned()
+        TABLE.get(name)
     }
 
     /// Registered names, sorted.
     pub fn names() -> Vec<String> {
-        table()
-            .lock()
-            .map(|t| t.keys().cloned().collect())
-            .unwrap_or_default()
+        TABLE.names()
     }
 }
 
