@@ -5,6 +5,8 @@ fn main() {
     unsafe { std::env::set_var("PROTOC", protoc) };
     println!("cargo:rerun-if-changed=proto/rlrun.proto");
     tonic_prost_build::configure()
+        // Weight chunks are slices of one buffer: sent and received without copying.
+        .bytes(".rlrun.v1.WeightChunk.data")
         .compile_protos(&["proto/rlrun.proto"], &["proto"])
         .expect("compiling proto/rlrun.proto");
 }

@@ -65,6 +65,29 @@ pub enum BenchCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// `net` weight sync to a generator in another process over loopback (publish into the
+    /// weight store, pull as checksummed chunks, swap, acknowledge), against a plain TCP socket
+    /// copy of the same bytes to another process.
+    NetSync {
+        /// Model directory (its f32 weights are what is synced).
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// The receiving end of `net-sync`'s socket copy (internal): connects to `addr`, reads
+    /// `bytes` into one buffer `iters` times, answering one byte after each.
+    #[command(hide = true)]
+    SocketSink {
+        #[arg(long)]
+        addr: String,
+        #[arg(long)]
+        bytes: usize,
+        #[arg(long)]
+        iters: usize,
+    },
     /// Frugal training, in one run: LoRA adapter-only weight sync against full sync (bytes and
     /// time through shared memory to a generator process), and activation checkpointing on
     /// against off (peak memory and time of a training step, each in its own process).
@@ -389,6 +412,8 @@ pub fn run(what: BenchCommand) -> anyhow::Result<()> {
             checksum,
             json,
         } => shm_sync(&model, iters, checksum, json.as_deref()),
+        BenchCommand::NetSync { model, iters, json } => net_sync(&model, iters, json.as_deref()),
+        BenchCommand::SocketSink { addr, bytes, iters } => socket_sink(&addr, bytes, iters),
         BenchCommand::Async { recipe, set, json } => async_rollouts(&recipe, &set, json.as_deref()),
         BenchCommand::ToolLatency {
             recipe,
@@ -882,6 +907,121 @@ fn shm_sync(
             "memcpy_s": copy_s, "sync_gb_per_s": sync_gbs, "memcpy_gb_per_s": copy_gbs,
             "ratio": sync_gbs / copy_gbs, "checksum": checksum});
         std::fs::write(p, serde_json::to_string_pretty(&v)?)?;
+    }
+    Ok(())
+}
+
+/// `net` sync to a generator process over loopback vs. a plain socket copy of the same bytes to
+/// another process (both timed `iters` times after a warm-up; medians).
+fn net_sync(model: &Path, iters: usize, json_path: Option<&Path>) -> anyhow::Result<()> {
+    use rlrun::actors::RemoteGenerator;
+    use rlrun_generator::{GeneratorActor, WeightUpdate};
+    use rlrun_weights_sync::net::{StoreServer, WeightStore};
+    use std::io::{Read, Write};
+    let iters = iters.max(1);
+    let files = ModelFiles::open(model)?;
+    let weights = files.load_weights(Kind::Float, Device::Cpu)?;
+    let bytes = weights.flat.numel() * 4;
+    let cfg = rlrun::actors::ActorConfig {
+        model: model.to_path_buf(),
+        dtype: "f32".into(),
+        device: "cpu".into(),
+        threads: 1,
+        engine: None,
+        trainer: None,
+        reference: false,
+    };
+    let proc = rlrun::actors::spawn(rlrun::actors::Role::Generator, &cfg, &[])?;
+    let client = RemoteGenerator::connect(&proc.addr, None, std::time::Duration::from_secs(60))?;
+    let store = WeightStore::new();
+    let server = StoreServer::start(&store, "127.0.0.1:0", None)?;
+    let (mut total, mut publish) = (Vec::new(), Vec::new());
+    for v in 0..iters as u64 + 1 {
+        let t = Instant::now();
+        let (mut r, rep) = store.publish(v + 1, &weights.flat)?;
+        r.source = Some(server.addr().to_string());
+        client.update_weights(r.version, WeightUpdate::Shared(r))?;
+        if v >= 1 {
+            total.push(t.elapsed().as_secs_f64());
+            publish.push(rep.seconds);
+        }
+    }
+    drop(proc);
+    // The peer: the same bytes written to a TCP socket on loopback, read by another process
+    // into one buffer, which answers one byte when it has them all.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?.to_string();
+    let mut sink = Command::new(rlrun::actors::rlrun_exe()?)
+        .args(["bench", "socket-sink", "--addr", &addr])
+        .arg(format!("--bytes={bytes}"))
+        .arg(format!("--iters={}", iters + 1))
+        .spawn()
+        .context("starting the socket sink")?;
+    let (mut sock, _) = listener.accept()?;
+    sock.set_nodelay(true)?;
+    // SAFETY: `flat` is a contiguous CPU f32 tensor of `bytes` bytes that outlives `src`.
+    let src: &[u8] =
+        unsafe { std::slice::from_raw_parts(weights.flat.data_ptr() as *const u8, bytes) };
+    let mut copy = Vec::new();
+    for i in 0..iters + 1 {
+        let t = Instant::now();
+        sock.write_all(src)?;
+        let mut ack = [0u8; 1];
+        sock.read_exact(&mut ack)?;
+        if i >= 1 {
+            copy.push(t.elapsed().as_secs_f64());
+        }
+    }
+    let status = sink.wait()?;
+    if !status.success() {
+        bail!("the socket sink failed ({status})");
+    }
+    let (sync_s, copy_s, publish_s) = (median(total), median(copy), median(publish));
+    let pull_s = (sync_s - publish_s).max(1e-9);
+    let gbs = |s: f64| bytes as f64 / s / 1e9;
+    println!(
+        "net weight sync, {} f32 ({:.0} MB), trainer -> 1 generator process over loopback",
+        model.display(),
+        bytes as f64 / 1e6
+    );
+    println!("  machine: {}", machine());
+    println!(
+        "  rlrun net sync: {:.1} ms ({:.2} GB/s): publish into the store {:.1} ms, pull + check + swap + acknowledge {:.1} ms ({:.2} GB/s)",
+        sync_s * 1e3,
+        gbs(sync_s),
+        publish_s * 1e3,
+        pull_s * 1e3,
+        gbs(pull_s)
+    );
+    println!(
+        "  plain socket copy to another process: {:.1} ms ({:.2} GB/s)",
+        copy_s * 1e3,
+        gbs(copy_s)
+    );
+    println!(
+        "  ratio (net sync GB/s / socket GB/s): {:.2} whole sync, {:.2} transfer only",
+        copy_s / sync_s,
+        copy_s / pull_s
+    );
+    if let Some(p) = json_path {
+        let v = json!({"bench": "net-sync", "machine": machine(), "bytes": bytes,
+            "sync_s": sync_s, "publish_s": publish_s, "pull_s": pull_s, "socket_s": copy_s,
+            "sync_gb_per_s": gbs(sync_s), "socket_gb_per_s": gbs(copy_s),
+            "ratio": copy_s / sync_s, "ratio_transfer": copy_s / pull_s});
+        std::fs::write(p, serde_json::to_string_pretty(&v)?)?;
+    }
+    Ok(())
+}
+
+fn socket_sink(addr: &str, bytes: usize, iters: usize) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let mut sock = std::net::TcpStream::connect(addr)?;
+    sock.set_nodelay(true)?;
+    let mut buf = vec![0u8; bytes];
+    for _ in 0..iters {
+        sock.read_exact(&mut buf)?;
+        std::hint::black_box(&buf);
+        sock.write_all(&[1])?;
     }
     Ok(())
 }

@@ -47,7 +47,13 @@ fn sync_seconds(
     };
     let proc = actors::spawn(Role::Generator, &cfg, &[])?;
     let client = RemoteGenerator::connect(&proc.addr, None, std::time::Duration::from_secs(60))?;
-    let mut backend = rlrun::sync::build(SyncBackend::Shm, false, lora.is_some())?;
+    let mut backend = rlrun::sync::build(
+        SyncBackend::Shm,
+        &rlrun::sync::SyncOptions {
+            adapters: lora.is_some(),
+            ..Default::default()
+        },
+    )?;
     let (mut times, mut bytes) = (Vec::new(), 0);
     for i in 0..iters.max(1) + 2 {
         let out = rlrun::sync::sync(backend.as_mut(), &trainer, &client)?;

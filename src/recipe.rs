@@ -364,10 +364,15 @@ pub struct SyncSection {
     /// Sync every this many steps.
     pub every: u64,
     /// `auto` picks by placement (`in-process` when trainer and generator share this process,
-    /// else `shm`); or `in-process`, `shm`.
+    /// else `shm`); or `in-process`, `shm`, `net` (pulled over the network from the trainer's
+    /// weight store: generators on other machines).
     pub backend: SyncBackend,
     /// Per-tensor checksums verified by the receiver.
     pub checksum: bool,
+    /// `net` with the trainer in this process: where this process serves the weight store
+    /// (host:port; loopback by default; any other address needs `placement.token_file` and must
+    /// be one the generators reach, not 0.0.0.0).
+    pub listen: String,
     /// After each sync, generate a fixed probe (the first training prompt, one sample) and
     /// compare the generator's log-probs with the trainer's: `sync/probe_logprob_max_diff`.
     pub probe: bool,
@@ -379,6 +384,7 @@ impl Default for SyncSection {
             every: 1,
             backend: SyncBackend::Auto,
             checksum: false,
+            listen: "127.0.0.1:0".into(),
             probe: false,
         }
     }
@@ -891,6 +897,29 @@ fn validate(
     let pl = &c.placement;
     let separate =
         pl.trainer_process || pl.generator_processes > 0 || !pl.generator_addresses.is_empty();
+    match c.sync.listen.parse::<std::net::SocketAddr>() {
+        Err(_) => {
+            return Err(err(
+                "sync.listen",
+                format!("`{}`: expected ip:port", c.sync.listen),
+            ))
+        }
+        Ok(a) if a.ip().is_unspecified() => {
+            return Err(err(
+                "sync.listen",
+                format!(
+                    "`{a}`: generators are told this address, so name the one they reach this machine at"
+                ),
+            ))
+        }
+        Ok(a) if !a.ip().is_loopback() && pl.token_file.is_none() => {
+            return Err(err(
+                "sync.listen",
+                format!("`{a}` is beyond loopback: set placement.token_file"),
+            ))
+        }
+        Ok(_) => {}
+    }
     if c.sync.backend == SyncBackend::InProcess && separate {
         return Err(err(
             "sync.backend",

@@ -70,49 +70,54 @@ fn processes_give_the_in_process_metrics_and_the_generator_matches_the_trainer_a
     let mut o = overrides(local.path(), 3);
     o.push("algorithm.loss.off_policy.correction=\"off\"".into());
     run_quickstart(&o);
-    let remote = rlrun_testkit::tempdir();
-    let mut o = overrides(remote.path(), 3);
-    o.push("placement.trainer_process=true".into());
-    o.push("placement.generator_processes=2".into());
-    // Generators in other processes turn the off-policy correction on by default, and its
-    // weights carry the generators' rounding (their batches differ): compare the computation
-    // itself, uncorrected on both sides.
-    o.push("algorithm.loss.off_policy.correction=\"off\"".into());
-    run_quickstart(&o);
-
-    let (a, b) = (
-        metrics(&run_dir(local.path())),
-        metrics(&run_dir(remote.path())),
-    );
-    assert_eq!(a.len(), b.len());
-    let mut compared = 0;
-    for (x, y) in a.iter().zip(&b) {
-        let (x, y) = (x.as_object().unwrap(), y.as_object().unwrap());
-        for (k, v) in x {
-            if placement_or_timing(k) {
-                continue;
+    let a = metrics(&run_dir(local.path()));
+    // Weights through shared memory, then pulled over the network from the trainer's process.
+    for backend in ["shm", "net"] {
+        let remote = rlrun_testkit::tempdir();
+        let mut o = overrides(remote.path(), 3);
+        o.push("placement.trainer_process=true".into());
+        o.push("placement.generator_processes=2".into());
+        o.push(format!("sync.backend=\"{backend}\""));
+        // Generators in other processes turn the off-policy correction on by default, and its
+        // weights carry the generators' rounding (their batches differ): compare the
+        // computation itself, uncorrected on both sides.
+        o.push("algorithm.loss.off_policy.correction=\"off\"".into());
+        run_quickstart(&o);
+        let b = metrics(&run_dir(remote.path()));
+        assert_eq!(a.len(), b.len());
+        let mut compared = 0;
+        for (x, y) in a.iter().zip(&b) {
+            let (x, y) = (x.as_object().unwrap(), y.as_object().unwrap());
+            for (k, v) in x {
+                if placement_or_timing(k) {
+                    continue;
+                }
+                let w = &y[k];
+                if k == "actor/logprob_mismatch" {
+                    // The generator's batches differ (two processes): rounding only.
+                    let (v, w) = (v.as_f64().unwrap(), w.as_f64().unwrap());
+                    assert!((v - w).abs() < 1e-5, "{backend}: {k}: {v} vs {w}");
+                } else {
+                    assert_eq!(v, w, "{backend}, step {}: {k}", x["step"]);
+                }
+                compared += 1;
             }
-            let w = &y[k];
-            if k == "actor/logprob_mismatch" {
-                // The generator's batches differ (two processes): rounding only.
-                let (v, w) = (v.as_f64().unwrap(), w.as_f64().unwrap());
-                assert!((v - w).abs() < 1e-5, "{k}: {v} vs {w}");
-            } else {
-                assert_eq!(v, w, "step {}: {k}", x["step"]);
-            }
-            compared += 1;
         }
-    }
-    assert!(compared > 30, "{compared}");
-    for m in train_lines(&b) {
-        assert_eq!(m["sync/backend_shm"], 1.0, "{m}");
-        assert!(m["sync/gb_per_s"].as_f64().unwrap() > 0.0);
-        assert_eq!(m["generator/processes"], 2.0);
-    }
-    // After every sync the generators' log-probs on the probe equal the trainer's (f32).
-    for m in train_lines(&a).into_iter().chain(train_lines(&b)) {
-        let d = m["sync/probe_logprob_max_diff"].as_f64().unwrap();
-        assert!(d <= 1e-5, "probe differs by {d} at step {}", m["step"]);
+        assert!(compared > 30, "{compared}");
+        for m in train_lines(&b) {
+            assert_eq!(m[&format!("sync/backend_{backend}")], 1.0, "{m}");
+            assert!(m["sync/gb_per_s"].as_f64().unwrap() > 0.0);
+            assert_eq!(m["generator/processes"], 2.0);
+        }
+        // After every sync the generators' log-probs on the probe equal the trainer's (f32).
+        for m in train_lines(&a).into_iter().chain(train_lines(&b)) {
+            let d = m["sync/probe_logprob_max_diff"].as_f64().unwrap();
+            assert!(
+                d <= 1e-5,
+                "{backend}: probe differs by {d} at step {}",
+                m["step"]
+            );
+        }
     }
 }
 
@@ -700,6 +705,7 @@ fn malformed_messages_get_an_error_status_and_the_actor_keeps_serving() {
         kind: tch::Kind::Float,
         checksums: Vec::new(),
         adapters: false,
+        source: None,
     };
     let e = client
         .update_weights(1, WeightUpdate::Shared(bad))
@@ -780,9 +786,17 @@ fn a_recipe_uses_a_generator_started_by_hand_with_its_token() {
     let served = serve_generator(dir.path(), "127.0.0.1:0", Some("hand-token")).unwrap();
     let wrong = dir.path().join("wrong.token");
     std::fs::write(&wrong, "not-the-token").unwrap();
-    for (token_file, ok) in [(dir.path().join("token"), true), (wrong, false)] {
+    let right = dir.path().join("token");
+    // Weights through shared memory, or pulled from this process's weight store, which then
+    // wants the token too.
+    for (token_file, ok, backend) in [
+        (right.clone(), true, "shm"),
+        (right, true, "net"),
+        (wrong, false, "shm"),
+    ] {
         let base = rlrun_testkit::tempdir();
         let mut o = overrides(base.path(), 2);
+        o.push(format!("sync.backend=\"{backend}\""));
         o.push(format!(
             "placement.generator_addresses=[\"{}\"]",
             served.addr
@@ -796,7 +810,7 @@ fn a_recipe_uses_a_generator_started_by_hand_with_its_token() {
             assert!(out.status.success(), "{stderr}");
             let m = metrics(&run_dir(base.path()));
             for l in train_lines(&m) {
-                assert_eq!(l["sync/backend_shm"], 1.0);
+                assert_eq!(l[&format!("sync/backend_{backend}")], 1.0);
                 assert!(l["sync/probe_logprob_max_diff"].as_f64().unwrap() <= 1e-5);
             }
         } else {

@@ -274,7 +274,7 @@ fn sync_backends_that_do_not_fit_the_placement_are_rejected() {
         &[
             "sync.backend",
             "unknown variant `nccl`",
-            "`auto`, `in-process`, `shm`",
+            "`auto`, `in-process`, `shm`, `net`",
         ],
     );
     let e = check_error(|t| {
@@ -283,6 +283,20 @@ fn sync_backends_that_do_not_fit_the_placement_are_rejected() {
     assert_has(&e, &["sync.backend", "in-process", "generator"]);
     let e = check_error(|t| format!("{t}\n[sync]\nbackend = \"carrier-pigeon\"\n"));
     assert_has(&e, &["sync.backend", "unknown variant"]);
+}
+
+#[test]
+fn a_weight_store_beyond_loopback_needs_a_token_and_a_reachable_address() {
+    let e =
+        check_error(|t| format!("{t}\n[sync]\nbackend = \"net\"\nlisten = \"10.1.2.3:7000\"\n"));
+    assert_has(
+        &e,
+        &["sync.listen", "10.1.2.3:7000", "placement.token_file"],
+    );
+    let e = check_error(|t| format!("{t}\n[sync]\nlisten = \"0.0.0.0:7000\"\n"));
+    assert_has(&e, &["sync.listen", "0.0.0.0:7000", "reach"]);
+    let e = check_error(|t| format!("{t}\n[sync]\nlisten = \"localhost\"\n"));
+    assert_has(&e, &["sync.listen", "expected ip:port"]);
 }
 
 #[test]

@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use rlrun::sync::{self, InProcessSync, Published, SyncBackend, WeightSync};
+use rlrun::sync::{self, InProcessSync, Published, SyncBackend, SyncOptions, WeightSync};
 use rlrun_generator::{EngineConfig, GeneratorActor};
 use rlrun_generator::{Request, SamplingParams};
 use rlrun_model::{Kind, LoraConfig, ModelFiles, Weights};
@@ -66,11 +66,21 @@ fn actors_with(
     (trainer, generator, files)
 }
 
+/// Options of a run whose trainer is in this process (`net`: this process serves the store).
+fn options(checksums: bool, adapters: bool) -> SyncOptions {
+    SyncOptions {
+        checksums,
+        adapters,
+        serve_store: Some("127.0.0.1:0".into()),
+        token: None,
+    }
+}
+
 #[test]
 fn every_backend_moves_the_weights_and_reports_them() {
-    for backend in [SyncBackend::InProcess, SyncBackend::Shm] {
+    for backend in [SyncBackend::InProcess, SyncBackend::Shm, SyncBackend::Net] {
         let (trainer, generator, bytes) = actors();
-        let mut s = sync::build(backend, true, false).unwrap();
+        let mut s = sync::build(backend, &options(true, false)).unwrap();
         assert_eq!(s.backend(), backend);
         let out = sync::sync(s.as_mut(), &trainer, &generator).unwrap();
         assert_eq!(out.backend, backend);
@@ -86,6 +96,10 @@ fn every_backend_moves_the_weights_and_reports_them() {
             m["sync/backend_shm"],
             f64::from(u8::from(backend == SyncBackend::Shm))
         );
+        assert_eq!(
+            m["sync/backend_net"],
+            f64::from(u8::from(backend == SyncBackend::Net))
+        );
     }
 }
 
@@ -94,7 +108,7 @@ fn auto_resolves_by_placement() {
     assert_eq!(SyncBackend::Auto.resolve(true), SyncBackend::InProcess);
     assert_eq!(SyncBackend::Auto.resolve(false), SyncBackend::Shm);
     assert_eq!(SyncBackend::Shm.resolve(true), SyncBackend::Shm);
-    assert!(sync::build(SyncBackend::Auto, false, false).is_err());
+    assert!(sync::build(SyncBackend::Auto, &SyncOptions::default()).is_err());
 }
 
 /// A backend from user code: in-process, counting its publishes and applies.
@@ -179,7 +193,7 @@ fn rollouts(generator: &dyn GeneratorActor, vocab: i64) -> Vec<TrainSequence> {
         .collect()
 }
 
-/// With LoRA only the adapters move (in-process and through shared memory), and after a sync
+/// With LoRA only the adapters move (in-process, through shared memory and the network), and after a sync
 /// the generator's log-probs are the trainer's, whether it applies the adapters in its forward
 /// or merges them into its weights.
 #[test]
@@ -189,6 +203,7 @@ fn lora_sync_moves_only_the_adapters() {
         (SyncBackend::Shm, false),
         (SyncBackend::InProcess, true),
         (SyncBackend::Shm, true),
+        (SyncBackend::Net, false),
     ] {
         let lora = LoraConfig {
             rank: 4,
@@ -206,7 +221,7 @@ fn lora_sync_moves_only_the_adapters() {
                 })
                 .unwrap();
         }
-        let mut s = sync::build(backend, true, true).unwrap();
+        let mut s = sync::build(backend, &options(true, true)).unwrap();
         let out = sync::sync(s.as_mut(), &trainer, &generator).unwrap();
         assert_eq!(out.bytes, adapter_bytes, "{backend:?}");
         assert!(out.bytes * 4 < files.layout().numel() as u64 * 4);

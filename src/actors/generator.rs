@@ -156,6 +156,7 @@ pub(crate) fn weights_ref_to_pb(r: &WeightsRef) -> pb::WeightsRef {
         dtype: kind_name(r.kind).into(),
         checksums: r.checksums.clone(),
         adapters: r.adapters,
+        source: r.source.clone().unwrap_or_default(),
     }
 }
 
@@ -168,6 +169,7 @@ pub(crate) fn weights_ref_from_pb(r: pb::WeightsRef) -> std::result::Result<Weig
             .ok_or_else(|| Status::invalid_argument(format!("unknown dtype `{}`", r.dtype)))?,
         checksums: r.checksums,
         adapters: r.adapters,
+        source: (!r.source.is_empty()).then_some(r.source),
     })
 }
 
@@ -309,7 +311,7 @@ impl GeneratorActor for RemoteGenerator {
     fn update_weights(&self, version: u64, update: WeightUpdate) -> Result<()> {
         let WeightUpdate::Shared(r) = update else {
             return Err(GenError::Weights(format!(
-                "a generator in another process ({}) takes weights through shared memory only",
+                "a generator in another process ({}) takes weights through shared memory or the network only",
                 self.addr()
             )));
         };

@@ -168,6 +168,10 @@ pub fn serve(role: Role, listen: &str, token_file: Option<&Path>, config: &Path)
         None => None,
     };
     rlrun_proto::auth::check_listen(&addr, token.as_deref()).map_err(usage)?;
+    if let Some(t) = &token {
+        // Weight stores of this run (`net` sync) want the same token.
+        rlrun_weights_sync::net::set_client_token(t);
+    }
     let text = std::fs::read_to_string(config).at(config)?;
     let cfg: ActorConfig = serde_json::from_str(&text).map_err(|source| Error::Json {
         path: config.to_path_buf(),
@@ -207,9 +211,14 @@ pub fn serve(role: Role, listen: &str, token_file: Option<&Path>, config: &Path)
         Role::Trainer => {
             let tcfg = cfg.trainer.clone().unwrap_or_default();
             let trainer = build_trainer(&files, kind, device, tcfg, cfg.reference, None)?;
-            builder.add_service(
-                TrainerService::new(Arc::new(trainer), shutdown.clone()).into_server(token),
-            )
+            // `net` sync: the trainer's weight store is served on the trainer's own address.
+            let store = rlrun_weights_sync::net::WeightStore::new();
+            trainer.attach_store(store.clone());
+            builder
+                .add_service(store.service(token.clone()))
+                .add_service(
+                    TrainerService::new(Arc::new(trainer), shutdown.clone()).into_server(token),
+                )
         }
     };
     println!("LISTENING {bound}");

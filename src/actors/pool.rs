@@ -333,7 +333,7 @@ impl GeneratorActor for GeneratorPool {
     ) -> std::result::Result<(), GenError> {
         let WeightUpdate::Shared(r) = update else {
             return Err(GenError::Weights(
-                "generator processes take weights through shared memory".into(),
+                "generator processes take weights through shared memory or the network (a weights reference)".into(),
             ));
         };
         if let Ok(mut c) = self.current.lock() {

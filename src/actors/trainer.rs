@@ -152,7 +152,11 @@ impl TrainerRpc for TrainerService {
     ) -> Result<Response<pb::WeightsRef>, Status> {
         let r = req.into_inner();
         let (w, _) = rpc::blocking(&self.trainer, move |t| {
-            t.publish_weights(Path::new(&r.path), r.checksums)
+            if r.net {
+                t.publish_net()
+            } else {
+                t.publish_weights(Path::new(&r.path), r.checksums)
+            }
         })
         .await?;
         Ok(Response::new(weights_ref_to_pb(&w)))
@@ -220,6 +224,25 @@ impl RemoteTrainer {
         Ok(rows.rows.into_iter().map(|row| row.values).collect())
     }
 
+    /// Asks the trainer to publish a version (a file or its weight store).
+    fn publish(&self, msg: pb::PublishRequest) -> Result<(WeightsRef, SyncReport)> {
+        let t0 = std::time::Instant::now();
+        let r = self
+            .client
+            .call(|mut c| async move { c.publish_weights(msg).await })?;
+        let w = weights_ref_from_pb(r).map_err(|s| {
+            TrainError::Invalid(format!("trainer at {}: {}", self.addr(), s.message()))
+        })?;
+        let bytes = w.numel * w.kind.elt_size_in_bytes() as u64;
+        Ok((
+            w,
+            SyncReport {
+                bytes,
+                seconds: t0.elapsed().as_secs_f64(),
+            },
+        ))
+    }
+
     /// Asks the actor process to exit.
     pub fn shutdown(&self) -> Result<()> {
         self.client
@@ -264,31 +287,29 @@ impl TrainerActor for RemoteTrainer {
 
     fn sync_weights(&self) -> Result<(u64, Tensor)> {
         Err(TrainError::Invalid(format!(
-            "the trainer at {} is in another process: weights go through shared memory (publish_weights)",
+            "the trainer at {} is in another process: weights go through shared memory or the network (publish_weights, publish_net)",
             self.addr()
         )))
     }
 
     fn publish_weights(&self, path: &Path, checksums: bool) -> Result<(WeightsRef, SyncReport)> {
-        let t0 = std::time::Instant::now();
-        let msg = pb::PublishRequest {
+        self.publish(pb::PublishRequest {
             path: path.display().to_string(),
             checksums,
-        };
-        let r = self
-            .client
-            .call(|mut c| async move { c.publish_weights(msg).await })?;
-        let w = weights_ref_from_pb(r).map_err(|s| {
-            TrainError::Invalid(format!("trainer at {}: {}", self.addr(), s.message()))
+            net: false,
+        })
+    }
+
+    fn publish_net(&self) -> Result<(WeightsRef, SyncReport)> {
+        let (mut w, report) = self.publish(pb::PublishRequest {
+            net: true,
+            ..Default::default()
         })?;
-        let bytes = w.numel * w.kind.elt_size_in_bytes() as u64;
-        Ok((
-            w,
-            SyncReport {
-                bytes,
-                seconds: t0.elapsed().as_secs_f64(),
-            },
-        ))
+        // The store is served beside the trainer: pull from the address the trainer is reached at.
+        if w.source.is_none() {
+            w.source = Some(self.addr().to_string());
+        }
+        Ok((w, report))
     }
 
     fn version(&self) -> Result<u64> {

@@ -170,7 +170,15 @@ impl Run {
             tokenizer.clone(),
         )?;
         let actors = placement::place(&recipe, &files, tokenizer)?;
-        let sync = crate::sync::build(actors.sync, c.sync.checksum, c.model.lora.is_some())?;
+        let sync = crate::sync::build(
+            actors.sync,
+            &crate::sync::SyncOptions {
+                checksums: c.sync.checksum,
+                adapters: c.model.lora.is_some(),
+                serve_store: (!c.placement.trainer_process).then(|| c.sync.listen.clone()),
+                token: actors.token.clone(),
+            },
+        )?;
         // The recipe's datasets, rewards and estimator were built (and checked) by validation.
         let built = recipe.built.clone();
         let stream = PromptStream::new(built.train.clone(), c.seed, c.data.shuffle)?;

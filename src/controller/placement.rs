@@ -26,6 +26,8 @@ pub(crate) struct Actors {
     pub device: Device,
     /// The weight-sync backend this placement uses (resolved, never `auto`).
     pub sync: SyncBackend,
+    /// The run's token (`placement.token_file`), for actors and the weight store.
+    pub token: Option<String>,
     /// Actor processes this run spawned (killed on drop).
     _processes: Vec<ActorProcess>,
 }
@@ -46,6 +48,13 @@ pub(crate) fn place(
     let kind = compute_kind(c.model.dtype, device);
     let uses_ref = c.algorithm.loss.kl.is_some() || c.algorithm.kl_in_reward.is_some();
     let dtype = rlrun_weights_sync::shm::kind_name(kind).to_string();
+    let token = match &pl.token_file {
+        Some(f) => Some(
+            rlrun_proto::auth::read_token(Path::new(f))
+                .map_err(|e| Error::Usage(format!("placement.token_file: {e}")))?,
+        ),
+        None => None,
+    };
     let mut processes = Vec::new();
     let gen_in_process = pl.generator_processes == 0 && pl.generator_addresses.is_empty();
     // LoRA with trainer and generator in this process on one device: one copy of the frozen
@@ -130,14 +139,7 @@ pub(crate) fn place(
                     .collect();
                 GeneratorPool::spawn(cfg, envs)?
             } else {
-                let token = match &pl.token_file {
-                    Some(f) => Some(
-                        rlrun_proto::auth::read_token(Path::new(f))
-                            .map_err(|e| Error::Usage(format!("placement.token_file: {e}")))?,
-                    ),
-                    None => None,
-                };
-                GeneratorPool::connect(&pl.generator_addresses, token)?
+                GeneratorPool::connect(&pl.generator_addresses, token.clone())?
             };
             (Box::new(pool.clone()), Some(pool))
         } else {
@@ -158,6 +160,7 @@ pub(crate) fn place(
         pool,
         device,
         sync: c.sync.backend.resolve(share_process),
+        token,
         _processes: processes,
     })
 }

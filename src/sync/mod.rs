@@ -10,6 +10,7 @@
 //! value of [`SyncBackend`].
 
 mod in_process;
+mod net;
 mod shm;
 
 use std::collections::BTreeMap;
@@ -22,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 pub use in_process::InProcessSync;
+pub use net::NetSync;
 pub use shm::ShmSync;
 
 /// `sync.backend` in a recipe.
@@ -35,6 +37,9 @@ pub enum SyncBackend {
     InProcess,
     /// Written once into a `/dev/shm` file, mapped zero-copy by each generator (one machine).
     Shm,
+    /// Kept by the trainer's weight store, pulled by each generator as a gRPC stream of
+    /// checksummed chunks (any machine).
+    Net,
 }
 
 impl SyncBackend {
@@ -53,6 +58,7 @@ impl SyncBackend {
             SyncBackend::Auto => "auto",
             SyncBackend::InProcess => "in-process",
             SyncBackend::Shm => "shm",
+            SyncBackend::Net => "net",
         }
     }
 }
@@ -110,6 +116,10 @@ impl SyncOutcome {
             "sync/backend_shm".into(),
             f64::from(u8::from(self.backend == SyncBackend::Shm)),
         );
+        m.insert(
+            "sync/backend_net".into(),
+            f64::from(u8::from(self.backend == SyncBackend::Net)),
+        );
         m.insert("time/sync_s".into(), self.seconds);
         m
     }
@@ -136,13 +146,30 @@ pub fn sync(
     })
 }
 
-/// Makes the backend `backend` (already resolved) for a run; `checksums` asks for per-tensor
-/// checksums verified by the receiver where the backend has them; `adapters`: the trainer trains
-/// LoRA adapters, and only they move.
-pub fn build(backend: SyncBackend, checksums: bool, adapters: bool) -> Result<Box<dyn WeightSync>> {
+/// What a backend needs to know besides its kind.
+#[derive(Debug, Clone, Default)]
+pub struct SyncOptions {
+    /// Per-tensor checksums verified by the receiver, where the backend has them.
+    pub checksums: bool,
+    /// The trainer trains LoRA adapters, and only they move.
+    pub adapters: bool,
+    /// `net` with the trainer in this process: serve its weight store on this address (with
+    /// `token`); `None`: the trainer's own process serves it.
+    pub serve_store: Option<String>,
+    pub token: Option<String>,
+}
+
+/// Makes the backend `backend` (already resolved) for a run.
+pub fn build(backend: SyncBackend, o: &SyncOptions) -> Result<Box<dyn WeightSync>> {
     Ok(match backend {
-        SyncBackend::InProcess => Box::new(InProcessSync { adapters }),
-        SyncBackend::Shm => Box::new(ShmSync::new(checksums)),
+        SyncBackend::InProcess => Box::new(InProcessSync {
+            adapters: o.adapters,
+        }),
+        SyncBackend::Shm => Box::new(ShmSync::new(o.checksums)),
+        SyncBackend::Net => Box::new(match &o.serve_store {
+            Some(listen) => NetSync::serve(listen, o.token.clone(), o.adapters)?,
+            None => NetSync::remote(),
+        }),
         SyncBackend::Auto => {
             return Err(Error::Usage(
                 "sync backend `auto` must be resolved against the placement first".into(),

@@ -3,6 +3,7 @@
 use std::path::Path;
 use std::sync::Mutex;
 
+use rlrun_weights_sync::net::WeightStore;
 use rlrun_weights_sync::shm::WeightsRef;
 use rlrun_weights_sync::SyncReport;
 use tch::Tensor;
@@ -27,6 +28,9 @@ pub trait TrainerActor: Send + Sync {
     /// Writes the policy's weights (compute dtype) into the shared-memory file `path` for
     /// generators in other processes; per-tensor checksums when `checksums`.
     fn publish_weights(&self, path: &Path, checksums: bool) -> Result<(WeightsRef, SyncReport)>;
+    /// Keeps the policy's weights (compute dtype) in the trainer's weight store for generators
+    /// to pull over the network (`net` sync); the reference names the store's address.
+    fn publish_net(&self) -> Result<(WeightsRef, SyncReport)>;
     fn version(&self) -> Result<u64>;
     /// Writes the trainer's state (weights, optimizer, counters) into an existing directory.
     fn save(&self, dir: &Path) -> Result<()>;
@@ -37,12 +41,23 @@ pub trait TrainerActor: Send + Sync {
 /// A trainer in this process.
 pub struct LocalTrainer {
     inner: Mutex<Trainer>,
+    /// `net` sync: the weight store the caller serves (see [`LocalTrainer::attach_store`]).
+    store: Mutex<Option<WeightStore>>,
 }
 
 impl LocalTrainer {
     pub fn new(trainer: Trainer) -> Self {
         LocalTrainer {
             inner: Mutex::new(trainer),
+            store: Mutex::new(None),
+        }
+    }
+
+    /// Publishes `net` versions into `store`, which the caller serves (an actor process serves
+    /// it beside the trainer's service, on the same address).
+    pub fn attach_store(&self, store: WeightStore) {
+        if let Ok(mut s) = self.store.lock() {
+            *s = Some(store);
         }
     }
 
@@ -87,6 +102,24 @@ impl TrainerActor for LocalTrainer {
             checksums.then_some(ranges.as_slice()),
         )
         .map_err(|e| TrainError::Invalid(format!("publishing weights: {e}")))?;
+        r.adapters = t.lora().is_some();
+        Ok((r, report))
+    }
+    fn publish_net(&self) -> Result<(WeightsRef, SyncReport)> {
+        let store = self
+            .store
+            .lock()
+            .map_err(|_| TrainError::Invalid("the weight store lock is poisoned".into()))?
+            .clone()
+            .ok_or_else(|| {
+                TrainError::Invalid(
+                    "no weight store is served beside this trainer: a trainer in the controller's process publishes through the `net` backend's own store".into(),
+                )
+            })?;
+        let t = self.lock()?;
+        let (mut r, report) = store.publish(t.version(), &t.sync_buffer()?).map_err(|e| {
+            TrainError::Invalid(format!("publishing weights to the weight store: {e}"))
+        })?;
         r.adapters = t.lora().is_some();
         Ok((r, report))
     }

@@ -7,10 +7,12 @@
 //! |---|---|
 //! | same process | the generator copies the trainer's buffer (`WeightUpdate::Flat`) |
 //! | separate CPU processes | [`shm`]: written once into a `/dev/shm` file, mapped zero-copy by each generator |
+//! | other machines | [`net`]: kept by a weight store, pulled as a gRPC stream of checksummed chunks |
 //!
 //! Every sync carries the policy version and reports bytes, seconds and GB/s ([`SyncReport`]).
 //! Integrity checking computes a CRC32C per tensor on the sender and verifies it on the receiver.
 
+pub mod net;
 pub mod shm;
 
 /// What one sync moved and how long it took.
@@ -37,6 +39,8 @@ pub enum SyncError {
     },
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    #[error("weight store {addr}: {message}")]
+    Net { addr: String, message: String },
     #[error("weights {path}: {message}")]
     Invalid {
         path: std::path::PathBuf,
@@ -56,4 +60,18 @@ pub fn checksums(bytes: &[u8], ranges: &[(i64, i64)], elt_size: usize) -> Vec<u3
             crc32c::crc32c(bytes.get(a..b).unwrap_or(&[]))
         })
         .collect()
+}
+
+/// Receives a published version: pulled from its weight store (`net`, into `spare` when it is a
+/// CPU buffer of the right size and dtype, else a new one) or mapped from its shared-memory file,
+/// checking the per-tensor checksums over `ranges` when it carries them.
+pub fn receive(
+    r: &shm::WeightsRef,
+    ranges: Option<&[(i64, i64)]>,
+    spare: Option<tch::Tensor>,
+) -> Result<(shm::MappedWeights, SyncReport)> {
+    match r.source {
+        Some(_) => net::pull(r, spare),
+        None => shm::map(r, ranges),
+    }
 }

@@ -26,6 +26,19 @@ pub struct WeightsRef {
     pub checksums: Vec<u32>,
     /// The buffer holds LoRA adapters (the receiver keeps its base weights), not the full model.
     pub adapters: bool,
+    /// `net` sync: the weight store to pull the version from (`path` unused); `None`: the
+    /// shared-memory file at `path`.
+    pub source: Option<String>,
+}
+
+impl WeightsRef {
+    /// Where the version is, for messages: the weight store's address or the file.
+    pub fn location(&self) -> String {
+        match &self.source {
+            Some(addr) => format!("weight store {addr}"),
+            None => self.path.display().to_string(),
+        }
+    }
 }
 
 pub fn kind_name(k: Kind) -> &'static str {
@@ -185,6 +198,7 @@ pub fn write_to(
             kind,
             checksums: sums,
             adapters: false,
+            source: None,
         },
         SyncReport {
             bytes: nbytes as u64,
@@ -193,15 +207,27 @@ pub fn write_to(
     ))
 }
 
-/// A mapped version of the weights: `tensor` is valid while this lives.
+/// A received version of the weights (mapped from shared memory, or pulled into a buffer of its
+/// own): `tensor` is valid while this lives.
 pub struct MappedWeights {
     pub tensor: Tensor,
-    _map: MmapMut,
-    _file: File,
+    _map: Option<(MmapMut, File)>,
 }
 
 // SAFETY: the mapping is owned and only read through `tensor`; tch tensors are Send.
 unsafe impl Send for MappedWeights {}
+
+impl MappedWeights {
+    /// A version in a tensor that owns its memory.
+    pub fn owned(tensor: Tensor) -> Self {
+        MappedWeights { tensor, _map: None }
+    }
+
+    /// The buffer, when it is one of its own (not a mapping), to be reused.
+    pub fn into_spare(self) -> Option<Tensor> {
+        self._map.is_none().then_some(self.tensor)
+    }
+}
 
 /// Maps a published version zero-copy (private, copy-on-write), verifying its checksums over
 /// `ranges` when it carries them.
@@ -246,8 +272,7 @@ pub fn map(r: &WeightsRef, ranges: Option<&[(i64, i64)]>) -> Result<(MappedWeigh
     Ok((
         MappedWeights {
             tensor,
-            _map: map,
-            _file: file,
+            _map: Some((map, file)),
         },
         SyncReport {
             bytes: nbytes as u64,
