@@ -70,8 +70,8 @@ fixtures: build $(FIXTURES)/.ready
 test: build fixtures python models/SmolLM2-135M-Instruct/model.safetensors models/gemma-3-270m/model.safetensors
 	@echo "== tests"
 	cargo test $(CARGO_FLAGS) --no-fail-fast
-	@echo "== Python bindings tests (pytest)"
-	$(PY) -m pytest -q python/tests
+	@echo "== Python tests (pytest): bindings, cluster manifests"
+	RLRUN_EXE=$(CURDIR)/$(BIN) $(PY) -m pytest -q python/tests tests/python
 
 # The Python extension (import rlrun) into .venv, built by maturin against the venv's torch.
 python: venv

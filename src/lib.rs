@@ -4,6 +4,7 @@
 //! [`recipe::Recipe`] and [`controller::Run`].
 
 pub mod actors;
+pub mod cluster;
 pub mod controller;
 pub mod error;
 pub mod manifest;

@@ -8,6 +8,7 @@
 //! rlrun model info <path>                print a model's config and parameter count
 //! rlrun chat <model> "<message>"         greedy chat completion (a quick check of a model)
 //! rlrun bench <what>                     benchmarks with the peer measured in the same run
+//! rlrun deploy kubernetes <recipe.toml>  KubeRay RayJob + Kueue manifests from [cluster]
 //! ```
 
 use std::path::PathBuf;
@@ -104,6 +105,19 @@ enum Command {
         #[arg(long)]
         exit_with_parent: bool,
     },
+    /// Write what runs a recipe elsewhere: `rlrun deploy kubernetes recipe.toml` writes a KubeRay
+    /// RayJob with Kueue labels (and its Secret, ConfigMap and example priority classes) from
+    /// the recipe's [cluster] section.
+    Deploy {
+        #[arg(value_enum)]
+        target: DeployTarget,
+        recipe: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Directory for the manifests.
+        #[arg(long, default_value = "deploy/out")]
+        out: PathBuf,
+    },
     /// Benchmarks that measure the peer (transformers / PyTorch) in the same run and print ratios.
     Bench {
         #[command(subcommand)]
@@ -122,6 +136,11 @@ enum ModelCommand {
     },
     /// Print a model's architecture and parameter count.
     Info { path: PathBuf },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DeployTarget {
+    Kubernetes,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -285,6 +304,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             device,
         } => cli_model::chat(&model, &message, max_tokens, device.device()),
         Command::Bench { what } => bench::run(what),
+        Command::Deploy {
+            target: DeployTarget::Kubernetes,
+            recipe,
+            set,
+            out,
+        } => {
+            for p in rlrun::cluster::write_kubernetes(&recipe, &set, &out)? {
+                println!("wrote {}", p.display());
+            }
+            println!(
+                "apply with: kubectl apply -f {} (the priority classes once per cluster)",
+                out.display()
+            );
+            Ok(())
+        }
         Command::Actor {
             role,
             listen,

@@ -90,6 +90,9 @@ pub struct RecipeConfig {
     pub checkpoint: CheckpointSection,
     #[serde(default)]
     pub logging: LoggingSection,
+    /// Beyond one machine: Ray placement and Kubernetes manifests.
+    #[serde(default)]
+    pub cluster: crate::cluster::ClusterSection,
 }
 
 fn default_name() -> String {
@@ -714,6 +717,7 @@ fn validate(
     if c.steps == 0 {
         return Err(err("steps", "must be at least 1".into()));
     }
+    crate::cluster::check(&c.cluster).map_err(|(k, m)| err(&k, m))?;
     if !model_path.exists() {
         return Err(err(
             "model.path",
