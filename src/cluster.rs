@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::error::{IoContext, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::Recipe;
 
 /// `cluster.engine`.
@@ -163,9 +163,6 @@ pub const RAY_VERSION: &str = "2.60.0";
 /// Problems with `[cluster]` that its types cannot express: `(key, message)`.
 pub fn check(c: &ClusterSection) -> std::result::Result<(), (String, String)> {
     let bad = |k: &str, m: &str| Err((format!("cluster.{k}"), m.to_string()));
-    if c.engine == ClusterEngine::Ray {
-        return bad("engine", "`ray` is not available in this build yet");
-    }
     if !(c.reserve_timeout_s > 0.0) {
         return bad("reserve_timeout_s", "must be positive");
     }
@@ -373,6 +370,35 @@ pub fn kubernetes_manifests(recipe: &Recipe, text: &str) -> Result<Vec<(String, 
     Ok(out)
 }
 
+/// `rlrun recipe.toml` with `cluster.engine = "ray"`: the run is the Python driver's
+/// (`python -m rlrun.cluster run`, from the venv of `RLRUN_PYTHON`, `.venv`, or `python3`), which
+/// reserves the groups, starts the actors and then runs this binary as the controller.
+pub fn run_on_ray(recipe: &Path, set: &[String]) -> anyhow::Result<()> {
+    let python = std::env::var_os("RLRUN_PYTHON")
+        .map(PathBuf::from)
+        .or_else(|| {
+            let venv = Path::new(".venv/bin/python");
+            venv.exists().then(|| venv.to_path_buf())
+        })
+        .unwrap_or_else(|| PathBuf::from("python3"));
+    let mut cmd = std::process::Command::new(&python);
+    cmd.args(["-m", "rlrun.cluster", "run"]).arg(recipe);
+    for s in set {
+        cmd.arg("--set").arg(s);
+    }
+    // The driver starts actors and the controller with this very binary.
+    if std::env::var_os("RLRUN_EXE").is_none() {
+        cmd.env("RLRUN_EXE", crate::actors::rlrun_exe()?);
+    }
+    let status = cmd
+        .status()
+        .map_err(|e| anyhow::anyhow!("running the Ray driver with {}: {e}", python.display()))?;
+    if !status.success() {
+        anyhow::bail!("the Ray driver failed ({status})");
+    }
+    Ok(())
+}
+
 fn random_token() -> Result<String> {
     let mut b = [0u8; 24];
     use std::io::Read;
@@ -385,8 +411,20 @@ fn random_token() -> Result<String> {
 /// `rlrun deploy kubernetes`: writes the manifests into `out`; returns their paths.
 pub fn write_kubernetes(recipe_path: &Path, set: &[String], out: &Path) -> Result<Vec<PathBuf>> {
     let recipe = Recipe::load(recipe_path, set)?;
-    // The pods read the resolved recipe (overrides applied), not the file as given.
-    let manifests = kubernetes_manifests(&recipe, &recipe.resolved)?;
+    // The pods read the resolved recipe (overrides applied), not the file as given, set to run on
+    // Ray with each group pinned to its worker group's Ray nodes.
+    let mut config = recipe.config.clone();
+    config.cluster.engine = ClusterEngine::Ray;
+    for (name, g) in [
+        ("trainer", &mut config.cluster.trainer),
+        ("rollout", &mut config.cluster.generators),
+    ] {
+        let (k, v) = group_label(name);
+        g.labels.insert(k, v);
+    }
+    let text = toml::to_string_pretty(&config)
+        .map_err(|e| Error::Usage(format!("writing the recipe for the ConfigMap: {e}")))?;
+    let manifests = kubernetes_manifests(&recipe, &text)?;
     std::fs::create_dir_all(out).at(out)?;
     let mut paths = Vec::new();
     for (file, v) in manifests {

@@ -118,6 +118,21 @@ enum Command {
         #[arg(long, default_value = "deploy/out")]
         out: PathBuf,
     },
+    /// What a launcher needs (the Ray driver): `rlrun cluster actor-config <recipe> --role R`
+    /// prints the JSON config of that actor's process.
+    #[command(hide = true)]
+    Cluster {
+        #[arg(value_enum)]
+        what: ClusterQuery,
+        recipe: PathBuf,
+        #[arg(long, value_enum)]
+        role: rlrun::actors::Role,
+        /// The process will see its own GPU (CUDA_VISIBLE_DEVICES set by its launcher).
+        #[arg(long)]
+        cuda: bool,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
     /// Benchmarks that measure the peer (transformers / PyTorch) in the same run and print ratios.
     Bench {
         #[command(subcommand)]
@@ -136,6 +151,11 @@ enum ModelCommand {
     },
     /// Print a model's architecture and parameter count.
     Info { path: PathBuf },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ClusterQuery {
+    ActorConfig,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -261,8 +281,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         let recipe = cli.recipe.context(
             "give a recipe (e.g. rlrun recipes/quickstart.toml) or a subcommand; see --help",
         )?;
-        let recipe = Recipe::load(&recipe, &cli.set)?;
-        return train(Run::create(recipe)?);
+        let loaded = Recipe::load(&recipe, &cli.set)?;
+        if loaded.config.cluster.engine == rlrun::cluster::ClusterEngine::Ray {
+            return rlrun::cluster::run_on_ray(&recipe, &cli.set);
+        }
+        return train(Run::create(loaded)?);
     };
     match command {
         Command::Check { recipe, set } => {
@@ -304,6 +327,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             device,
         } => cli_model::chat(&model, &message, max_tokens, device.device()),
         Command::Bench { what } => bench::run(what),
+        Command::Cluster {
+            what: ClusterQuery::ActorConfig,
+            recipe,
+            role,
+            cuda,
+            set,
+        } => {
+            let r = Recipe::load(&recipe, &set)?;
+            let cfg = rlrun::controller::actor_config(&r, role, cuda)?;
+            println!("{}", serde_json::to_string(&cfg)?);
+            Ok(())
+        }
         Command::Deploy {
             target: DeployTarget::Kubernetes,
             recipe,

@@ -325,10 +325,20 @@ pub struct PlacementSection {
     pub generator_processes: usize,
     /// Generators reached by address (started by hand or another launcher).
     pub generator_addresses: Vec<String>,
-    /// The shared token of `generator_addresses` (a file holding it).
+    /// The shared token of `generator_addresses` and `trainer_address` (a file holding it).
     pub token_file: Option<String>,
     /// The trainer in its own process (`rlrun actor trainer`).
     pub trainer_process: bool,
+    /// A trainer reached by address (started by the Ray driver, by hand or another launcher),
+    /// with the settings `rlrun cluster actor-config` gives it.
+    pub trainer_address: Option<String>,
+}
+
+impl PlacementSection {
+    /// The trainer runs outside this process (spawned or reached by address).
+    pub fn trainer_elsewhere(&self) -> bool {
+        self.trainer_process || self.trainer_address.is_some()
+    }
 }
 
 /// A device group: `device = "auto" | "cpu" | "cuda"` and, on CUDA, `devices = [0, 1]`.
@@ -900,7 +910,13 @@ fn validate(
     }
     let pl = &c.placement;
     let separate =
-        pl.trainer_process || pl.generator_processes > 0 || !pl.generator_addresses.is_empty();
+        pl.trainer_elsewhere() || pl.generator_processes > 0 || !pl.generator_addresses.is_empty();
+    if pl.trainer_process && pl.trainer_address.is_some() {
+        return Err(err(
+            "placement.trainer_address",
+            "give either a trainer address or placement.trainer_process = true, not both".into(),
+        ));
+    }
     match c.sync.listen.parse::<std::net::SocketAddr>() {
         Err(_) => {
             return Err(err(

@@ -38,6 +38,7 @@ use rlrun_trainer::{TrainBatch, TrainError};
 
 pub use checkpoint::latest_checkpoint;
 pub use eval::{paired_gain, wilson, EvalResult};
+pub use placement::actor_config;
 pub use step_metrics::MemorySummary;
 
 use crate::error::{Error, IoContext, Result};
@@ -175,7 +176,7 @@ impl Run {
             &crate::sync::SyncOptions {
                 checksums: c.sync.checksum,
                 adapters: c.model.lora.is_some(),
-                serve_store: (!c.placement.trainer_process).then(|| c.sync.listen.clone()),
+                serve_store: (!c.placement.trainer_elsewhere()).then(|| c.sync.listen.clone()),
                 token: actors.token.clone(),
             },
         )?;

@@ -40,14 +40,17 @@ pub(crate) fn place(
 ) -> Result<Actors> {
     let c = &recipe.config;
     let pl = &c.placement;
-    let device = pick_device(pl.trainer.device, pl.trainer.devices[0])?;
-    let gen_device = pick_device(pl.generator.device, pl.generator.devices[0])?;
+    let Plan {
+        device,
+        gen_device,
+        kind,
+        uses_ref,
+        tcfg,
+        ..
+    } = plan(c, true)?;
     if pl.trainer.threads > 0 {
         tch::set_num_threads(pl.trainer.threads as i32);
     }
-    let kind = compute_kind(c.model.dtype, device);
-    let uses_ref = c.algorithm.loss.kl.is_some() || c.algorithm.kl_in_reward.is_some();
-    let dtype = rlrun_weights_sync::shm::kind_name(kind).to_string();
     let token = match &pl.token_file {
         Some(f) => Some(
             rlrun_proto::auth::read_token(Path::new(f))
@@ -60,7 +63,7 @@ pub(crate) fn place(
     // LoRA with trainer and generator in this process on one device: one copy of the frozen
     // base, read by both (the generator only ever updates its adapters).
     let shared_base = if c.model.lora.is_some()
-        && !pl.trainer_process
+        && !pl.trainer_elsewhere()
         && gen_in_process
         && device == gen_device
     {
@@ -68,31 +71,21 @@ pub(crate) fn place(
     } else {
         None
     };
-
-    // Trainer: f32 master on its device, computing in `kind`; here or in its own process.
-    let reasons = off_policy_reasons(c, kind, device, gen_device);
-    let (loss, warning) = c.algorithm.loss.resolve_off_policy(!reasons.is_empty());
-    if let Some(w) = warning {
-        eprintln!("warning: {w} ({})", reasons.join(", "));
-    }
-    match loss.off_policy {
-        Some(op) if op.correction != Correction::Off => eprintln!(
-            "off-policy correction: {op} (the generator's policy can differ from the trainer's: {})",
-            reasons.join(", ")
-        ),
-        _ => {}
-    }
-    let tcfg = trainer_config(c, loss);
-    let trainer: Box<dyn TrainerActor> = if pl.trainer_process {
-        let cfg = ActorConfig {
-            model: recipe.model_path.clone(),
-            dtype: dtype.clone(),
-            device: process_device(device),
-            threads: pl.trainer.threads,
-            engine: None,
-            trainer: Some(tcfg),
-            reference: uses_ref,
-        };
+    let trainer: Box<dyn TrainerActor> = if let Some(addr) = &pl.trainer_address {
+        let client = actors::RemoteTrainer::connect(
+            addr,
+            token.as_deref(),
+            std::time::Duration::from_secs(60),
+        )?;
+        // Fail now, naming the address, if it is not a trainer that takes our token.
+        client.version().map_err(|e| Error::Actor {
+            role: Role::Trainer,
+            addr: Some(addr.clone()),
+            message: format!("health check failed (placement.trainer_address): {e}"),
+        })?;
+        Box::new(client)
+    } else if pl.trainer_process {
+        let cfg = actor_config(recipe, Role::Trainer, false)?;
         let p = actors::spawn(
             Role::Trainer,
             &cfg,
@@ -119,19 +112,10 @@ pub(crate) fn place(
     };
 
     // Generators: one in this process (its own copy of the weights), or a pool of processes.
-    let engine_cfg = engine_config(c);
     let (generator, pool): (Box<dyn GeneratorActor>, Option<Arc<GeneratorPool>>) =
         if !gen_in_process {
             let pool = if pl.generator_addresses.is_empty() {
-                let cfg = ActorConfig {
-                    model: recipe.model_path.clone(),
-                    dtype,
-                    device: process_device(gen_device),
-                    threads: pl.generator.threads,
-                    engine: Some(engine_cfg),
-                    trainer: None,
-                    reference: false,
-                };
+                let cfg = actor_config(recipe, Role::Generator, false)?;
                 // Generator i runs on the group's device i (round robin) when on CUDA.
                 let d = &pl.generator.devices;
                 let envs = (0..pl.generator_processes)
@@ -148,12 +132,12 @@ pub(crate) fn place(
                 tokenizer,
                 kind,
                 gen_device,
-                engine_cfg,
+                engine_config(c),
                 shared_base,
             )?;
             (Box::new(g), None)
         };
-    let share_process = pool.is_none() && !pl.trainer_process;
+    let share_process = pool.is_none() && !pl.trainer_elsewhere();
     Ok(Actors {
         generator,
         trainer,
@@ -162,6 +146,85 @@ pub(crate) fn place(
         sync: c.sync.backend.resolve(share_process),
         token,
         _processes: processes,
+    })
+}
+
+/// What the placement derives from a recipe before building anything.
+struct Plan {
+    device: Device,
+    gen_device: Device,
+    kind: Kind,
+    uses_ref: bool,
+    tcfg: TrainerConfig,
+}
+
+/// Devices, compute dtype and the trainer's settings (the off-policy correction resolved for
+/// this placement; `announce`: print whether it is on and why).
+fn plan(c: &RecipeConfig, announce: bool) -> Result<Plan> {
+    let pl = &c.placement;
+    let device = pick_device(pl.trainer.device, pl.trainer.devices[0])?;
+    let gen_device = pick_device(pl.generator.device, pl.generator.devices[0])?;
+    let kind = compute_kind(c.model.dtype, device);
+    let uses_ref = c.algorithm.loss.kl.is_some() || c.algorithm.kl_in_reward.is_some();
+    let reasons = off_policy_reasons(c, kind, device, gen_device);
+    let (loss, warning) = c.algorithm.loss.resolve_off_policy(!reasons.is_empty());
+    if announce {
+        if let Some(w) = warning {
+            eprintln!("warning: {w} ({})", reasons.join(", "));
+        }
+        match loss.off_policy {
+            Some(op) if op.correction != Correction::Off => eprintln!(
+                "off-policy correction: {op} (the generator's policy can differ from the trainer's: {})",
+                reasons.join(", ")
+            ),
+            _ => {}
+        }
+    }
+    Ok(Plan {
+        device,
+        gen_device,
+        kind,
+        uses_ref,
+        tcfg: trainer_config(c, loss),
+    })
+}
+
+/// What an actor process of `role` loads for `recipe`: the one source of actor settings for
+/// processes this run spawns and for those a launcher starts (`rlrun cluster actor-config`,
+/// used by the Ray driver). `on_cuda`: the process will see its own GPU (Ray sets
+/// `CUDA_VISIBLE_DEVICES` per bundle) whatever the recipe's device choice says.
+pub fn actor_config(recipe: &Recipe, role: Role, on_cuda: bool) -> Result<ActorConfig> {
+    let c = &recipe.config;
+    let pl = &c.placement;
+    let p = plan(c, false)?;
+    // Launchers start processes in other directories.
+    let model = std::fs::canonicalize(&recipe.model_path).unwrap_or(recipe.model_path.clone());
+    let device = |d: Device| {
+        if on_cuda {
+            "cuda:0".to_string()
+        } else {
+            process_device(d)
+        }
+    };
+    Ok(match role {
+        Role::Trainer => ActorConfig {
+            model: model.clone(),
+            dtype: rlrun_weights_sync::shm::kind_name(p.kind).to_string(),
+            device: device(p.device),
+            threads: pl.trainer.threads,
+            engine: None,
+            trainer: Some(p.tcfg),
+            reference: p.uses_ref,
+        },
+        Role::Generator => ActorConfig {
+            model,
+            dtype: rlrun_weights_sync::shm::kind_name(p.kind).to_string(),
+            device: device(p.gen_device),
+            threads: pl.generator.threads,
+            engine: Some(engine_config(c)),
+            trainer: None,
+            reference: false,
+        },
     })
 }
 
@@ -190,7 +253,7 @@ fn off_policy_reasons(
     if pl.generator_processes > 0 || !pl.generator_addresses.is_empty() {
         why.push("generators in other processes".into());
     }
-    if pl.trainer_process {
+    if pl.trainer_elsewhere() {
         why.push("the trainer in its own process".into());
     }
     if device != gen_device {

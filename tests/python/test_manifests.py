@@ -56,6 +56,12 @@ def test_the_manifests_of_a_gpu_run_validate_and_say_what_the_recipe_says(tmp_pa
     # The pods read the resolved recipe, the token from the Secret, and write runs on the claim.
     recipe = m["configmap.yaml"]["data"]["recipe.toml"]
     assert "[cluster.kubernetes]" in recipe and 'queue = "rl-jobs"' in recipe
+    # ... to run on Ray, each group pinned to its worker group's Ray nodes.
+    import tomllib
+    cl = tomllib.loads(recipe)["cluster"]
+    assert cl["engine"] == "ray"
+    assert cl["trainer"]["labels"] == {"rlrun.io/group": "trainer"}
+    assert cl["generators"]["labels"] == {"rlrun.io/group": "rollout", "zone": "a"}
     assert len(m["secret.yaml"]["stringData"]["token"]) == 48
     assert "logging.run_dir" in job["spec"]["entrypoint"]
     classes = {d["metadata"]["name"]: d["value"] for d in m.values() if d["kind"] == "WorkloadPriorityClass"}

@@ -1,0 +1,288 @@
+"""rlrun on a Ray cluster: ``python -m rlrun.cluster run recipe.toml [--set key=value]...``
+
+What ``rlrun recipe.toml`` runs when the recipe says ``[cluster] engine = "ray"``:
+
+1. joins the Ray cluster (``cluster.address``, else ``RAY_ADDRESS``, else ``auto``);
+2. reserves the trainer group as one gang (a placement group, ``cluster.trainer.strategy``,
+   STRICT_PACK by default) and the generators as their own group (one bundle each,
+   ``cluster.generators.strategy``), pinned to nodes with ``labels`` when the recipe gives them; a
+   reservation not met within ``cluster.reserve_timeout_s`` fails with what is missing (GPUs,
+   CPUs, labels), never a silent wait;
+3. starts each ``rlrun actor`` process inside a small Ray actor on its bundle (which sets the
+   bundle's ``CUDA_VISIBLE_DEVICES``); every actor listens on its node's address with the run's
+   token (one per run, or ``placement.token_file`` / ``RLRUN_TOKEN_FILE``);
+4. runs ``rlrun`` as the controller with those addresses (weights over ``net`` unless every
+   generator shares the trainer's Ray node), and releases everything when it ends.
+
+GPU reservations are what placement groups give: a bundle's GPUs are the node's devices Ray
+assigns to it, nothing finer. Generator hosts restart when their node fails (Ray
+``max_restarts``); see README for what the controller does then.
+"""
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tomllib
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import ray  # noqa: E402
+from ray.util.placement_group import placement_group, remove_placement_group  # noqa: E402
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy  # noqa: E402
+
+
+class ReservationError(RuntimeError):
+    """A placement group was not ready within its timeout."""
+
+
+def pin_node_ip(ip):
+    """Makes this driver reach the cluster as `ip` (RLRUN_NODE_IP, e.g. 127.0.0.1 for nodes that
+    listen on loopback only): Ray otherwise replaces a loopback address by the machine's outward
+    one, which such nodes do not serve."""
+    import ray._private.services as services
+
+    services.resolve_ip_for_localhost = lambda host: ip if services.is_localhost(host) else host
+    services.get_node_ip_address = lambda address=None: ip
+
+
+def rlrun_exe():
+    exe = os.environ.get("RLRUN_EXE") or shutil.which("rlrun")
+    if not exe:
+        raise RuntimeError("the rlrun binary: set RLRUN_EXE or put rlrun on the PATH")
+    return os.path.abspath(exe)
+
+
+def set_args(sets):
+    out = []
+    for s in sets:
+        out += ["--set", s]
+    return out
+
+
+def resolved(exe, recipe, sets):
+    """The recipe as `rlrun check` resolves it (defaults filled in, overrides applied)."""
+    out = subprocess.run([exe, "check", recipe, *set_args(sets)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr.strip() or out.stdout.strip())
+    return tomllib.loads(out.stdout)
+
+
+def bundle(group):
+    b = {"CPU": float(group["cpus"])}
+    if group["gpus"]:
+        b["GPU"] = float(group["gpus"])
+    return b
+
+
+def shortfall(name, bundles, labels, timeout):
+    """Why `bundles` (all alike) could not be reserved, in words."""
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    matching = [n for n in alive if all((n.get("Labels") or {}).get(k) == v for k, v in labels.items())]
+    where = f" on nodes labelled {labels}" if labels else ""
+    parts = [f"could not reserve the {name} group within {timeout:g} s: it needs "
+             f"{len(bundles)} bundle(s) of {bundles[0]}{where}"]
+    if labels and not matching:
+        parts.append(f"no alive node has the labels {labels}")
+    need = {r: v * len(bundles) for r, v in bundles[0].items()}
+    for r, v in need.items():
+        have = sum((n.get("Resources") or {}).get(r, 0.0) for n in matching)
+        free = ray.available_resources().get(r, 0.0)
+        if have < v:
+            parts.append(f"{r}: {v:g} needed, the {'matching ' if labels else ''}nodes have {have:g} in all")
+        elif free < v:
+            parts.append(f"{r}: {v:g} needed, {free:g} free now (the rest is held by others)")
+        else:
+            # Enough in all, but not on the nodes the strategy allows (e.g. one node for a gang).
+            best = max(((n.get("Resources") or {}).get(r, 0.0) for n in matching), default=0.0)
+            if best < bundles[0][r]:
+                parts.append(f"{r}: a bundle needs {bundles[0][r]:g} on one node, the largest has {best:g}")
+    return "; ".join(parts)
+
+
+def reserve(name, group, count, deadline, timeout):
+    """A ready placement group of `count` bundles for `group` by `deadline` (the run's
+    reservations share `timeout` seconds), or ReservationError."""
+    bundles = [bundle(group)] * count
+    labels = dict(group.get("labels") or {})
+    strategy = group["strategy"].upper().replace("-", "_")
+    kw = {"bundle_label_selector": [labels] * count} if labels else {}
+    pg = placement_group(bundles, strategy=strategy, name=f"rlrun-{name}", **kw)
+    ready, _ = ray.wait([pg.ready()], timeout=max(0.1, deadline - time.time()))
+    if not ready:
+        why = shortfall(name, bundles, labels, timeout)
+        remove_placement_group(pg)
+        raise ReservationError(why)
+    return pg
+
+
+class ActorHost:
+    """A Ray actor that runs one `rlrun actor` process on its bundle and reports its address."""
+
+    def __init__(self, exe, role, config, token):
+        import ray as _ray
+        import subprocess as _sp
+        import tempfile as _tf
+        import threading as _th
+
+        d = _tf.mkdtemp(prefix="rlrun-actor-")
+        cfg, tok = os.path.join(d, "actor.json"), os.path.join(d, "token")
+        with open(cfg, "w") as f:
+            f.write(config)
+        fd = os.open(tok, os.O_WRONLY | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token)
+        ip = _ray.util.get_node_ip_address()
+        # --exit-with-parent: the process ends with this Ray worker, however it ends.
+        self.proc = _sp.Popen(
+            [exe, "actor", role, "--listen", f"{ip}:0", "--config", cfg, "--token-file", tok,
+             "--exit-with-parent"],
+            stdout=_sp.PIPE, text=True)
+        self.addr = None
+        for line in self.proc.stdout:
+            if line.startswith("LISTENING "):
+                self.addr = line.split()[1]
+                break
+        if self.addr is None:
+            raise RuntimeError(f"rlrun actor {role} exited before listening ({self.proc.wait()})")
+        _th.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
+        ctx = _ray.get_runtime_context()
+        self.node_id = ctx.get_node_id()
+        self.role = role
+
+    def info(self):
+        return {"role": self.role, "addr": self.addr, "node_id": self.node_id, "pid": self.proc.pid,
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+# Ship ActorHost by value: Ray workers then need neither this package nor torch to host an actor
+# (as `python -m rlrun.cluster`, this module is __main__, which Ray ships by value anyway).
+if __name__ != "__main__":
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def start_hosts(exe, role, pg, group, count, config, token, restarts):
+    host = ray.remote(ActorHost)
+    hosts = []
+    for i in range(count):
+        opts = {"num_cpus": float(group["cpus"]), "num_gpus": float(group["gpus"]),
+                "max_restarts": restarts,
+                "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                    placement_group=pg, placement_group_bundle_index=i)}
+        hosts.append(host.options(**opts).remote(exe, role, config, token))
+    return hosts
+
+
+def run(recipe, sets, report=None):
+    """Runs `recipe` on the Ray cluster; returns the controller's exit status."""
+    exe = rlrun_exe()
+    cfg = resolved(exe, recipe, sets)
+    cl = cfg["cluster"]
+    if cl["engine"] != "ray":
+        raise RuntimeError(f"{recipe}: cluster.engine is {cl['engine']!r}, not \"ray\"")
+    address = cl.get("address") or os.environ.get("RAY_ADDRESS") or "auto"
+    node_ip = os.environ.get("RLRUN_NODE_IP")
+    if node_ip:
+        pin_node_ip(node_ip)
+    ray.init(address=address, _node_ip_address=node_ip, logging_level="WARNING")
+    timeout = float(cl["reserve_timeout_s"])
+    tmp = tempfile.mkdtemp(prefix="rlrun-cluster-")
+    pgs, hosts = [], []
+    try:
+        token_file = (cfg.get("placement", {}).get("token_file")
+                      or os.environ.get("RLRUN_TOKEN_FILE"))
+        if token_file:
+            token = open(token_file).read().strip()
+        else:
+            token, token_file = secrets.token_hex(24), os.path.join(tmp, "token")
+            fd = os.open(token_file, os.O_WRONLY | os.O_CREAT, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(token)
+        deadline = time.time() + timeout
+        trainer_pg = reserve("trainer", cl["trainer"], 1, deadline, timeout)
+        pgs.append(trainer_pg)
+        n = int(cl["generators"]["replicas"])
+        rollout_pg = reserve("generators", cl["generators"], n, deadline, timeout)
+        pgs.append(rollout_pg)
+        # Settings as the controller will see them: a trainer and generators by address.
+        placed = sets + ['placement.trainer_process=false', 'placement.generator_processes=0',
+                         'placement.trainer_address="pending"', 'placement.generator_addresses=["pending"]']
+
+        def actor_config(role, gpus):
+            args = [exe, "cluster", "actor-config", recipe, "--role", role, *set_args(placed)]
+            if gpus:
+                args.append("--cuda")
+            return subprocess.run(args, check=True, capture_output=True, text=True).stdout
+
+        trainer = start_hosts(exe, "trainer", trainer_pg, cl["trainer"], 1,
+                              actor_config("trainer", cl["trainer"]["gpus"]), token, restarts=0)
+        gens = start_hosts(exe, "generator", rollout_pg, cl["generators"], n,
+                           actor_config("generator", cl["generators"]["gpus"]), token, restarts=-1)
+        hosts = trainer + gens
+        infos = ray.get([h.info.remote() for h in hosts])
+        t_info, g_infos = infos[0], infos[1:]
+        backend = cfg["sync"]["backend"]
+        if backend == "auto":
+            # Same node (by Ray node id, not IP: fake nodes share one) shares /dev/shm.
+            backend = "shm" if all(g["node_id"] == t_info["node_id"] for g in g_infos) else "net"
+        nodes = {n["NodeID"]: n for n in ray.nodes()}
+        placement = {
+            "sync_backend": backend,
+            "actors": [dict(i, node_labels=(nodes.get(i["node_id"], {}).get("Labels") or {})) for i in infos],
+        }
+        print("PLACEMENT " + json.dumps(placement), flush=True)
+        if report:
+            with open(report, "w") as f:
+                json.dump(placement, f, indent=1)
+        addrs = json.dumps([g["addr"] for g in g_infos])
+        controller = [exe, recipe, *set_args(sets + [
+            'cluster.engine="local"',
+            "placement.trainer_process=false",
+            "placement.generator_processes=0",
+            f'placement.trainer_address="{t_info["addr"]}"',
+            f"placement.generator_addresses={addrs}",
+            f'placement.token_file="{token_file}"',
+            f'sync.backend="{backend}"',
+        ])]
+        return subprocess.run(controller).returncode
+    finally:
+        for h in hosts:
+            try:
+                ray.get(h.stop.remote(), timeout=10)
+            except Exception:
+                pass
+            ray.kill(h)
+        for pg in pgs:
+            remove_placement_group(pg)
+        shutil.rmtree(tmp, ignore_errors=True)
+        ray.shutdown()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m rlrun.cluster", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run a recipe on a Ray cluster")
+    r.add_argument("recipe")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    r.add_argument("--report", help="write where each actor was placed (JSON) here")
+    a = p.parse_args(argv)
+    try:
+        return run(a.recipe, a.set, a.report)
+    except (ReservationError, RuntimeError, subprocess.CalledProcessError) as e:
+        msg = e.stderr if isinstance(e, subprocess.CalledProcessError) and e.stderr else e
+        print(f"error: {msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""`cluster.engine = "ray"` on fake Ray clusters on this machine (every node on 127.0.0.1, usage
+reporting off): actors land on the nodes the recipe asks for (from Ray's own view), weights go
+over `net`, the metrics equal a run in one process; a reservation that cannot be met fails within
+its timeout naming what is missing, and one that becomes possible when a node joins proceeds."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import pytest
+
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+from ray.cluster_utils import Cluster  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+RLRUN = os.environ.get("RLRUN_EXE", str(ROOT / "target" / "release" / "rlrun"))
+FIXTURES = pathlib.Path(os.environ.get("RLRUN_FIXTURES", ROOT / ".fixtures"))
+NODE = {"node_ip_address": "127.0.0.1", "object_store_memory": 80 << 20}
+# Notice a dead node in seconds, not the default tens of seconds.
+HEALTH = {"health_check_period_ms": 500, "health_check_timeout_ms": 500,
+          "health_check_failure_threshold": 3}
+
+
+@pytest.fixture
+def cluster():
+    c = Cluster(initialize_head=True,
+                head_node_args=dict(NODE, num_cpus=0, _system_config=HEALTH))
+    yield c
+    c.shutdown()
+
+
+def add(c, group=None):
+    labels = {"rlrun.io/group": group} if group else {}
+    return c.add_node(num_cpus=1, labels=labels, **NODE)
+
+
+def tiny(run_dir, steps=3):
+    return [
+        f"model.path={FIXTURES / 'tiny-llama3'}", f"steps={steps}", "data.prompts_per_step=4",
+        "rollout.n=4", "rollout.max_tokens=8", "eval.size=4", "eval.max_tokens=4",
+        "sync.probe=true", f'logging.run_dir="{run_dir}"', "placement.trainer.threads=1",
+        "placement.generator.threads=1",
+        # Generators elsewhere turn the off-policy correction on, which weighs by the
+        # generators' rounding: compare the computation itself, uncorrected on both sides.
+        'algorithm.loss.off_policy.correction="off"',
+    ]
+
+
+def on_ray(timeout_s=60, gpus=0):
+    return [
+        'cluster.engine="ray"', f"cluster.reserve_timeout_s={timeout_s}",
+        "cluster.trainer.labels={ 'rlrun.io/group' = 'trainer' }",
+        f"cluster.trainer.gpus={gpus}",
+        "cluster.generators.labels={ 'rlrun.io/group' = 'rollout' }",
+        "cluster.generators.replicas=2", 'cluster.generators.strategy="strict-spread"',
+    ]
+
+
+def command(sets):
+    args = [RLRUN, "recipes/quickstart.toml"]
+    for s in sets:
+        args += ["--set", s]
+    return args
+
+
+def env(c):
+    return dict(os.environ, RAY_ADDRESS=c.address, RLRUN_NODE_IP="127.0.0.1",
+                RLRUN_PYTHON=sys.executable, RLRUN_EXE=RLRUN)
+
+
+def metrics(base):
+    (run,) = [p for p in pathlib.Path(base).iterdir() if p.is_dir()]
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def computed(m):
+    skip = ("time/", "sync/", "perf/", "generator/", "memory/")
+    return {k: v for k, v in m.items()
+            if not k.startswith(skip) and not k.endswith("/seconds") and k != "wall_time"
+            and not k.startswith("actor/logprob_mismatch") and k != "actor/behavior_kl"}
+
+
+def actor_pids():
+    out = subprocess.run(["pgrep", "-f", f"{RLRUN} actor"], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def test_a_run_on_a_four_node_cluster_places_each_actor_and_equals_the_run_in_one_process(cluster, tmp_path):
+    trainer_node = add(cluster, "trainer")
+    rollout_nodes = [add(cluster, "rollout"), add(cluster, "rollout")]
+    spare = add(cluster)
+    out = subprocess.run(command(tiny(tmp_path / "ray") + on_ray()), cwd=ROOT, env=env(cluster),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]
+    (line,) = [l for l in out.stdout.splitlines() if l.startswith("PLACEMENT ")]
+    placed = json.loads(line[len("PLACEMENT "):])
+    # Ray's own view: the node each actor's host runs on.
+    by_role = {}
+    for a in placed["actors"]:
+        by_role.setdefault(a["role"], []).append(a["node_id"])
+    assert by_role["trainer"] == [trainer_node.node_id]
+    assert sorted(by_role["generator"]) == sorted(n.node_id for n in rollout_nodes)
+    used = set(by_role["trainer"] + by_role["generator"])
+    assert cluster.head_node.node_id not in used and spare.node_id not in used
+    assert placed["sync_backend"] == "net"
+    # Every actor listened on loopback.
+    assert all(a["addr"].startswith("127.0.0.1:") for a in placed["actors"])
+
+    local = subprocess.run(command(tiny(tmp_path / "local")), cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+    assert local.returncode == 0, local.stderr[-4000:]
+    a, b = metrics(tmp_path / "local"), metrics(tmp_path / "ray")
+    assert [m["kind"] for m in a] == [m["kind"] for m in b]
+    compared = 0
+    for x, y in zip(a, b):
+        cx, cy = computed(x), computed(y)
+        assert cx == cy, f"step {x.get('step')}: " + str({k: (cx[k], cy.get(k)) for k in cx if cx[k] != cy.get(k)})
+        compared += len(cx)
+    assert compared > 30
+    for m in b:
+        if m["kind"] == "train":
+            assert m["sync/backend_net"] == 1.0 and m["sync/probe_logprob_max_diff"] <= 1e-5
+    # No rlrun actor process outlives the run.
+    deadline = time.time() + 15
+    while actor_pids() and time.time() < deadline:
+        time.sleep(0.5)
+    assert actor_pids() == []
+
+
+def test_a_reservation_that_cannot_be_met_fails_within_its_timeout_naming_the_shortfall(cluster, tmp_path):
+    add(cluster, "trainer")
+    add(cluster, "rollout")  # two generators wanted, one rollout node
+    t = time.time()
+    out = subprocess.run(command(tiny(tmp_path) + on_ray(timeout_s=3)), cwd=ROOT,
+                         env=env(cluster), capture_output=True, text=True, timeout=120)
+    took = time.time() - t
+    assert out.returncode != 0
+    err = out.stderr
+    assert "could not reserve the generators group within 3 s" in err, err[-3000:]
+    assert "{'rlrun.io/group': 'rollout'}" in err and "CPU: 2 needed, the matching nodes have 1" in err, err[-3000:]
+    assert took < 60, took
+    # A GPU the cluster does not have: named as such.
+    out = subprocess.run(command(tiny(tmp_path) + on_ray(timeout_s=2, gpus=1)), cwd=ROOT,
+                         env=env(cluster), capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "could not reserve the trainer group" in out.stderr
+    assert "GPU: 1 needed, the matching nodes have 0 in all" in out.stderr, out.stderr[-3000:]
+    assert actor_pids() == []
+
+
+def test_a_reservation_proceeds_when_the_missing_node_joins(cluster, tmp_path):
+    add(cluster, "trainer")
+    add(cluster, "rollout")
+    p = subprocess.Popen(command(tiny(tmp_path, steps=1) + on_ray(timeout_s=120)), cwd=ROOT,
+                         env=env(cluster), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(4)
+    assert p.poll() is None, "the run must wait for the reservation"
+    add(cluster, "rollout")
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr[-4000:]
+    assert "PLACEMENT " in stdout
