@@ -163,14 +163,14 @@ pub const RAY_VERSION: &str = "2.60.0";
 /// Problems with `[cluster]` that its types cannot express: `(key, message)`.
 pub fn check(c: &ClusterSection) -> std::result::Result<(), (String, String)> {
     let bad = |k: &str, m: &str| Err((format!("cluster.{k}"), m.to_string()));
-    if !(c.reserve_timeout_s > 0.0) {
+    if c.reserve_timeout_s.is_nan() || c.reserve_timeout_s <= 0.0 {
         return bad("reserve_timeout_s", "must be positive");
     }
     for (name, g) in [("trainer", &c.trainer), ("generators", &c.generators)] {
         if g.replicas == 0 {
             return bad(&format!("{name}.replicas"), "must be at least 1");
         }
-        if !(g.memory_gb > 0.0) {
+        if g.memory_gb.is_nan() || g.memory_gb <= 0.0 {
             return bad(&format!("{name}.memory_gb"), "must be positive");
         }
     }
