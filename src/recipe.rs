@@ -325,6 +325,9 @@ pub struct PlacementSection {
     pub generator_processes: usize,
     /// Generators reached by address (started by hand or another launcher).
     pub generator_addresses: Vec<String>,
+    /// Generators started by a launcher that restarts them (the Ray driver): a file with the
+    /// JSON list of their addresses, re-read when one dies.
+    pub generator_addresses_file: Option<String>,
     /// The shared token of `generator_addresses` and `trainer_address` (a file holding it).
     pub token_file: Option<String>,
     /// The trainer in its own process (`rlrun actor trainer`).
@@ -338,6 +341,13 @@ impl PlacementSection {
     /// The trainer runs outside this process (spawned or reached by address).
     pub fn trainer_elsewhere(&self) -> bool {
         self.trainer_process || self.trainer_address.is_some()
+    }
+
+    /// The generators run outside this process (spawned or reached by address).
+    pub fn generators_elsewhere(&self) -> bool {
+        self.generator_processes > 0
+            || !self.generator_addresses.is_empty()
+            || self.generator_addresses_file.is_some()
     }
 }
 
@@ -909,8 +919,19 @@ fn validate(
         return Err(err("sync.every", "must be at least 1".into()));
     }
     let pl = &c.placement;
-    let separate =
-        pl.trainer_elsewhere() || pl.generator_processes > 0 || !pl.generator_addresses.is_empty();
+    let separate = pl.trainer_elsewhere() || pl.generators_elsewhere();
+    let generator_sources = [
+        pl.generator_processes > 0,
+        !pl.generator_addresses.is_empty(),
+        pl.generator_addresses_file.is_some(),
+    ];
+    if generator_sources.iter().filter(|&&b| b).count() > 1 {
+        return Err(err(
+            "placement.generator_addresses_file",
+            "give one of generator_processes, generator_addresses and generator_addresses_file"
+                .into(),
+        ));
+    }
     if pl.trainer_process && pl.trainer_address.is_some() {
         return Err(err(
             "placement.trainer_address",

@@ -15,8 +15,10 @@ What ``rlrun recipe.toml`` runs when the recipe says ``[cluster] engine = "ray"`
    generator shares the trainer's Ray node), and releases everything when it ends.
 
 GPU reservations are what placement groups give: a bundle's GPUs are the node's devices Ray
-assigns to it, nothing finer. Generator hosts restart when their node fails (Ray
-``max_restarts``); see README for what the controller does then.
+assigns to it, nothing finer. A generator host whose node fails is restarted by Ray on another
+node with room (``max_restarts=-1``); the driver writes its new address into the addresses file
+the controller's pool re-reads, and the pool sends it the current weights and re-queues its
+unfinished requests. A trainer that dies ends the run with the "continue with resume" error.
 """
 
 import argparse
@@ -171,6 +173,38 @@ if __name__ != "__main__":
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
+def write_json(path, obj):
+    """Writes `obj` to `path` atomically (readers see the old or the new file, never half)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Watcher(threading.Thread):
+    """Keeps the generators' addresses file current: when Ray restarts a generator host (its
+    node died), the new `rlrun actor` listens elsewhere; the controller's pool re-reads the file."""
+
+    def __init__(self, hosts, addrs, path):
+        super().__init__(daemon=True)
+        self.hosts, self.addrs, self.path = hosts, list(addrs), path
+        self.done = threading.Event()
+
+    def run(self):
+        while not self.done.wait(0.5):
+            for i, h in enumerate(self.hosts):
+                try:
+                    info = ray.get(h.info.remote(), timeout=5)
+                except Exception:
+                    continue  # restarting, or not yet answering: ask again
+                if info["addr"] != self.addrs[i]:
+                    self.addrs[i] = info["addr"]
+                    write_json(self.path, self.addrs)
+                    print("RESTARTED " + json.dumps(dict(info, index=i)), flush=True)
+
+
 def start_hosts(exe, role, pg, group, count, config, token, restarts):
     host = ray.remote(ActorHost)
     hosts = []
@@ -244,17 +278,24 @@ def run(recipe, sets, report=None):
         if report:
             with open(report, "w") as f:
                 json.dump(placement, f, indent=1)
-        addrs = json.dumps([g["addr"] for g in g_infos])
+        addresses = os.path.join(tmp, "generators.json")
+        write_json(addresses, [g["addr"] for g in g_infos])
+        watcher = Watcher(gens, [g["addr"] for g in g_infos], addresses)
+        watcher.start()
         controller = [exe, recipe, *set_args(sets + [
             'cluster.engine="local"',
             "placement.trainer_process=false",
             "placement.generator_processes=0",
+            "placement.generator_addresses=[]",
             f'placement.trainer_address="{t_info["addr"]}"',
-            f"placement.generator_addresses={addrs}",
+            f'placement.generator_addresses_file="{addresses}"',
             f'placement.token_file="{token_file}"',
             f'sync.backend="{backend}"',
         ])]
-        return subprocess.run(controller).returncode
+        try:
+            return subprocess.run(controller).returncode
+        finally:
+            watcher.done.set()
     finally:
         for h in hosts:
             try:

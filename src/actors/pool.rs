@@ -1,7 +1,9 @@
 //! Generator processes as one [`GeneratorActor`]: requests spread by load, a member whose
-//! process dies restarted with the current weights, its unfinished requests re-queued.
+//! process dies restarted (by the pool, or by the launcher that started it, which then names its
+//! new address) with the current weights, its unfinished requests re-queued.
 
 use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -13,7 +15,7 @@ use rlrun_weights_sync::shm::WeightsRef;
 
 use super::process::{spawn, ActorProcess};
 use super::{ActorConfig, RemoteGenerator, Role};
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 
 struct Member {
     client: RemoteGenerator,
@@ -62,6 +64,9 @@ pub struct GeneratorPool {
     spawn_cfg: Option<ActorConfig>,
     spawn_env: Vec<Vec<(String, String)>>,
     token: Option<String>,
+    /// Generators started by a launcher that restarts them (the Ray driver): the file where it
+    /// keeps their addresses, one per member, re-read when a member dies.
+    addresses_file: Option<PathBuf>,
     current: Mutex<Option<WeightsRef>>,
     restarts: AtomicU64,
     /// Which member holds the kept cache of which finished sequence (multi-turn: a next turn
@@ -77,6 +82,19 @@ pub struct GeneratorPool {
 struct Affinity {
     by_len: std::collections::BTreeMap<usize, HashMap<u64, usize>>,
     entries: usize,
+}
+
+/// How long a pool waits for a launcher to start a dead generator again (Ray notices a dead node
+/// and restarts its actors elsewhere in seconds).
+const RELAUNCH_WAIT: Duration = Duration::from_secs(120);
+
+/// The JSON list of generator addresses a launcher keeps in `file`.
+fn read_addresses(file: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(file).at(file)?;
+    serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: file.to_path_buf(),
+        source,
+    })
 }
 
 /// Entries kept at most (then the index starts over).
@@ -147,13 +165,30 @@ impl GeneratorPool {
             spawn_cfg: Some(cfg),
             spawn_env: envs,
             token: None,
+            addresses_file: None,
             current: Mutex::new(None),
             restarts: AtomicU64::new(0),
         }))
     }
 
+    /// Connects to generators started by a launcher that keeps their addresses in `file` (a JSON
+    /// list, rewritten when it restarts one): a member that dies is reconnected at the address
+    /// the file gives it next.
+    pub fn connect_file(file: &Path, token: Option<String>) -> Result<Arc<Self>> {
+        let addrs = read_addresses(file)?;
+        Self::connect_with(&addrs, token, Some(file.to_path_buf()))
+    }
+
     /// Connects to generators started elsewhere (not restarted by the pool).
     pub fn connect(addrs: &[String], token: Option<String>) -> Result<Arc<Self>> {
+        Self::connect_with(addrs, token, None)
+    }
+
+    fn connect_with(
+        addrs: &[String],
+        token: Option<String>,
+        addresses_file: Option<PathBuf>,
+    ) -> Result<Arc<Self>> {
         let mut members = Vec::new();
         for a in addrs {
             let client = RemoteGenerator::connect(a, token.as_deref(), Duration::from_secs(60))?;
@@ -171,6 +206,7 @@ impl GeneratorPool {
             spawn_cfg: None,
             spawn_env: Vec::new(),
             token,
+            addresses_file,
             current: Mutex::new(None),
             restarts: AtomicU64::new(0),
             // Their engine settings are not known here: route by affinity in case they keep.
@@ -224,15 +260,34 @@ impl GeneratorPool {
         if !dead {
             return Ok(false);
         }
-        let cfg = self.spawn_cfg.as_ref().ok_or_else(|| Error::Actor {
-            role: Role::Generator,
-            addr: Some(m.client.addr().to_string()),
-            message: "unreachable, and started elsewhere: it cannot be restarted from here".into(),
-        })?;
-        tracing::warn!("generator {} died; restarting it", m.client.addr());
-        let p = spawn(Role::Generator, cfg, &self.spawn_env[i])?;
-        let client =
-            RemoteGenerator::connect(&p.addr, self.token.as_deref(), Duration::from_secs(60))?;
+        let old = m.client.addr().to_string();
+        let (client, process) = match (&self.spawn_cfg, &self.addresses_file) {
+            (Some(cfg), _) => {
+                tracing::warn!("generator {old} died; restarting it");
+                let p = spawn(Role::Generator, cfg, &self.spawn_env[i])?;
+                let client = RemoteGenerator::connect(
+                    &p.addr,
+                    self.token.as_deref(),
+                    Duration::from_secs(60),
+                )?;
+                (client, Some(p))
+            }
+            (None, Some(file)) => {
+                tracing::warn!(
+                    "generator {old} died; waiting for its launcher to start it again (addresses in {})",
+                    file.display()
+                );
+                (self.relaunched(file, i, &old)?, None)
+            }
+            (None, None) => {
+                return Err(Error::Actor {
+                    role: Role::Generator,
+                    addr: Some(old),
+                    message: "unreachable, and started elsewhere: it cannot be restarted from here"
+                        .into(),
+                })
+            }
+        };
         if let Some(w) = self
             .current
             .lock()
@@ -243,11 +298,40 @@ impl GeneratorPool {
         }
         *m = Member {
             client,
-            process: Some(p),
+            process,
             epoch: m.epoch + 1,
         };
         self.restarts.fetch_add(1, Ordering::SeqCst);
         Ok(true)
+    }
+
+    /// Member `i` as its launcher started it again: the address `file` gives it once that is no
+    /// longer `old` and answers a health check (within [`RELAUNCH_WAIT`]).
+    fn relaunched(&self, file: &Path, i: usize, old: &str) -> Result<RemoteGenerator> {
+        let deadline = std::time::Instant::now() + RELAUNCH_WAIT;
+        loop {
+            let addr = read_addresses(file)
+                .ok()
+                .and_then(|a| a.get(i).cloned())
+                .filter(|a| a != old);
+            if let Some(a) = addr {
+                let c = RemoteGenerator::connect(&a, self.token.as_deref(), Duration::from_secs(5));
+                if let Ok(c) = c.and_then(|c| c.health().map(|()| c)) {
+                    return Ok(c);
+                }
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(Error::Actor {
+                    role: Role::Generator,
+                    addr: Some(old.to_string()),
+                    message: format!(
+                        "died, and its launcher gave no new address in {} within {RELAUNCH_WAIT:?}",
+                        file.display()
+                    ),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
     }
 
     /// Records which member finished `c` (single-sample requests: the ones members keep).

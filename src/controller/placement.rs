@@ -59,7 +59,7 @@ pub(crate) fn place(
         None => None,
     };
     let mut processes = Vec::new();
-    let gen_in_process = pl.generator_processes == 0 && pl.generator_addresses.is_empty();
+    let gen_in_process = !pl.generators_elsewhere();
     // LoRA with trainer and generator in this process on one device: one copy of the frozen
     // base, read by both (the generator only ever updates its adapters).
     let shared_base = if c.model.lora.is_some()
@@ -114,7 +114,9 @@ pub(crate) fn place(
     // Generators: one in this process (its own copy of the weights), or a pool of processes.
     let (generator, pool): (Box<dyn GeneratorActor>, Option<Arc<GeneratorPool>>) =
         if !gen_in_process {
-            let pool = if pl.generator_addresses.is_empty() {
+            let pool = if let Some(f) = &pl.generator_addresses_file {
+                GeneratorPool::connect_file(Path::new(f), token.clone())?
+            } else if pl.generator_addresses.is_empty() {
                 let cfg = actor_config(recipe, Role::Generator, false)?;
                 // Generator i runs on the group's device i (round robin) when on CUDA.
                 let d = &pl.generator.devices;
@@ -250,7 +252,7 @@ fn off_policy_reasons(
     if kind != Kind::Float {
         why.push(format!("{kind:?} compute"));
     }
-    if pl.generator_processes > 0 || !pl.generator_addresses.is_empty() {
+    if pl.generators_elsewhere() {
         why.push("generators in other processes".into());
     }
     if pl.trainer_elsewhere() {

@@ -6,6 +6,7 @@ import json
 import os
 import pathlib
 import subprocess
+import threading
 import sys
 import time
 
@@ -161,3 +162,57 @@ def test_a_reservation_proceeds_when_the_missing_node_joins(cluster, tmp_path):
     stdout, stderr = p.communicate(timeout=300)
     assert p.returncode == 0, stderr[-4000:]
     assert "PLACEMENT " in stdout
+
+
+def wait_for(pred, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def train_lines(base):
+    runs = [p for p in pathlib.Path(base).iterdir() if p.is_dir()] if pathlib.Path(base).exists() else []
+    if not runs or not (runs[0] / "metrics.jsonl").exists():
+        return 0
+    return sum('"kind":"train"' in l for l in (runs[0] / "metrics.jsonl").read_text().splitlines())
+
+
+def test_a_rollout_node_removed_during_a_step_restarts_its_generator_on_the_spare(cluster, tmp_path):
+    steps = 8
+    long = ["rollout.max_tokens=48", "data.prompts_per_step=8", "sync.probe=false",
+            "trainer.lr=1e-3"]
+    add(cluster, "trainer")
+    rollout = [add(cluster, "rollout"), add(cluster, "rollout")]
+    p = subprocess.Popen(command(tiny(tmp_path / "ray", steps) + long + on_ray()), cwd=ROOT,
+                         env=env(cluster), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    lines = []
+    threading.Thread(target=lambda: lines.extend(p.stdout), daemon=True).start()
+    wait_for(lambda: any(l.startswith("PLACEMENT ") for l in lines), 120, "the placement")
+    placed = json.loads(next(l for l in lines if l.startswith("PLACEMENT "))[len("PLACEMENT "):])
+    # The spare joins once the generators are placed (else it could have been chosen first).
+    spare = add(cluster, "rollout")
+    wait_for(lambda: train_lines(tmp_path / "ray") >= 1, 300, "the first step")
+    victim = rollout[0]
+    victim_actor = next(a for a in placed["actors"] if a["node_id"] == victim.node_id)
+    cluster.remove_node(victim, allow_graceful=False)
+    stderr = p.stderr.read()
+    p.wait(timeout=600)
+    assert p.returncode == 0, stderr[-4000:]
+    assert train_lines(tmp_path / "ray") == steps
+    restarted = [json.loads(l[len("RESTARTED "):]) for l in lines if l.startswith("RESTARTED ")]
+    assert [r["node_id"] for r in restarted] == [spare.node_id], restarted
+    assert restarted[0]["addr"] != victim_actor["addr"]
+    assert "waiting for its launcher to start it again" in stderr
+    m = [x for x in metrics(tmp_path / "ray") if x["kind"] == "train"]
+    assert m[-1]["generator/restarts"] >= 1
+    # The uninterrupted run in one process: the same draws and updates at every step.
+    local = subprocess.run(command(tiny(tmp_path / "local", steps) + long), cwd=ROOT,
+                           capture_output=True, text=True, timeout=600)
+    assert local.returncode == 0, local.stderr[-4000:]
+    ref = [x for x in metrics(tmp_path / "local") if x["kind"] == "train"]
+    assert [computed(x) for x in m] == [computed(x) for x in ref]
+    wait_for(lambda: actor_pids() == [], 15, "no rlrun actor left")
