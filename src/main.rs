@@ -50,8 +50,13 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
     },
-    /// Continue a run from its latest checkpoint.
-    Resume { run_dir: PathBuf },
+    /// Continue a run from its latest checkpoint (`--set placement.*=...` moves it, e.g. to
+    /// another data-parallel world size).
+    Resume {
+        run_dir: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
     /// Evaluate a recipe's model on its held-out set (greedy), printing a few completions.
     Eval {
         recipe: PathBuf,
@@ -294,7 +299,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", r.resolved);
             Ok(())
         }
-        Command::Resume { run_dir } => train(Run::resume(&run_dir)?),
+        Command::Resume { run_dir, set } => train(Run::resume_with(&run_dir, &set)?),
         Command::Eval { recipe, set, show } => {
             let mut run = Run::create(Recipe::load(&recipe, &set)?)?;
             let e = run.evaluate()?;

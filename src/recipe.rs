@@ -976,14 +976,19 @@ fn validate(
         }
     }
     if pl.trainer.devices.len() > 1 {
-        return Err(err(
-            "placement.trainer.devices",
-            format!(
-                "the trainer runs on one device; {} were given ({:?}) and data parallelism over several is not implemented yet",
-                pl.trainer.devices.len(),
-                pl.trainer.devices
-            ),
-        ));
+        // Data parallel: one trainer process per device.
+        if pl.trainer_address.is_some() {
+            return Err(err(
+                "placement.trainer.devices",
+                "a data-parallel trainer (several devices) is spawned by rlrun: not with placement.trainer_address".into(),
+            ));
+        }
+        if c.model.lora.is_some() {
+            return Err(err(
+                "placement.trainer.devices",
+                "data parallelism with LoRA adapters is not supported yet: give one device".into(),
+            ));
+        }
     }
     if pl.generator.devices.len() > 1 && pl.generator_processes == 0 {
         return Err(err(

@@ -307,18 +307,20 @@ fn keys_that_nothing_reads_are_rejected() {
 }
 
 #[test]
-fn a_trainer_on_several_devices_is_a_clear_error() {
+fn device_lists_that_cannot_work_are_clear_errors() {
+    // Several trainer devices are data parallelism, which rlrun spawns itself...
     let e = check_error(|t| {
-        format!("{t}\n[placement]\ntrainer = {{ device = \"cpu\", devices = [0, 1] }}\n")
+        format!("{t}\n[placement]\ntrainer = {{ device = \"cpu\", devices = [0, 1] }}\ntrainer_address = \"127.0.0.1:1\"\n")
     });
     assert_has(
         &e,
-        &[
-            "placement.trainer.devices",
-            "one device",
-            "data parallelism",
-        ],
+        &["placement.trainer.devices", "placement.trainer_address"],
     );
+    // ... and does not train LoRA adapters yet.
+    let e = check_error(|t| {
+        format!("{t}\n[model.lora]\nrank = 4\n[placement]\ntrainer = {{ device = \"cpu\", devices = [0, 1] }}\n")
+    });
+    assert_has(&e, &["placement.trainer.devices", "LoRA"]);
     let e = check_error(|t| format!("{t}\n[placement]\ngenerator = {{ devices = [0, 1] }}\n"));
     assert_has(&e, &["placement.generator.devices", "generator_processes"]);
     let e = check_error(|t| format!("{t}\n[placement]\ntrainer = {{ devices = [] }}\n"));

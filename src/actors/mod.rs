@@ -28,7 +28,7 @@ pub use generator::{GeneratorService, RemoteGenerator};
 pub use pool::GeneratorPool;
 pub use process::{exit_with_parent, rlrun_exe, spawn, ActorProcess};
 pub use rpc::CallError;
-pub use trainer::{RemoteTrainer, TrainerService};
+pub use trainer::{DataParallelTrainer, RemoteTrainer, TrainerService};
 
 use crate::error::{Error, IoContext, Result};
 

@@ -337,3 +337,79 @@ impl TrainerActor for RemoteTrainer {
         Ok(())
     }
 }
+
+/// A data-parallel trainer: its ranks' processes as one [`TrainerActor`]. Every rank gets each
+/// batch and takes its share (`rlrun_trainer::dp`); they sum gradients among themselves and take
+/// the same step. Rank 0 answers everything else: log-probs, values, weights and checkpoints (all
+/// ranks hold the same state; every rank loads a checkpoint).
+pub struct DataParallelTrainer {
+    ranks: Vec<RemoteTrainer>,
+}
+
+impl DataParallelTrainer {
+    pub fn new(ranks: Vec<RemoteTrainer>) -> Self {
+        assert!(!ranks.is_empty(), "a data-parallel trainer has ranks");
+        DataParallelTrainer { ranks }
+    }
+
+    /// `f` on every rank at once; the results in rank order, or the first rank's error.
+    fn on_all<T: Send>(&self, f: impl Fn(&RemoteTrainer) -> Result<T> + Sync) -> Result<Vec<T>> {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = self.ranks.iter().map(|r| s.spawn(|| f(r))).collect();
+            handles
+                .into_iter()
+                .enumerate()
+                .map(|(i, h)| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(TrainError::Invalid(format!(
+                            "data-parallel rank {i}: a call panicked"
+                        )))
+                    })
+                })
+                .collect()
+        })
+    }
+}
+
+impl TrainerActor for DataParallelTrainer {
+    fn train_step(&self, batch: TrainBatch) -> Result<StepMetrics> {
+        let mut all = self.on_all(|r| r.train_step(batch.clone()))?;
+        Ok(all.swap_remove(0))
+    }
+
+    fn compute_logprobs(&self, seqs: &[TrainSequence]) -> Result<SeqValues> {
+        self.ranks[0].compute_logprobs(seqs)
+    }
+
+    fn compute_ref_logprobs(&self, seqs: &[TrainSequence]) -> Result<SeqValues> {
+        self.ranks[0].compute_ref_logprobs(seqs)
+    }
+
+    fn compute_values(&self, seqs: &[TrainSequence]) -> Result<SeqValues> {
+        self.ranks[0].compute_values(seqs)
+    }
+
+    fn sync_weights(&self) -> Result<(u64, Tensor)> {
+        self.ranks[0].sync_weights()
+    }
+
+    fn publish_weights(&self, path: &Path, checksums: bool) -> Result<(WeightsRef, SyncReport)> {
+        self.ranks[0].publish_weights(path, checksums)
+    }
+
+    fn publish_net(&self) -> Result<(WeightsRef, SyncReport)> {
+        self.ranks[0].publish_net()
+    }
+
+    fn version(&self) -> Result<u64> {
+        self.ranks[0].version()
+    }
+
+    fn save(&self, dir: &Path) -> Result<()> {
+        self.ranks[0].save(dir)
+    }
+
+    fn load(&self, dir: &Path) -> Result<()> {
+        self.on_all(|r| r.load(dir)).map(|_| ())
+    }
+}

@@ -149,7 +149,22 @@ impl Run {
 
     /// Continues a run from its latest checkpoint.
     pub fn resume(run_dir: &Path) -> Result<Run> {
-        let recipe = Recipe::load(&run_dir.join("recipe.toml"), &[])?;
+        Self::resume_with(run_dir, &[])
+    }
+
+    /// Continues a run with its placement changed by `overrides` (`placement.*` and `cluster.*`
+    /// keys only: where the actors run, not what they compute), e.g. a run checkpointed by a
+    /// data-parallel trainer resumed at another world size.
+    pub fn resume_with(run_dir: &Path, overrides: &[String]) -> Result<Run> {
+        if let Some(o) = overrides
+            .iter()
+            .find(|o| !(o.starts_with("placement.") || o.starts_with("cluster.")))
+        {
+            return Err(Error::Usage(format!(
+                "resume --set {o}: only placement.* and cluster.* can change when resuming (what the run computes cannot)"
+            )));
+        }
+        let recipe = Recipe::load(&run_dir.join("recipe.toml"), overrides)?;
         let ckpt = latest_checkpoint(run_dir)?.ok_or_else(|| {
             Error::Usage(format!(
                 "no checkpoint in {}",
@@ -176,7 +191,9 @@ impl Run {
             &crate::sync::SyncOptions {
                 checksums: c.sync.checksum,
                 adapters: c.model.lora.is_some(),
-                serve_store: (!c.placement.trainer_elsewhere()).then(|| c.sync.listen.clone()),
+                serve_store: (!c.placement.trainer_elsewhere()
+                    && c.placement.trainer.devices.len() == 1)
+                    .then(|| c.sync.listen.clone()),
                 token: actors.token.clone(),
             },
         )?;

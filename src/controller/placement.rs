@@ -64,6 +64,7 @@ pub(crate) fn place(
     // base, read by both (the generator only ever updates its adapters).
     let shared_base = if c.model.lora.is_some()
         && !pl.trainer_elsewhere()
+        && pl.trainer.devices.len() == 1
         && gen_in_process
         && device == gen_device
     {
@@ -84,6 +85,30 @@ pub(crate) fn place(
             message: format!("health check failed (placement.trainer_address): {e}"),
         })?;
         Box::new(client)
+    } else if pl.trainer.devices.len() > 1 {
+        // Data parallel: one trainer process per device, rank 0 listening for the others.
+        let world = pl.trainer.devices.len();
+        let rendezvous = free_loopback_addr()?;
+        let mut ranks = Vec::new();
+        for (rank, &d) in pl.trainer.devices.iter().enumerate() {
+            let mut cfg = actor_config(recipe, Role::Trainer, false)?;
+            if let Some(t) = cfg.trainer.as_mut() {
+                t.data_parallel = Some(rlrun_trainer::DataParallel {
+                    rank,
+                    world,
+                    rendezvous: rendezvous.clone(),
+                });
+            }
+            let p = actors::spawn(Role::Trainer, &cfg, &visible_devices(device, &[d]))?;
+            let client =
+                actors::RemoteTrainer::connect(&p.addr, None, std::time::Duration::from_secs(60))?;
+            processes.push(p);
+            ranks.push(client);
+        }
+        eprintln!(
+            "data-parallel trainer: {world} ranks (gradients summed over TCP through rank 0)"
+        );
+        Box::new(actors::DataParallelTrainer::new(ranks))
     } else if pl.trainer_process {
         let cfg = actor_config(recipe, Role::Trainer, false)?;
         let p = actors::spawn(
@@ -139,7 +164,7 @@ pub(crate) fn place(
             )?;
             (Box::new(g), None)
         };
-    let share_process = pool.is_none() && !pl.trainer_elsewhere();
+    let share_process = pool.is_none() && !pl.trainer_elsewhere() && pl.trainer.devices.len() == 1;
     Ok(Actors {
         generator,
         trainer,
@@ -255,7 +280,7 @@ fn off_policy_reasons(
     if pl.generators_elsewhere() {
         why.push("generators in other processes".into());
     }
-    if pl.trainer_elsewhere() {
+    if pl.trainer_elsewhere() || pl.trainer.devices.len() > 1 {
         why.push("the trainer in its own process".into());
     }
     if device != gen_device {
@@ -283,6 +308,7 @@ fn trainer_config(c: &RecipeConfig, loss: PolicyLossConfig) -> TrainerConfig {
         router_aux_loss_coef: c.trainer.router_aux_loss_coef,
         lora: c.model.lora.clone(),
         seed: c.seed,
+        data_parallel: None,
         critic: c.trainer.critic.as_ref().map(|cs| CriticConfig {
             optim: OptimConfig {
                 lr: cs.lr,
@@ -343,6 +369,16 @@ fn process_device(d: Device) -> String {
 
 /// The environment that pins an actor process to `devices` (nothing on the CPU). The indices
 /// are this process's: mapped through its own `CUDA_VISIBLE_DEVICES` when that is set.
+/// A loopback address free a moment ago (the rendezvous of a data-parallel trainer's ranks).
+fn free_loopback_addr() -> Result<String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(|e| Error::Usage(format!("finding a free loopback port: {e}")))?;
+    let a = l
+        .local_addr()
+        .map_err(|e| Error::Usage(format!("finding a free loopback port: {e}")))?;
+    Ok(a.to_string())
+}
+
 fn visible_devices(device: Device, devices: &[usize]) -> Vec<(String, String)> {
     let Device::Cuda(_) = device else {
         return Vec::new();

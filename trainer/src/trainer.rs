@@ -64,6 +64,8 @@ pub struct TrainerConfig {
     pub lora: Option<LoraConfig>,
     /// Seed of the adapters' initialisation.
     pub seed: u64,
+    /// This trainer is one rank of a data-parallel group (`None`: alone).
+    pub data_parallel: Option<crate::dp::DataParallel>,
 }
 
 impl Default for TrainerConfig {
@@ -83,6 +85,7 @@ impl Default for TrainerConfig {
             critic: None,
             lora: None,
             seed: 0,
+            data_parallel: None,
         }
     }
 }
@@ -387,6 +390,30 @@ impl MetricAcc {
             e.2 = Some(e.2.map_or(m, |x: f64| x.max(m)));
         }
     }
+    /// Every rank's accumulations merged (sums and counts added, maxima taken, in rank order),
+    /// the ranks' `tokens` summed, and the fewest tokens a rank processed.
+    fn gathered(
+        self,
+        c: &mut crate::dp::Collective,
+        tokens: usize,
+    ) -> Result<(MetricAcc, usize, usize)> {
+        let mine = serde_json::to_vec(&(tokens, &self.sums))
+            .map_err(|e| TrainError::Invalid(format!("data parallel metrics: {e}")))?;
+        let mut merged = MetricAcc::default();
+        let (mut total, mut least) = (0, usize::MAX);
+        for bytes in c.all_gather(&mine)? {
+            let (t, sums): (usize, BTreeMap<String, (f64, f64, Option<f64>)>) =
+                serde_json::from_slice(&bytes)
+                    .map_err(|e| TrainError::Invalid(format!("data parallel metrics: {e}")))?;
+            total += t;
+            least = least.min(t);
+            for (k, (s, n, m)) in sums {
+                merged.add(&k, s, n, m);
+            }
+        }
+        Ok((merged, total, least))
+    }
+
     fn finish(self, out: &mut StepMetrics) {
         for (k, (s, c, m)) in self.sums {
             if c > 0.0 {
@@ -410,6 +437,8 @@ pub struct Trainer {
     version: u64,
     device: Device,
     lora: Option<LoraConfig>,
+    /// Data parallel: the group, joined at the first step.
+    collective: Option<crate::dp::Collective>,
 }
 
 /// Old and reference log-probs of a step's sequences, when computed by the trainer.
@@ -509,6 +538,7 @@ impl Trainer {
             critic,
             version: 0,
             lora,
+            collective: None,
         })
     }
 
@@ -637,6 +667,9 @@ impl Trainer {
         let uses_ref = self.cfg.loss.kl.is_some();
         let reuse = self.cfg.ppo_epochs * self.cfg.mini_batches > 1;
         let mut metrics = StepMetrics::new();
+        if let (Some(dp), None) = (&self.cfg.data_parallel, &self.collective) {
+            self.collective = Some(crate::dp::Collective::join(dp)?);
+        }
 
         // Old (pre-update) and reference log-probs, as per-sequence host vectors.
         let t0 = Instant::now();
@@ -675,7 +708,10 @@ impl Trainer {
                 tokens_processed += self.accumulate(batch, mb_indices, &ctx, &mut acc)?;
                 fwd_bwd_s += t.elapsed().as_secs_f64();
                 let t = Instant::now();
-                let grad = self.policy.take_grad()?;
+                let mut grad = self.policy.take_grad()?;
+                if let Some(c) = self.collective.as_mut() {
+                    c.all_reduce_sum(&mut grad)?;
+                }
                 infos.push(self.apply_gradients(grad)?);
                 optim_s += t.elapsed().as_secs_f64();
                 if let Some(c) = self.critic.as_mut() {
@@ -686,6 +722,11 @@ impl Trainer {
                         c.head.params.f_zeros_like()?
                     };
                     let mut grads = vec![c.body.take_grad()?, head_grad];
+                    if let Some(col) = self.collective.as_mut() {
+                        for g in grads.iter_mut() {
+                            col.all_reduce_sum(g)?;
+                        }
+                    }
                     critic_infos.push(
                         c.opt
                             .step(&mut [&mut c.body.group, &mut c.head], &mut grads)?,
@@ -697,6 +738,13 @@ impl Trainer {
         self.policy.zero_grad()?;
         self.version += 1;
         let train_s = t_train.elapsed().as_secs_f64();
+        if let Some(c) = self.collective.as_mut() {
+            // Metrics over the whole batch: every rank's sums, counts and maxima, and tokens.
+            let least;
+            (acc, tokens_processed, least) = acc.gathered(c, tokens_processed)?;
+            metrics.insert("dp/world_size".into(), c.world() as f64);
+            metrics.insert("dp/min_rank_tokens".into(), least as f64);
+        }
         acc.finish(&mut metrics);
         let last = infos.last().copied().unwrap_or_default();
         metrics.insert(
@@ -769,7 +817,24 @@ impl Trainer {
             }
         }
         let mut tokens = 0;
-        for micro in pack_micro_batches(seqs, indices, self.cfg.micro_batch_tokens) {
+        let mut micros = pack_micro_batches(seqs, indices, self.cfg.micro_batch_tokens);
+        if let Some(c) = &self.collective {
+            // This rank's share (by tokens); the normaliser above stays the whole mini-batch's.
+            let cost: Vec<usize> = micros
+                .iter()
+                .map(|m| {
+                    m.iter()
+                        .map(|&i| seqs[i].prompt.len() + seqs[i].response.len())
+                        .sum()
+                })
+                .collect();
+            let mine = crate::dp::share(&cost, c.rank(), c.world());
+            micros = mine
+                .into_iter()
+                .map(|i| std::mem::take(&mut micros[i]))
+                .collect();
+        }
+        for micro in micros {
             let mseqs: Vec<&TrainSequence> = micro.iter().map(|&i| &seqs[i]).collect();
             tokens += mseqs
                 .iter()
