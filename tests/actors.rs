@@ -107,6 +107,14 @@ fn processes_give_the_in_process_metrics_and_the_generator_matches_the_trainer_a
         for m in train_lines(&b) {
             assert_eq!(m[&format!("sync/backend_{backend}")], 1.0, "{m}");
             assert!(m["sync/gb_per_s"].as_f64().unwrap() > 0.0);
+            // Each generator's own figures.
+            for i in 0..2 {
+                assert!(
+                    m[&format!("sync/generator{i}_s")].as_f64().unwrap() > 0.0,
+                    "{m}"
+                );
+                assert!(m[&format!("sync/generator{i}_gb_per_s")].as_f64().unwrap() > 0.0);
+            }
             assert_eq!(m["generator/processes"], 2.0);
         }
         // After every sync the generators' log-probs on the probe equal the trainer's (f32).

@@ -68,6 +68,8 @@ pub struct GeneratorPool {
     /// keeps their addresses, one per member, re-read when a member dies.
     addresses_file: Option<PathBuf>,
     current: Mutex<Option<WeightsRef>>,
+    /// Seconds each member took to take the last weight update (map or pull, swap, acknowledge).
+    update_seconds: Mutex<Vec<f64>>,
     restarts: AtomicU64,
     /// Which member holds the kept cache of which finished sequence (multi-turn: a next turn
     /// goes where its conversation's cache is). None when the members keep no caches.
@@ -167,6 +169,7 @@ impl GeneratorPool {
             token: None,
             addresses_file: None,
             current: Mutex::new(None),
+            update_seconds: Mutex::default(),
             restarts: AtomicU64::new(0),
         }))
     }
@@ -208,6 +211,7 @@ impl GeneratorPool {
             token,
             addresses_file,
             current: Mutex::new(None),
+            update_seconds: Mutex::default(),
             restarts: AtomicU64::new(0),
             // Their engine settings are not known here: route by affinity in case they keep.
             affinity: Some(Mutex::default()),
@@ -223,6 +227,14 @@ impl GeneratorPool {
     }
 
     /// Generator processes restarted so far.
+    /// Seconds each member took to take the last weight update (in member order).
+    pub fn update_seconds(&self) -> Vec<f64> {
+        self.update_seconds
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
+    }
+
     pub fn restarts(&self) -> u64 {
         self.restarts.load(Ordering::SeqCst)
     }
@@ -427,7 +439,9 @@ impl GeneratorActor for GeneratorPool {
         if let Some(Ok(mut a)) = self.affinity.as_ref().map(Mutex::lock) {
             *a = Affinity::default();
         }
+        let mut seconds = Vec::with_capacity(self.len());
         for i in 0..self.len() {
+            let t = std::time::Instant::now();
             let (res, epoch) = {
                 let m = self.members[i].lock()?;
                 let res = m
@@ -435,6 +449,7 @@ impl GeneratorActor for GeneratorPool {
                     .update_weights(version, WeightUpdate::Shared(r.clone()));
                 (res, m.epoch)
             };
+            seconds.push(t.elapsed().as_secs_f64());
             if let Err(e) = res {
                 // A dead member is restarted with the current weights.
                 if !self
@@ -444,6 +459,9 @@ impl GeneratorActor for GeneratorPool {
                     return Err(e);
                 }
             }
+        }
+        if let Ok(mut s) = self.update_seconds.lock() {
+            *s = seconds;
         }
         Ok(())
     }

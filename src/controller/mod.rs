@@ -406,6 +406,17 @@ impl Run {
         let outcome =
             crate::sync::sync(self.sync.as_mut(), a.trainer.as_ref(), a.generator.as_ref())?;
         m.extend(outcome.metrics());
+        if let Some(p) = &a.pool {
+            // Per generator: what it took to take this version (a pull over `net`, a mapping
+            // over `shm`), with the acknowledgment.
+            for (i, s) in p.update_seconds().into_iter().enumerate() {
+                m.insert(format!("sync/generator{i}_s"), s);
+                m.insert(
+                    format!("sync/generator{i}_gb_per_s"),
+                    outcome.bytes as f64 / s.max(1e-9) / 1e9,
+                );
+            }
+        }
         if self.recipe.config.sync.probe {
             m.insert(
                 "sync/probe_logprob_max_diff".into(),
