@@ -75,7 +75,7 @@ for f in ("tokenizer.json", "tokenizer_config.json"):
 PY
 fi
 
-step "selftest (model parity on CUDA, bf16 log-prob mismatch, bf16 trainer)"
+step "selftest (NCCL world size 1, model parity on CUDA, bf16 log-prob mismatch, bf16 trainer)"
 $RL selftest --fixtures $D/fixtures --smollm2 $W/smollm2 --json "$OUT/selftest.json" 2>&1 | tee "$OUT/selftest.log" || status=1
 
 step "quickstart GRPO recipe on the GPU"

@@ -6,7 +6,7 @@
 //! Checks: model logits on CUDA (f32 against transformers' reference, bf16 against f32), the
 //! generator's bf16 log-probs against the trainer's (train/inference mismatch), trainer gradients
 //! with activation checkpointing against stored activations, trainer steps in bf16 with f32
-//! master weights.
+//! master weights, NCCL's bucketed broadcast and sum at world size 1 (timed).
 
 use std::path::Path;
 
@@ -74,6 +74,54 @@ pub fn cuda(fixtures: &Path, smollm2: Option<&Path>, out: Option<&Path>) -> Resu
         checks: Vec::new(),
         failed: 0,
     };
+
+    // 0. NCCL through the real library at world size 1 (one GPU: NCCL refuses two ranks on one
+    // device): bucketed broadcast and sum of 1 GiB, timed.
+    {
+        if std::env::var_os("NCCL_SOCKET_IFNAME").is_none() {
+            // The group's bootstrap listens on loopback only.
+            std::env::set_var("NCCL_SOCKET_IFNAME", "lo");
+        }
+        use rlrun_weights_sync::nccl;
+        let run = || -> Result<Value> {
+            let version = nccl::load()?;
+            let id = nccl::unique_id()?;
+            let comm = nccl::Comm::init(&id, 1, 0, dev, std::time::Duration::from_secs(60))?;
+            let t = Tensor::randn([1 << 28], (Kind::Float, dev));
+            let before = t.copy();
+            let bucket = 64 << 20;
+            let mut times = Vec::new();
+            for _ in 0..4 {
+                let t0 = std::time::Instant::now();
+                comm.broadcast(&t, 0, bucket)?;
+                let b = t0.elapsed().as_secs_f64();
+                let t0 = std::time::Instant::now();
+                comm.all_reduce_sum(&t, bucket)?;
+                times.push((b, t0.elapsed().as_secs_f64()));
+            }
+            let unchanged = t.equal(&before);
+            let (b, a) = times[times.len() - 1];
+            Ok(
+                json!({"nccl_version": version, "bytes": 1u64 << 30, "bucket_bytes": bucket,
+                "broadcast_ms": b * 1e3, "all_reduce_ms": a * 1e3, "unchanged_at_world_1": unchanged}),
+            )
+        };
+        match run() {
+            Ok(v) => {
+                let ok = v["unchanged_at_world_1"] == json!(true);
+                rep.record(
+                    "NCCL world size 1: bucketed broadcast and all-reduce of 1 GiB",
+                    ok,
+                    v,
+                )
+            }
+            Err(e) => rep.record(
+                "NCCL world size 1: bucketed broadcast and all-reduce of 1 GiB",
+                false,
+                json!({"error": format!("{e:#}")}),
+            ),
+        }
+    }
 
     // 1. Model parity on CUDA.
     // Gemma 3's masks (sliding windows, CUDA's SDPA with a boolean mask) and the MoE experts

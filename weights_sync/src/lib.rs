@@ -8,10 +8,12 @@
 //! | same process | the generator copies the trainer's buffer (`WeightUpdate::Flat`) |
 //! | separate CPU processes | [`shm`]: written once into a `/dev/shm` file, mapped zero-copy by each generator |
 //! | other machines | [`net`]: kept by a weight store, pulled as a gRPC stream of checksummed chunks |
+//! | GPUs (building block) | [`nccl`]: a communicator, bucketed broadcast and sum (not yet a sync backend) |
 //!
 //! Every sync carries the policy version and reports bytes, seconds and GB/s ([`SyncReport`]).
 //! Integrity checking computes a CRC32C per tensor on the sender and verifies it on the receiver.
 
+pub mod nccl;
 pub mod net;
 pub mod shm;
 
