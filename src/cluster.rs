@@ -60,6 +60,10 @@ pub struct ClusterSection {
     pub address: String,
     /// Ray: a reservation not met within this many seconds fails, naming what is missing.
     pub reserve_timeout_s: f64,
+    /// Ray: continue the newest unfinished run of this recipe's name under `logging.run_dir`
+    /// (one with a checkpoint before the last step) instead of starting a new one; the
+    /// Kubernetes manifests set it, so that a re-submitted job resumes from the shared volume.
+    pub resume_latest: bool,
     pub trainer: GroupSpec,
     pub generators: GroupSpec,
     pub kubernetes: KubernetesSection,
@@ -71,6 +75,7 @@ impl Default for ClusterSection {
             engine: ClusterEngine::Local,
             address: String::new(),
             reserve_timeout_s: 300.0,
+            resume_latest: false,
             trainer: GroupSpec::default(),
             generators: GroupSpec {
                 strategy: Strategy::Pack,
@@ -415,6 +420,7 @@ pub fn write_kubernetes(recipe_path: &Path, set: &[String], out: &Path) -> Resul
     // Ray with each group pinned to its worker group's Ray nodes.
     let mut config = recipe.config.clone();
     config.cluster.engine = ClusterEngine::Ray;
+    config.cluster.resume_latest = true;
     for (name, g) in [
         ("trainer", &mut config.cluster.trainer),
         ("rollout", &mut config.cluster.generators),

@@ -180,5 +180,5 @@ fn a_world_size_two_checkpoint_resumes_at_world_size_one_to_the_same_end() {
         "trainer.lr=1".into(),
     ]);
     assert!(!bad.status.success());
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("only placement.* and cluster.*"));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("only placement.*, cluster.*"));
 }

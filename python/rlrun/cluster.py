@@ -217,11 +217,33 @@ def start_hosts(exe, role, pg, group, count, config, token, restarts):
     return hosts
 
 
+def latest_unfinished(cfg):
+    """The newest run directory of this recipe's name whose last checkpoint is before its last
+    step, or None."""
+    base, name, steps = cfg["logging"]["run_dir"], cfg["name"], int(cfg["steps"])
+    if not os.path.isdir(base):
+        return None
+    found = []
+    for d in os.listdir(base):
+        ckpts = os.path.join(base, d, "checkpoints")
+        if not (d.startswith(f"{name}-") and os.path.isdir(ckpts)):
+            continue
+        done = [int(c[len("step-"):]) for c in os.listdir(ckpts)
+                if c.startswith("step-") and c[len("step-"):].isdigit()]
+        if done and max(done) < steps:
+            found.append((os.path.getmtime(os.path.join(base, d)), os.path.join(base, d)))
+    return max(found)[1] if found else None
+
+
 def run(recipe, sets, report=None):
-    """Runs `recipe` on the Ray cluster; returns the controller's exit status."""
+    """Runs `recipe` on the Ray cluster (or continues its newest unfinished run, with
+    `cluster.resume_latest`); returns the controller's exit status."""
     exe = rlrun_exe()
     cfg = resolved(exe, recipe, sets)
     cl = cfg["cluster"]
+    resume_dir = latest_unfinished(cfg) if cl.get("resume_latest") else None
+    if resume_dir:
+        print(f"resuming {resume_dir}", file=sys.stderr, flush=True)
     if cl["engine"] != "ray":
         raise RuntimeError(f"{recipe}: cluster.engine is {cl['engine']!r}, not \"ray\"")
     address = cl.get("address") or os.environ.get("RAY_ADDRESS") or "auto"
@@ -282,7 +304,9 @@ def run(recipe, sets, report=None):
         write_json(addresses, [g["addr"] for g in g_infos])
         watcher = Watcher(gens, [g["addr"] for g in g_infos], addresses)
         watcher.start()
-        controller = [exe, recipe, *set_args(sets + [
+        # A resumed run keeps its own recipe: only where the actors are may change.
+        head, given = ([exe, "resume", resume_dir], []) if resume_dir else ([exe, recipe], sets)
+        controller = [*head, *set_args(given + [
             'cluster.engine="local"',
             "placement.trainer_process=false",
             "placement.generator_processes=0",

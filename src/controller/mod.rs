@@ -152,16 +152,20 @@ impl Run {
         Self::resume_with(run_dir, &[])
     }
 
-    /// Continues a run with its placement changed by `overrides` (`placement.*` and `cluster.*`
-    /// keys only: where the actors run, not what they compute), e.g. a run checkpointed by a
-    /// data-parallel trainer resumed at another world size.
+    /// Continues a run with its placement changed by `overrides` (`placement.*`, `cluster.*`,
+    /// `sync.backend` and `sync.listen` only: where the actors run and how weights travel, not
+    /// what they compute), e.g. a run checkpointed by a data-parallel trainer resumed at another
+    /// world size, or on a Ray cluster's new actors.
     pub fn resume_with(run_dir: &Path, overrides: &[String]) -> Result<Run> {
-        if let Some(o) = overrides
-            .iter()
-            .find(|o| !(o.starts_with("placement.") || o.starts_with("cluster.")))
-        {
+        let movable = |o: &str| {
+            o.starts_with("placement.")
+                || o.starts_with("cluster.")
+                || o.starts_with("sync.backend=")
+                || o.starts_with("sync.listen=")
+        };
+        if let Some(o) = overrides.iter().find(|o| !movable(o)) {
             return Err(Error::Usage(format!(
-                "resume --set {o}: only placement.* and cluster.* can change when resuming (what the run computes cannot)"
+                "resume --set {o}: only placement.*, cluster.*, sync.backend and sync.listen can change when resuming (what the run computes cannot)"
             )));
         }
         let recipe = Recipe::load(&run_dir.join("recipe.toml"), overrides)?;

@@ -216,3 +216,41 @@ def test_a_rollout_node_removed_during_a_step_restarts_its_generator_on_the_spar
     ref = [x for x in metrics(tmp_path / "local") if x["kind"] == "train"]
     assert [computed(x) for x in m] == [computed(x) for x in ref]
     wait_for(lambda: actor_pids() == [], 15, "no rlrun actor left")
+
+
+def test_a_dead_trainer_ends_the_run_and_a_re_run_resumes_it_to_the_same_end(cluster, tmp_path):
+    steps = 6
+    long = ["rollout.max_tokens=48", "data.prompts_per_step=8", "sync.probe=false",
+            "trainer.lr=1e-3", "checkpoint.every=2"]
+    add(cluster, "trainer")
+    add(cluster, "rollout")
+    add(cluster, "rollout")
+    sets = tiny(tmp_path / "ray", steps) + long + on_ray()
+    p = subprocess.Popen(command(sets), cwd=ROOT, env=env(cluster), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    ckpt = lambda: any((d / "checkpoints" / "step-00000002").exists()
+                       for d in (tmp_path / "ray").glob("*"))  # noqa: E731
+    wait_for(ckpt, 300, "the step-2 checkpoint")
+    trainer = subprocess.run(["pgrep", "-f", f"{RLRUN} actor trainer"], capture_output=True,
+                             text=True).stdout.split()
+    assert len(trainer) == 1, trainer
+    subprocess.run(["kill", "-9", trainer[0]], check=True)
+    _, stderr = p.communicate(timeout=300)
+    assert p.returncode != 0
+    assert "the trainer process" in stderr and "rlrun resume" in stderr, stderr[-3000:]
+    # The same job submitted again, as the Kubernetes manifests do: it continues that run.
+    again = subprocess.run(command(sets + ["cluster.resume_latest=true"]), cwd=ROOT,
+                           env=env(cluster), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "resuming " in again.stderr
+    assert len([d for d in (tmp_path / "ray").iterdir() if d.is_dir()]) == 1
+    m = [x for x in metrics(tmp_path / "ray") if x["kind"] == "train"]
+    assert [x["step"] for x in m][-1] == steps
+    local = subprocess.run(command(tiny(tmp_path / "local", steps) + long), cwd=ROOT,
+                           capture_output=True, text=True, timeout=600)
+    assert local.returncode == 0, local.stderr[-4000:]
+    ref = {x["step"]: computed(x) for x in metrics(tmp_path / "local") if x["kind"] == "train"}
+    # Every step logged after the resume equals the uninterrupted run's.
+    for x in m:
+        assert computed(x) == ref[x["step"]], x["step"]
+    wait_for(lambda: actor_pids() == [], 15, "no rlrun actor left")
