@@ -86,12 +86,13 @@ impl Default for ClusterSection {
     }
 }
 
-/// `[cluster.trainer]` / `[cluster.generators]`: one bundle (and, on Kubernetes, one pod) per
-/// replica.
+/// `[cluster.trainer]` / `[cluster.generators]`: one bundle per replica. Generators: one process
+/// and one Kubernetes pod each. Trainer: one data-parallel rank each, all in one gang
+/// (`strict-pack`: one node, one pod holding every rank's resources).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GroupSpec {
-    /// Bundles: the trainer has one (a gang of `gpus` devices); each generator has its own.
+    /// Bundles: one per generator; one per data-parallel trainer rank.
     pub replicas: u32,
     pub gpus: u32,
     pub cpus: u32,
@@ -178,12 +179,6 @@ pub fn check(c: &ClusterSection) -> std::result::Result<(), (String, String)> {
         if g.memory_gb.is_nan() || g.memory_gb <= 0.0 {
             return bad(&format!("{name}.memory_gb"), "must be positive");
         }
-    }
-    if c.trainer.replicas != 1 {
-        return bad(
-            "trainer.replicas",
-            "the trainer is one gang: ask for more devices with cluster.trainer.gpus",
-        );
     }
     let k = &c.kubernetes;
     let dns = |s: &str| {
@@ -323,18 +318,21 @@ pub fn kubernetes_manifests(recipe: &Recipe, text: &str) -> Result<Vec<(String, 
         }
         json!({"metadata": {"labels": labels}, "spec": spec})
     };
-    let group = |name: &str, g: &GroupSpec| {
+    // `pods` pods, each with `per_pod` bundles' resources.
+    let group = |name: &str, g: &GroupSpec, pods: u32, per_pod: u32| {
         let mut ray_labels: BTreeMap<String, String> = g.labels.clone();
         let (key, value) = group_label(name);
         ray_labels.insert(key, value);
+        let (cpus, gpus) = (g.cpus * per_pod, g.gpus * per_pod);
+        let memory = g.memory_gb * f64::from(per_pod);
         json!({
             "groupName": name,
-            "replicas": g.replicas,
-            "minReplicas": g.replicas,
-            "maxReplicas": g.replicas,
+            "replicas": pods,
+            "minReplicas": pods,
+            "maxReplicas": pods,
             "rayStartParams": {},
             "labels": ray_labels,
-            "template": pod("ray-worker", g.cpus, g.memory_gb, g.gpus, &g.node_selector),
+            "template": pod("ray-worker", cpus, memory, gpus, &g.node_selector),
         })
     };
     let recipe_path = format!(
@@ -367,7 +365,11 @@ pub fn kubernetes_manifests(recipe: &Recipe, text: &str) -> Result<Vec<(String, 
                         "rayStartParams": {"num-cpus": "0"},
                         "template": pod("ray-head", k.head_cpus, k.head_memory_gb, 0, &BTreeMap::new()),
                     },
-                    "workerGroupSpecs": [group("trainer", &c.trainer), group("rollout", &c.generators)],
+                    // The trainer's ranks are one gang on one node; each generator its own pod.
+                    "workerGroupSpecs": [
+                        group("trainer", &c.trainer, 1, c.trainer.replicas),
+                        group("rollout", &c.generators, c.generators.replicas, 1),
+                    ],
                 },
             },
         }),

@@ -135,6 +135,14 @@ enum Command {
         /// The process will see its own GPU (CUDA_VISIBLE_DEVICES set by its launcher).
         #[arg(long)]
         cuda: bool,
+        /// A data-parallel trainer rank: `--rank R --world N --rendezvous host:port` (rank 0
+        /// listens there for the others).
+        #[arg(long, requires_all = ["world", "rendezvous"])]
+        rank: Option<usize>,
+        #[arg(long)]
+        world: Option<usize>,
+        #[arg(long)]
+        rendezvous: Option<String>,
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
     },
@@ -337,10 +345,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             recipe,
             role,
             cuda,
+            rank,
+            world,
+            rendezvous,
             set,
         } => {
             let r = Recipe::load(&recipe, &set)?;
-            let cfg = rlrun::controller::actor_config(&r, role, cuda)?;
+            let dp = match (rank, world, rendezvous) {
+                (Some(rank), Some(world), Some(rendezvous)) => Some(rlrun_trainer::DataParallel {
+                    rank,
+                    world,
+                    rendezvous,
+                }),
+                _ => None,
+            };
+            let cfg = rlrun::controller::actor_config(&r, role, cuda, dp)?;
             println!("{}", serde_json::to_string(&cfg)?);
             Ok(())
         }

@@ -328,19 +328,20 @@ pub struct PlacementSection {
     /// Generators started by a launcher that restarts them (the Ray driver): a file with the
     /// JSON list of their addresses, re-read when one dies.
     pub generator_addresses_file: Option<String>,
-    /// The shared token of `generator_addresses` and `trainer_address` (a file holding it).
+    /// The shared token of `generator_addresses` and `trainer_addresses` (a file holding it).
     pub token_file: Option<String>,
     /// The trainer in its own process (`rlrun actor trainer`).
     pub trainer_process: bool,
     /// A trainer reached by address (started by the Ray driver, by hand or another launcher),
-    /// with the settings `rlrun cluster actor-config` gives it.
-    pub trainer_address: Option<String>,
+    /// with the settings `rlrun cluster actor-config` gives it; several: the ranks of a
+    /// data-parallel trainer, in rank order.
+    pub trainer_addresses: Vec<String>,
 }
 
 impl PlacementSection {
     /// The trainer runs outside this process (spawned or reached by address).
     pub fn trainer_elsewhere(&self) -> bool {
-        self.trainer_process || self.trainer_address.is_some()
+        self.trainer_process || !self.trainer_addresses.is_empty()
     }
 
     /// The generators run outside this process (spawned or reached by address).
@@ -932,9 +933,9 @@ fn validate(
                 .into(),
         ));
     }
-    if pl.trainer_process && pl.trainer_address.is_some() {
+    if pl.trainer_process && !pl.trainer_addresses.is_empty() {
         return Err(err(
-            "placement.trainer_address",
+            "placement.trainer_addresses",
             "give either a trainer address or placement.trainer_process = true, not both".into(),
         ));
     }
@@ -977,16 +978,21 @@ fn validate(
     }
     if pl.trainer.devices.len() > 1 {
         // Data parallel: one trainer process per device.
-        if pl.trainer_address.is_some() {
+        if !pl.trainer_addresses.is_empty() {
             return Err(err(
                 "placement.trainer.devices",
-                "a data-parallel trainer (several devices) is spawned by rlrun: not with placement.trainer_address".into(),
+                "a data-parallel trainer on several devices is spawned by rlrun: not with placement.trainer_addresses (list its ranks there instead)".into(),
             ));
         }
-        if c.model.lora.is_some() {
+    }
+    for (key, ranks) in [
+        ("placement.trainer.devices", pl.trainer.devices.len()),
+        ("placement.trainer_addresses", pl.trainer_addresses.len()),
+    ] {
+        if ranks > 1 && c.model.lora.is_some() {
             return Err(err(
-                "placement.trainer.devices",
-                "data parallelism with LoRA adapters is not supported yet: give one device".into(),
+                key,
+                "data parallelism with LoRA adapters is not supported yet: one trainer".into(),
             ));
         }
     }

@@ -310,11 +310,11 @@ fn keys_that_nothing_reads_are_rejected() {
 fn device_lists_that_cannot_work_are_clear_errors() {
     // Several trainer devices are data parallelism, which rlrun spawns itself...
     let e = check_error(|t| {
-        format!("{t}\n[placement]\ntrainer = {{ device = \"cpu\", devices = [0, 1] }}\ntrainer_address = \"127.0.0.1:1\"\n")
+        format!("{t}\n[placement]\ntrainer = {{ device = \"cpu\", devices = [0, 1] }}\ntrainer_addresses = [\"127.0.0.1:1\"]\n")
     });
     assert_has(
         &e,
-        &["placement.trainer.devices", "placement.trainer_address"],
+        &["placement.trainer.devices", "placement.trainer_addresses"],
     );
     // ... and does not train LoRA adapters yet.
     let e = check_error(|t| {

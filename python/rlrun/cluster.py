@@ -205,10 +205,23 @@ class Watcher(threading.Thread):
                     print("RESTARTED " + json.dumps(dict(info, index=i)), flush=True)
 
 
-def start_hosts(exe, role, pg, group, count, config, token, restarts):
+def free_address():
+    """host:port free on this node a moment ago (a data-parallel trainer's rendezvous)."""
+    import socket as _socket
+
+    import ray as _ray
+
+    ip = _ray.util.get_node_ip_address()
+    with _socket.socket() as s:
+        s.bind((ip, 0))
+        return f"{ip}:{s.getsockname()[1]}"
+
+
+def start_hosts(exe, role, pg, group, configs, token, restarts):
+    """One host per bundle of `pg`, the i-th running `configs[i]`."""
     host = ray.remote(ActorHost)
     hosts = []
-    for i in range(count):
+    for i, config in enumerate(configs):
         opts = {"num_cpus": float(group["cpus"]), "num_gpus": float(group["gpus"]),
                 "max_restarts": restarts,
                 "scheduling_strategy": PlacementGroupSchedulingStrategy(
@@ -265,28 +278,45 @@ def run(recipe, sets, report=None):
             with os.fdopen(fd, "w") as f:
                 f.write(token)
         deadline = time.time() + timeout
-        trainer_pg = reserve("trainer", cl["trainer"], 1, deadline, timeout)
-        pgs.append(trainer_pg)
+        pgs.append(reserve("trainer", cl["trainer"], int(cl["trainer"]["replicas"]), deadline,
+                           timeout))
         n = int(cl["generators"]["replicas"])
         rollout_pg = reserve("generators", cl["generators"], n, deadline, timeout)
         pgs.append(rollout_pg)
+        world = int(cl["trainer"]["replicas"])
+        trainer_pg = pgs[0]
         # Settings as the controller will see them: a trainer and generators by address.
         placed = sets + ['placement.trainer_process=false', 'placement.generator_processes=0',
-                         'placement.trainer_address="pending"', 'placement.generator_addresses=["pending"]']
+                         f'placement.trainer_addresses={json.dumps(["pending"] * world)}',
+                         'placement.generator_addresses=["pending"]']
 
-        def actor_config(role, gpus):
+        def actor_config(role, gpus, rank=None, rendezvous=None):
             args = [exe, "cluster", "actor-config", recipe, "--role", role, *set_args(placed)]
             if gpus:
                 args.append("--cuda")
+            if rank is not None:
+                args += ["--rank", str(rank), "--world", str(world), "--rendezvous", rendezvous]
             return subprocess.run(args, check=True, capture_output=True, text=True).stdout
 
-        trainer = start_hosts(exe, "trainer", trainer_pg, cl["trainer"], 1,
-                              actor_config("trainer", cl["trainer"]["gpus"]), token, restarts=0)
-        gens = start_hosts(exe, "generator", rollout_pg, cl["generators"], n,
-                           actor_config("generator", cl["generators"]["gpus"]), token, restarts=-1)
+        if world > 1:
+            # Data parallel: rank 0 listens for the others on a free port of its node, found by
+            # a task on its bundle.
+            rendezvous = ray.get(ray.remote(free_address).options(
+                num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=trainer_pg, placement_group_bundle_index=0)).remote())
+            configs = [actor_config("trainer", cl["trainer"]["gpus"], r, rendezvous)
+                       for r in range(world)]
+        else:
+            configs = [actor_config("trainer", cl["trainer"]["gpus"])]
+        trainer = start_hosts(exe, "trainer", trainer_pg, cl["trainer"], configs, token,
+                              restarts=0)
+        gen_config = actor_config("generator", cl["generators"]["gpus"])
+        gens = start_hosts(exe, "generator", rollout_pg, cl["generators"], [gen_config] * n,
+                           token, restarts=-1)
         hosts = trainer + gens
         infos = ray.get([h.info.remote() for h in hosts])
-        t_info, g_infos = infos[0], infos[1:]
+        t_infos, g_infos = infos[:world], infos[world:]
+        t_info = t_infos[0]
         backend = cfg["sync"]["backend"]
         if backend == "auto":
             # Same node (by Ray node id, not IP: fake nodes share one) shares /dev/shm.
@@ -311,7 +341,7 @@ def run(recipe, sets, report=None):
             "placement.trainer_process=false",
             "placement.generator_processes=0",
             "placement.generator_addresses=[]",
-            f'placement.trainer_address="{t_info["addr"]}"',
+            f'placement.trainer_addresses={json.dumps([t["addr"] for t in t_infos])}',
             f'placement.generator_addresses_file="{addresses}"',
             f'placement.token_file="{token_file}"',
             f'sync.backend="{backend}"',

@@ -72,33 +72,39 @@ pub(crate) fn place(
     } else {
         None
     };
-    let trainer: Box<dyn TrainerActor> = if let Some(addr) = &pl.trainer_address {
-        let client = actors::RemoteTrainer::connect(
-            addr,
-            token.as_deref(),
-            std::time::Duration::from_secs(60),
-        )?;
-        // Fail now, naming the address, if it is not a trainer that takes our token.
-        client.version().map_err(|e| Error::Actor {
-            role: Role::Trainer,
-            addr: Some(addr.clone()),
-            message: format!("health check failed (placement.trainer_address): {e}"),
-        })?;
-        Box::new(client)
+    let trainer: Box<dyn TrainerActor> = if !pl.trainer_addresses.is_empty() {
+        let mut ranks = Vec::new();
+        for addr in &pl.trainer_addresses {
+            let client = actors::RemoteTrainer::connect(
+                addr,
+                token.as_deref(),
+                std::time::Duration::from_secs(60),
+            )?;
+            // Fail now, naming the address, if it is not a trainer that takes our token.
+            client.version().map_err(|e| Error::Actor {
+                role: Role::Trainer,
+                addr: Some(addr.clone()),
+                message: format!("health check failed (placement.trainer_addresses): {e}"),
+            })?;
+            ranks.push(client);
+        }
+        if ranks.len() == 1 {
+            Box::new(ranks.remove(0))
+        } else {
+            Box::new(actors::DataParallelTrainer::new(ranks))
+        }
     } else if pl.trainer.devices.len() > 1 {
         // Data parallel: one trainer process per device, rank 0 listening for the others.
         let world = pl.trainer.devices.len();
         let rendezvous = free_loopback_addr()?;
         let mut ranks = Vec::new();
         for (rank, &d) in pl.trainer.devices.iter().enumerate() {
-            let mut cfg = actor_config(recipe, Role::Trainer, false)?;
-            if let Some(t) = cfg.trainer.as_mut() {
-                t.data_parallel = Some(rlrun_trainer::DataParallel {
-                    rank,
-                    world,
-                    rendezvous: rendezvous.clone(),
-                });
-            }
+            let dp = rlrun_trainer::DataParallel {
+                rank,
+                world,
+                rendezvous: rendezvous.clone(),
+            };
+            let cfg = actor_config(recipe, Role::Trainer, false, Some(dp))?;
             let p = actors::spawn(Role::Trainer, &cfg, &visible_devices(device, &[d]))?;
             let client =
                 actors::RemoteTrainer::connect(&p.addr, None, std::time::Duration::from_secs(60))?;
@@ -110,7 +116,7 @@ pub(crate) fn place(
         );
         Box::new(actors::DataParallelTrainer::new(ranks))
     } else if pl.trainer_process {
-        let cfg = actor_config(recipe, Role::Trainer, false)?;
+        let cfg = actor_config(recipe, Role::Trainer, false, None)?;
         let p = actors::spawn(
             Role::Trainer,
             &cfg,
@@ -142,7 +148,7 @@ pub(crate) fn place(
             let pool = if let Some(f) = &pl.generator_addresses_file {
                 GeneratorPool::connect_file(Path::new(f), token.clone())?
             } else if pl.generator_addresses.is_empty() {
-                let cfg = actor_config(recipe, Role::Generator, false)?;
+                let cfg = actor_config(recipe, Role::Generator, false, None)?;
                 // Generator i runs on the group's device i (round robin) when on CUDA.
                 let d = &pl.generator.devices;
                 let envs = (0..pl.generator_processes)
@@ -219,11 +225,18 @@ fn plan(c: &RecipeConfig, announce: bool) -> Result<Plan> {
 /// What an actor process of `role` loads for `recipe`: the one source of actor settings for
 /// processes this run spawns and for those a launcher starts (`rlrun cluster actor-config`,
 /// used by the Ray driver). `on_cuda`: the process will see its own GPU (Ray sets
-/// `CUDA_VISIBLE_DEVICES` per bundle) whatever the recipe's device choice says.
-pub fn actor_config(recipe: &Recipe, role: Role, on_cuda: bool) -> Result<ActorConfig> {
+/// `CUDA_VISIBLE_DEVICES` per bundle) whatever the recipe's device choice says; `dp`: a trainer's
+/// place in a data-parallel group.
+pub fn actor_config(
+    recipe: &Recipe,
+    role: Role,
+    on_cuda: bool,
+    dp: Option<rlrun_trainer::DataParallel>,
+) -> Result<ActorConfig> {
     let c = &recipe.config;
     let pl = &c.placement;
-    let p = plan(c, false)?;
+    let mut p = plan(c, false)?;
+    p.tcfg.data_parallel = dp;
     // Launchers start processes in other directories.
     let model = std::fs::canonicalize(&recipe.model_path).unwrap_or(recipe.model_path.clone());
     let device = |d: Device| {

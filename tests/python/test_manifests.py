@@ -68,6 +68,17 @@ def test_the_manifests_of_a_gpu_run_validate_and_say_what_the_recipe_says(tmp_pa
     assert classes["rlrun-production"] > classes["rlrun-experiment"]
 
 
+def test_a_data_parallel_trainer_is_one_pod_holding_every_rank(tmp_path):
+    m = deploy(tmp_path, "cluster.trainer.replicas=4", "cluster.trainer.gpus=1",
+               "cluster.trainer.cpus=8", "cluster.trainer.memory_gb=32")
+    assert validate_manifests.problems(list(m.values())) == []
+    (trainer,) = [g for g in m["rayjob.yaml"]["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+                  if g["groupName"] == "trainer"]
+    assert trainer["replicas"] == 1
+    res = trainer["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert res == {"cpu": "32", "memory": "131072Mi", "nvidia.com/gpu": "4"}
+
+
 def test_without_a_queue_the_job_is_not_suspended_and_still_validates(tmp_path):
     m = deploy(tmp_path)
     job = m["rayjob.yaml"]

@@ -32,9 +32,9 @@ def cluster():
     c.shutdown()
 
 
-def add(c, group=None):
+def add(c, group=None, cpus=1):
     labels = {"rlrun.io/group": group} if group else {}
-    return c.add_node(num_cpus=1, labels=labels, **NODE)
+    return c.add_node(num_cpus=cpus, labels=labels, **NODE)
 
 
 def tiny(run_dir, steps=3):
@@ -254,3 +254,33 @@ def test_a_dead_trainer_ends_the_run_and_a_re_run_resumes_it_to_the_same_end(clu
     for x in m:
         assert computed(x) == ref[x["step"]], x["step"]
     wait_for(lambda: actor_pids() == [], 15, "no rlrun actor left")
+
+
+def test_a_data_parallel_trainer_on_ray_updates_the_weights_as_one_trainer(cluster, tmp_path):
+    from safetensors.torch import load_file
+
+    trainer_node = add(cluster, "trainer", cpus=2)
+    add(cluster, "rollout")
+    add(cluster, "rollout")
+    steps = 2
+    dp = ["trainer.micro_batch_tokens=48", "trainer.mini_batches=2", "trainer.lr=1e-3",
+          "rollout.max_tokens=12", "checkpoint.every=1", "checkpoint.keep=5"]
+    out = subprocess.run(command(tiny(tmp_path / "ray", steps) + dp + on_ray()
+                                 + ["cluster.trainer.replicas=2"]),
+                         cwd=ROOT, env=env(cluster), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]
+    (line,) = [l for l in out.stdout.splitlines() if l.startswith("PLACEMENT ")]
+    trainers = [a for a in json.loads(line[len("PLACEMENT "):])["actors"] if a["role"] == "trainer"]
+    assert [a["node_id"] for a in trainers] == [trainer_node.node_id] * 2
+    local = subprocess.run(command(tiny(tmp_path / "local", steps) + dp), cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert local.returncode == 0, local.stderr[-4000:]
+    for x in metrics(tmp_path / "ray"):
+        if x["kind"] == "train":
+            assert x["dp/world_size"] == 2 and x["dp/min_rank_tokens"] > 0, x
+    runs = {k: next(p for p in (tmp_path / k).iterdir() if p.is_dir()) for k in ["ray", "local"]}
+    for step in range(1, steps + 1):
+        w = {k: load_file(str(r / "checkpoints" / f"step-{step:08d}" / "trainer" / "policy.safetensors"))
+             for k, r in runs.items()}
+        worst = max((w["ray"][n] - t).abs().max().item() for n, t in w["local"].items())
+        assert worst <= 1e-6 * step, f"step {step}: {worst}"
