@@ -339,9 +339,10 @@ pub struct PlacementSection {
 }
 
 impl PlacementSection {
-    /// The trainer runs outside this process (spawned or reached by address).
+    /// The trainer runs outside this process (spawned, data-parallel ranks, or reached by
+    /// address).
     pub fn trainer_elsewhere(&self) -> bool {
-        self.trainer_process || !self.trainer_addresses.is_empty()
+        self.trainer_process || !self.trainer_addresses.is_empty() || self.trainer.devices.len() > 1
     }
 
     /// The generators run outside this process (spawned or reached by address).

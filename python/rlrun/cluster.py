@@ -31,7 +31,11 @@ import sys
 import tempfile
 import threading
 import time
-import tomllib
+
+try:
+    import tomllib
+except ImportError:  # Python < 3.11
+    raise ImportError("rlrun.cluster needs Python 3.11 or later (tomllib)") from None
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 

@@ -195,9 +195,7 @@ impl Run {
             &crate::sync::SyncOptions {
                 checksums: c.sync.checksum,
                 adapters: c.model.lora.is_some(),
-                serve_store: (!c.placement.trainer_elsewhere()
-                    && c.placement.trainer.devices.len() == 1)
-                    .then(|| c.sync.listen.clone()),
+                serve_store: (!c.placement.trainer_elsewhere()).then(|| c.sync.listen.clone()),
                 token: actors.token.clone(),
             },
         )?;

@@ -64,7 +64,6 @@ pub(crate) fn place(
     // base, read by both (the generator only ever updates its adapters).
     let shared_base = if c.model.lora.is_some()
         && !pl.trainer_elsewhere()
-        && pl.trainer.devices.len() == 1
         && gen_in_process
         && device == gen_device
     {
@@ -170,7 +169,7 @@ pub(crate) fn place(
             )?;
             (Box::new(g), None)
         };
-    let share_process = pool.is_none() && !pl.trainer_elsewhere() && pl.trainer.devices.len() == 1;
+    let share_process = pool.is_none() && !pl.trainer_elsewhere();
     Ok(Actors {
         generator,
         trainer,
@@ -293,7 +292,7 @@ fn off_policy_reasons(
     if pl.generators_elsewhere() {
         why.push("generators in other processes".into());
     }
-    if pl.trainer_elsewhere() || pl.trainer.devices.len() > 1 {
+    if pl.trainer_elsewhere() {
         why.push("the trainer in its own process".into());
     }
     if device != gen_device {
