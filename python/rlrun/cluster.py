@@ -281,14 +281,13 @@ def run(recipe, sets, report=None):
             fd = os.open(token_file, os.O_WRONLY | os.O_CREAT, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(token)
+        # One bundle per data-parallel trainer rank, one per generator.
+        world, n = int(cl["trainer"]["replicas"]), int(cl["generators"]["replicas"])
         deadline = time.time() + timeout
-        pgs.append(reserve("trainer", cl["trainer"], int(cl["trainer"]["replicas"]), deadline,
-                           timeout))
-        n = int(cl["generators"]["replicas"])
+        trainer_pg = reserve("trainer", cl["trainer"], world, deadline, timeout)
+        pgs.append(trainer_pg)
         rollout_pg = reserve("generators", cl["generators"], n, deadline, timeout)
         pgs.append(rollout_pg)
-        world = int(cl["trainer"]["replicas"])
-        trainer_pg = pgs[0]
         # Settings as the controller will see them: a trainer and generators by address.
         placed = sets + ['placement.trainer_process=false', 'placement.generator_processes=0',
                          f'placement.trainer_addresses={json.dumps(["pending"] * world)}',
@@ -325,10 +324,10 @@ def run(recipe, sets, report=None):
         if backend == "auto":
             # Same node (by Ray node id, not IP: fake nodes share one) shares /dev/shm.
             backend = "shm" if all(g["node_id"] == t_info["node_id"] for g in g_infos) else "net"
-        nodes = {n["NodeID"]: n for n in ray.nodes()}
+        labels = {node["NodeID"]: node.get("Labels") or {} for node in ray.nodes()}
         placement = {
             "sync_backend": backend,
-            "actors": [dict(i, node_labels=(nodes.get(i["node_id"], {}).get("Labels") or {})) for i in infos],
+            "actors": [dict(i, node_labels=labels.get(i["node_id"], {})) for i in infos],
         }
         print("PLACEMENT " + json.dumps(placement), flush=True)
         if report:
