@@ -255,25 +255,13 @@ fn compare(
     })
 }
 
-/// Where the reference Python is: `$RLRUN_PYTHON`, `.venv/bin/python`, else `python3`.
-pub fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("RLRUN_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let venv = Path::new(".venv/bin/python");
-    if venv.exists() {
-        return venv.to_path_buf();
-    }
-    PathBuf::from("python3")
-}
-
 fn peer(args: &[String]) -> anyhow::Result<Value> {
     let script = Path::new("benches/peer.py");
     if !script.exists() {
         bail!("benches/peer.py not found: run rlrun bench from the repository root");
     }
     // The same torch threads and glibc allocator settings as this process (`tune_allocator`).
-    let out = Command::new(python())
+    let out = Command::new(rlrun::python())
         .arg(script)
         .args(args)
         .arg(format!("--threads={}", tch::get_num_threads()))
@@ -819,6 +807,28 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// A generator process of `model` (f32, CPU, one thread) that weight-sync benchmarks update.
+fn generator_process(
+    model: &Path,
+) -> anyhow::Result<(rlrun::actors::ActorProcess, rlrun::actors::RemoteGenerator)> {
+    let cfg = rlrun::actors::ActorConfig {
+        model: model.to_path_buf(),
+        dtype: "f32".into(),
+        device: "cpu".into(),
+        threads: 1,
+        engine: None,
+        trainer: None,
+        reference: false,
+    };
+    let proc = rlrun::actors::spawn(rlrun::actors::Role::Generator, &cfg, &[])?;
+    let client = rlrun::actors::RemoteGenerator::connect(
+        &proc.addr,
+        None,
+        std::time::Duration::from_secs(60),
+    )?;
+    Ok((proc, client))
+}
+
 /// Shared-memory sync to a generator process vs. memcpy of the same bytes (both single runs
 /// timed `iters` times; medians).
 fn shm_sync(
@@ -827,7 +837,6 @@ fn shm_sync(
     checksum: bool,
     json_path: Option<&Path>,
 ) -> anyhow::Result<()> {
-    use rlrun::actors::RemoteGenerator;
     use rlrun_generator::{GeneratorActor, WeightUpdate};
     let iters = iters.max(1);
     let files = ModelFiles::open(model)?;
@@ -839,17 +848,7 @@ fn shm_sync(
         .iter()
         .map(|p| (p.offset, p.numel))
         .collect();
-    let cfg = rlrun::actors::ActorConfig {
-        model: model.to_path_buf(),
-        dtype: "f32".into(),
-        device: "cpu".into(),
-        threads: 1,
-        engine: None,
-        trainer: None,
-        reference: false,
-    };
-    let proc = rlrun::actors::spawn(rlrun::actors::Role::Generator, &cfg, &[])?;
-    let client = RemoteGenerator::connect(&proc.addr, None, std::time::Duration::from_secs(60))?;
+    let (_proc, client) = generator_process(model)?;
     let mut publisher = rlrun_weights_sync::shm::ShmPublisher::new(
         &rlrun_weights_sync::shm::default_dir(),
         &format!("rlrun-bench-{}", std::process::id()),
@@ -914,7 +913,6 @@ fn shm_sync(
 /// `net` sync to a generator process over loopback vs. a plain socket copy of the same bytes to
 /// another process (both timed `iters` times after a warm-up; medians).
 fn net_sync(model: &Path, iters: usize, json_path: Option<&Path>) -> anyhow::Result<()> {
-    use rlrun::actors::RemoteGenerator;
     use rlrun_generator::{GeneratorActor, WeightUpdate};
     use rlrun_weights_sync::net::{StoreServer, WeightStore};
     use std::io::{Read, Write};
@@ -922,17 +920,7 @@ fn net_sync(model: &Path, iters: usize, json_path: Option<&Path>) -> anyhow::Res
     let files = ModelFiles::open(model)?;
     let weights = files.load_weights(Kind::Float, Device::Cpu)?;
     let bytes = weights.flat.numel() * 4;
-    let cfg = rlrun::actors::ActorConfig {
-        model: model.to_path_buf(),
-        dtype: "f32".into(),
-        device: "cpu".into(),
-        threads: 1,
-        engine: None,
-        trainer: None,
-        reference: false,
-    };
-    let proc = rlrun::actors::spawn(rlrun::actors::Role::Generator, &cfg, &[])?;
-    let client = RemoteGenerator::connect(&proc.addr, None, std::time::Duration::from_secs(60))?;
+    let (proc, client) = generator_process(model)?;
     let store = WeightStore::new();
     let server = StoreServer::start(&store, "127.0.0.1:0", None)?;
     let (mut total, mut publish) = (Vec::new(), Vec::new());

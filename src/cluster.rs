@@ -381,13 +381,7 @@ pub fn kubernetes_manifests(recipe: &Recipe, text: &str) -> Result<Vec<(String, 
 /// (`python -m rlrun.cluster run`, from the venv of `RLRUN_PYTHON`, `.venv`, or `python3`), which
 /// reserves the groups, starts the actors and then runs this binary as the controller.
 pub fn run_on_ray(recipe: &Path, set: &[String]) -> anyhow::Result<()> {
-    let python = std::env::var_os("RLRUN_PYTHON")
-        .map(PathBuf::from)
-        .or_else(|| {
-            let venv = Path::new(".venv/bin/python");
-            venv.exists().then(|| venv.to_path_buf())
-        })
-        .unwrap_or_else(|| PathBuf::from("python3"));
+    let python = crate::python();
     let mut cmd = std::process::Command::new(&python);
     cmd.args(["-m", "rlrun.cluster", "run"]).arg(recipe);
     for s in set {

@@ -31,6 +31,19 @@ pub fn release_free_memory() {
     }
 }
 
+/// The project's Python (the references' venv, the Ray driver's): `$RLRUN_PYTHON`,
+/// `.venv/bin/python`, else `python3`.
+pub fn python() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("RLRUN_PYTHON") {
+        return p.into();
+    }
+    let venv = std::path::Path::new(".venv/bin/python");
+    if venv.exists() {
+        return venv.to_path_buf();
+    }
+    "python3".into()
+}
+
 /// Tunes glibc malloc for libtorch's large, short-lived CPU tensors: freed blocks stay in the
 /// heap for reuse instead of going back to the kernel, so the next step's activations and
 /// gradients do not page-fault their way into fresh memory (measured: a large share of CPU

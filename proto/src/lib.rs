@@ -8,6 +8,23 @@ pub mod v1 {
     tonic::include_proto!("rlrun.v1");
 }
 
+/// The one async runtime every gRPC client of this process shares (actor clients, weight-store
+/// pulls): two worker threads; calls block on it from any thread. Never dropped, so a client
+/// dropped inside async code is safe.
+pub fn client_runtime() -> Result<&'static tokio::runtime::Runtime, String> {
+    static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    if let Some(rt) = RT.get() {
+        return Ok(rt);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("rlrun-client")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the client runtime: {e}"))?;
+    Ok(RT.get_or_init(|| rt))
+}
+
 /// Largest gRPC message an actor accepts or sends (weights never travel in messages).
 pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
 

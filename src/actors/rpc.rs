@@ -28,22 +28,6 @@ use super::Role;
 /// The channel every client call goes through: token attached, heartbeats on.
 pub type Channel = InterceptedService<tonic::transport::Channel, TokenAttach>;
 
-/// The one async runtime every actor client of this process shares (two worker threads; calls
-/// block on it from any thread). Never dropped, so a client dropped inside async code is safe.
-fn client_runtime() -> Result<&'static tokio::runtime::Runtime, String> {
-    static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
-    if let Some(rt) = RT.get() {
-        return Ok(rt);
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("rlrun-client")
-        .enable_all()
-        .build()
-        .map_err(|e| format!("starting the client runtime: {e}"))?;
-    Ok(RT.get_or_init(|| rt))
-}
-
 /// A call to an actor that failed: which actor, where, the gRPC code and what it said.
 #[derive(Debug, Clone)]
 pub struct CallError {
@@ -129,7 +113,7 @@ impl<C: Clone> Client<C> {
     ) -> Result<Self, CallError> {
         let fail = |code, m: String| CallError::new(role, addr, code, m);
         let attach = TokenAttach::new(token).map_err(|m| fail(Code::InvalidArgument, m))?;
-        let rt = client_runtime().map_err(|m| fail(Code::Internal, m))?;
+        let rt = rlrun_proto::client_runtime().map_err(|m| fail(Code::Internal, m))?;
         let deadline = Instant::now() + timeout;
         let mut backoff = Duration::from_millis(50);
         let channel = loop {

@@ -181,16 +181,31 @@ impl Comm {
         Ok((t.kind().elt_size_in_bytes(), nccl_type(t.kind())?))
     }
 
-    /// Broadcasts `t` from `root` to every rank in buckets of `bucket_bytes`.
-    pub fn broadcast(&self, t: &Tensor, root: usize, bucket_bytes: usize) -> Result<()> {
+    /// Runs the in-place collective `op(pointer, count, type)` over `t` in buckets of
+    /// `bucket_bytes`, then waits for them all.
+    fn in_buckets(
+        &self,
+        what: &str,
+        t: &Tensor,
+        bucket_bytes: usize,
+        op: impl Fn(*mut std::ffi::c_void, usize, sys::ncclDataType_t) -> Result<()>,
+    ) -> Result<()> {
         let (elt, ty) = self.check(t)?;
         let n = t.numel();
         let per = (bucket_bytes / elt).max(1);
         let base = t.data_ptr() as *mut u8;
         for start in (0..n).step_by(per) {
-            let count = per.min(n - start);
-            // SAFETY: a bucket inside `t`'s device memory, in place.
+            // SAFETY: a bucket inside `t`'s device memory.
             let p = unsafe { base.add(start * elt) } as *mut std::ffi::c_void;
+            op(p, per.min(n - start), ty)?;
+        }
+        self.wait(what)
+    }
+
+    /// Broadcasts `t` from `root` to every rank in buckets of `bucket_bytes`.
+    pub fn broadcast(&self, t: &Tensor, root: usize, bucket_bytes: usize) -> Result<()> {
+        self.in_buckets("broadcast", t, bucket_bytes, |p, count, ty| {
+            // SAFETY: in place on a bucket of a live device tensor, on the default stream.
             unsafe {
                 result::broadcast(
                     p,
@@ -202,35 +217,20 @@ impl Comm {
                     std::ptr::null_mut(),
                 )
             }
-            .map_err(|e| err(format!("ncclBroadcast: {e:?}")))?;
-        }
-        self.wait("broadcast")
+            .map(|_| ())
+            .map_err(|e| err(format!("ncclBroadcast: {e:?}")))
+        })
     }
 
     /// Sums `t` over the ranks, in place, in buckets of `bucket_bytes`.
     pub fn all_reduce_sum(&self, t: &Tensor, bucket_bytes: usize) -> Result<()> {
-        let (elt, ty) = self.check(t)?;
-        let n = t.numel();
-        let per = (bucket_bytes / elt).max(1);
-        let base = t.data_ptr() as *mut u8;
-        for start in (0..n).step_by(per) {
-            let count = per.min(n - start);
-            // SAFETY: a bucket inside `t`'s device memory, in place.
-            let p = unsafe { base.add(start * elt) } as *mut std::ffi::c_void;
-            unsafe {
-                result::all_reduce(
-                    p,
-                    p,
-                    count,
-                    ty,
-                    sys::ncclRedOp_t::ncclSum,
-                    self.comm,
-                    std::ptr::null_mut(),
-                )
-            }
-            .map_err(|e| err(format!("ncclAllReduce: {e:?}")))?;
-        }
-        self.wait("all-reduce")
+        self.in_buckets("all-reduce", t, bucket_bytes, |p, count, ty| {
+            let sum = sys::ncclRedOp_t::ncclSum;
+            // SAFETY: in place on a bucket of a live device tensor, on the default stream.
+            unsafe { result::all_reduce(p, p, count, ty, sum, self.comm, std::ptr::null_mut()) }
+                .map(|_| ())
+                .map_err(|e| err(format!("ncclAllReduce: {e:?}")))
+        })
     }
 }
 

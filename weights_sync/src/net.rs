@@ -290,23 +290,6 @@ pub fn set_client_token(token: &str) {
     let _ = CLIENT_TOKEN.set(token.to_string());
 }
 
-fn client_runtime() -> Result<&'static tokio::runtime::Runtime> {
-    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    if let Some(rt) = RT.get() {
-        return Ok(rt);
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("rlrun-weight-pull")
-        .enable_all()
-        .build()
-        .map_err(|e| SyncError::Net {
-            addr: String::new(),
-            message: format!("starting the async runtime: {e}"),
-        })?;
-    Ok(RT.get_or_init(|| rt))
-}
-
 /// Pulls version `r.version` from the store at `r.source` into a CPU staging buffer (`spare` when
 /// it is contiguous, on the CPU, of the version's size and dtype; else a new one), checking
 /// every chunk. The receiver swaps to the buffer once it is whole.
@@ -331,7 +314,10 @@ pub fn pull(r: &WeightsRef, spare: Option<Tensor>) -> Result<(MappedWeights, Syn
     };
     // SAFETY: a fresh contiguous CPU tensor of `nbytes` bytes, only written here until returned.
     let dst = unsafe { std::slice::from_raw_parts_mut(staging.data_ptr() as *mut u8, nbytes) };
-    let rt = client_runtime()?;
+    let rt = rlrun_proto::client_runtime().map_err(|m| SyncError::Net {
+        addr: addr.clone(),
+        message: m,
+    })?;
     let fetch = async {
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| err(e.to_string()))?
