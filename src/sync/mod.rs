@@ -135,7 +135,12 @@ pub fn sync(
     let published = backend.publish(trainer)?;
     let (version, bytes, publish_s) = (published.version, published.bytes, published.seconds);
     let t_apply = Instant::now();
-    backend.apply(generator, published)?;
+    if let Err(e) = backend.apply(generator, published) {
+        // A generator that could not take the version may have lost its source (`net` pulls
+        // from the trainer's process): when the trainer is gone, that is the error to report.
+        trainer.version()?;
+        return Err(e);
+    }
     Ok(SyncOutcome {
         backend: backend.backend(),
         version,
