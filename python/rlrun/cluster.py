@@ -164,6 +164,7 @@ class ActorHost:
 
     def info(self):
         return {"role": self.role, "addr": self.addr, "node_id": self.node_id, "pid": self.proc.pid,
+                "host_pid": os.getpid(),
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
 
     def stop(self):

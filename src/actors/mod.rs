@@ -26,7 +26,7 @@ use tch::Device;
 
 pub use generator::{GeneratorService, RemoteGenerator};
 pub use pool::GeneratorPool;
-pub use process::{exit_with_parent, rlrun_exe, spawn, ActorProcess};
+pub use process::{exit_now, exit_with_parent, rlrun_exe, spawn, ActorProcess};
 pub use rpc::CallError;
 pub use trainer::{DataParallelTrainer, RemoteTrainer, TrainerService};
 

@@ -23,10 +23,19 @@ pub fn exit_with_parent() {
             std::thread::sleep(Duration::from_millis(200));
             if std::os::unix::process::parent_id() != parent {
                 eprintln!("rlrun actor: parent process {parent} exited; exiting");
-                std::process::exit(3);
+                exit_now(3);
             }
         })
         .expect("spawning the parent watchdog");
+}
+
+/// Ends this process at once, without C++ static destructors: `exit()` would tear libtorch's
+/// operator registry down under threads still running ops, and their requests would fail with
+/// "no schema registered" errors that a client takes for a failed step instead of a lost peer.
+pub fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit only ends the process; nothing is left half-written that exit() would finish
+    // (Rust's buffered writers are not flushed by either).
+    unsafe { libc::_exit(code) }
 }
 
 /// A spawned actor process.

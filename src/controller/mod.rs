@@ -58,7 +58,7 @@ pub fn install_ctrl_c() {
     let _ = ctrlc::set_handler(|| {
         if STOP.swap(true, Ordering::SeqCst) {
             eprintln!("\nsecond interrupt: exiting now");
-            std::process::exit(130);
+            crate::actors::exit_now(130);
         }
         eprintln!("\ninterrupt: finishing the current step, then writing a checkpoint (Ctrl-C again to exit now)");
     });

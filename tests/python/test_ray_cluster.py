@@ -5,6 +5,7 @@ its timeout naming what is missing, and one that becomes possible when a node jo
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import threading
 import sys
@@ -181,7 +182,9 @@ def train_lines(base):
 
 
 def test_a_rollout_node_removed_during_a_step_restarts_its_generator_on_the_spare(cluster, tmp_path):
-    steps = 8
+    # Steps of the tiny model take ~0.15 s, and adding the spare node takes a second or two of
+    # them: enough steps that the node is removed mid-run.
+    steps = 16
     long = ["rollout.max_tokens=48", "data.prompts_per_step=8", "sync.probe=false",
             "trainer.lr=1e-3"]
     add(cluster, "trainer")
@@ -198,7 +201,18 @@ def test_a_rollout_node_removed_during_a_step_restarts_its_generator_on_the_spar
     wait_for(lambda: train_lines(tmp_path / "ray") >= 1, 300, "the first step")
     victim = rollout[0]
     victim_actor = next(a for a in placed["actors"] if a["node_id"] == victim.node_id)
+    # A machine that dies takes all its processes at once. A fake node's raylet does, but its
+    # workers notice only later, by when a run of such tiny steps can be over (it was, once, in
+    # CI): end the node's worker with it; its `rlrun actor` follows by --exit-with-parent.
+    t = time.monotonic()
     cluster.remove_node(victim, allow_graceful=False)
+    try:
+        os.kill(victim_actor["host_pid"], signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    killed_at = train_lines(tmp_path / "ray")
+    print(f"node removed in {time.monotonic() - t:.2f} s, after {killed_at} step(s)")
+    assert killed_at < steps, "the run ended before the node was removed"
     stderr = p.stderr.read()
     p.wait(timeout=600)
     assert p.returncode == 0, stderr[-4000:]
@@ -219,7 +233,7 @@ def test_a_rollout_node_removed_during_a_step_restarts_its_generator_on_the_spar
 
 
 def test_a_dead_trainer_ends_the_run_and_a_re_run_resumes_it_to_the_same_end(cluster, tmp_path):
-    steps = 6
+    steps = 12  # of ~0.15 s each: the kill lands well before the end
     long = ["rollout.max_tokens=48", "data.prompts_per_step=8", "sync.probe=false",
             "trainer.lr=1e-3", "checkpoint.every=2"]
     add(cluster, "trainer")
