@@ -390,7 +390,8 @@ pub struct SyncSection {
     pub every: u64,
     /// `auto` picks by placement (`in-process` when trainer and generator share this process,
     /// else `shm`); or `in-process`, `shm`, `net` (pulled over the network from the trainer's
-    /// weight store: generators on other machines).
+    /// weight store: generators on other machines), `nccl` (broadcast by the trainer to its
+    /// generator processes as one group: NCCL on CUDA, TCP on CPU; `net` as the fallback).
     pub backend: SyncBackend,
     /// Per-tensor checksums verified by the receiver.
     pub checksum: bool,
@@ -962,6 +963,12 @@ fn validate(
             ))
         }
         Ok(_) => {}
+    }
+    if c.sync.backend == SyncBackend::Nccl && !pl.generators_elsewhere() {
+        return Err(err(
+            "sync.backend",
+            "`nccl` broadcasts to generator processes: set placement.generator_processes (or generator addresses, or a cluster)".into(),
+        ));
     }
     if c.sync.backend == SyncBackend::InProcess && separate {
         return Err(err(

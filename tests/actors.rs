@@ -71,8 +71,9 @@ fn processes_give_the_in_process_metrics_and_the_generator_matches_the_trainer_a
     o.push("algorithm.loss.off_policy.correction=\"off\"".into());
     run_quickstart(&o);
     let a = metrics(&run_dir(local.path()));
-    // Weights through shared memory, then pulled over the network from the trainer's process.
-    for backend in ["shm", "net"] {
+    // Weights through shared memory, pulled over the network from the trainer's process, and
+    // broadcast by the trainer to its group of generators (over TCP: these are CPU processes).
+    for backend in ["shm", "net", "nccl"] {
         let remote = rlrun_testkit::tempdir();
         let mut o = overrides(remote.path(), 3);
         o.push("placement.trainer_process=true".into());
@@ -292,12 +293,21 @@ fn assert_same_run(run: &Path, reference: &Path, steps: u64) {
     assert!(moved, "the runs must have trained");
 }
 
+/// With each weight sync: through shared memory, and broadcast in a group (the restarted
+/// generator is not in the group: that sync falls back to the network, the next builds a new one).
 #[test]
 fn a_generator_killed_mid_run_is_restarted_and_the_run_ends_as_if_it_had_not_died() {
+    for backend in ["shm", "nccl"] {
+        a_generator_killed_mid_run(backend);
+    }
+}
+
+fn a_generator_killed_mid_run(backend: &str) {
     let steps = 12;
     let with = |base: &Path| {
         let mut o = recovery_overrides(base, steps);
         o.push("placement.generator_processes=2".into());
+        o.push(format!("sync.backend=\"{backend}\""));
         // Generators in other processes turn the off-policy weights on by default, and those
         // carry the generators' rounding, which depends on how re-queued requests were
         // batched: compare the draws and the updates themselves, uncorrected.
@@ -330,6 +340,20 @@ fn a_generator_killed_mid_run_is_restarted_and_the_run_ends_as_if_it_had_not_die
             .unwrap()
             >= 1.0
     );
+    if backend == "nccl" {
+        // One sync fell back to the network; the syncs after it broadcast in a new group.
+        assert!(stderr.contains("pull it over the network"), "{stderr}");
+        let by: Vec<(f64, f64)> = train_lines(&m)
+            .iter()
+            .map(|l| {
+                let f = |k: &str| l[k].as_f64().unwrap_or(0.0);
+                (f("sync/backend_nccl"), f("sync/backend_net"))
+            })
+            .collect();
+        let fell = by.iter().position(|&(_, n)| n == 1.0).expect("a fallback");
+        assert!(by[fell + 1..].iter().all(|&(g, _)| g == 1.0), "{by:?}");
+        assert!(fell + 1 < by.len(), "a sync after the fallback: {by:?}");
+    }
     // The re-queued requests gave the same draws: the same run, bitwise.
     assert_same_run(&run, &run_dir(reference.path()), steps);
 }
@@ -714,6 +738,7 @@ fn malformed_messages_get_an_error_status_and_the_actor_keeps_serving() {
         checksums: Vec::new(),
         adapters: false,
         source: None,
+        group: None,
     };
     let e = client
         .update_weights(1, WeightUpdate::Shared(bad))

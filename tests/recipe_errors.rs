@@ -268,15 +268,18 @@ fn bad_override_is_reported_against_its_key() {
 #[test]
 fn sync_backends_that_do_not_fit_the_placement_are_rejected() {
     // `sync.backend` is a closed set: what is not built is not accepted.
-    let e = check_error(|t| format!("{t}\n[sync]\nbackend = \"nccl\"\n"));
+    let e = check_error(|t| format!("{t}\n[sync]\nbackend = \"cuda-ipc\"\n"));
     assert_has(
         &e,
         &[
             "sync.backend",
-            "unknown variant `nccl`",
-            "`auto`, `in-process`, `shm`, `net`",
+            "unknown variant `cuda-ipc`",
+            "`auto`, `in-process`, `shm`, `net`, `nccl`",
         ],
     );
+    // A broadcast needs generators in other processes.
+    let e = check_error(|t| format!("{t}\n[sync]\nbackend = \"nccl\"\n"));
+    assert_has(&e, &["sync.backend", "nccl", "generator_processes"]);
     let e = check_error(|t| {
         format!("{t}\n[sync]\nbackend = \"in-process\"\n[placement]\ngenerator_processes = 2\n")
     });

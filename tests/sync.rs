@@ -73,12 +73,19 @@ fn options(checksums: bool, adapters: bool) -> SyncOptions {
         adapters,
         serve_store: Some("127.0.0.1:0".into()),
         token: None,
+        generators: 1,
+        group_host: "127.0.0.1".into(),
     }
 }
 
 #[test]
 fn every_backend_moves_the_weights_and_reports_them() {
-    for backend in [SyncBackend::InProcess, SyncBackend::Shm, SyncBackend::Net] {
+    for backend in [
+        SyncBackend::InProcess,
+        SyncBackend::Shm,
+        SyncBackend::Net,
+        SyncBackend::Nccl,
+    ] {
         let (trainer, generator, bytes) = actors();
         let mut s = sync::build(backend, &options(true, false)).unwrap();
         assert_eq!(s.backend(), backend);
@@ -99,6 +106,10 @@ fn every_backend_moves_the_weights_and_reports_them() {
         assert_eq!(
             m["sync/backend_net"],
             f64::from(u8::from(backend == SyncBackend::Net))
+        );
+        assert_eq!(
+            m["sync/backend_nccl"],
+            f64::from(u8::from(backend == SyncBackend::Nccl))
         );
     }
 }
@@ -126,9 +137,14 @@ impl WeightSync for Counting {
         self.publishes.fetch_add(1, Ordering::SeqCst);
         self.inner.publish(trainer)
     }
-    fn apply(&self, generator: &dyn GeneratorActor, p: Published) -> rlrun::Result<()> {
+    fn apply(
+        &mut self,
+        trainer: &dyn TrainerActor,
+        generator: &dyn GeneratorActor,
+        p: Published,
+    ) -> rlrun::Result<()> {
         self.applies.fetch_add(1, Ordering::SeqCst);
-        self.inner.apply(generator, p)
+        self.inner.apply(trainer, generator, p)
     }
 }
 

@@ -586,8 +586,9 @@ impl Engine {
                     )));
                 }
                 let ranges = self.chunk_ranges();
-                let (mapped, _) = rlrun_weights_sync::receive(&r, Some(&ranges), None)
-                    .map_err(|e| GenError::Weights(e.to_string()))?;
+                let (mapped, _) =
+                    rlrun_weights_sync::receive(&r, Some(&ranges), None, self.weights.device())
+                        .map_err(|e| GenError::Weights(e.to_string()))?;
                 self.set_adapters(a, &mapped.tensor)?;
             }
             (WeightUpdate::Adapters(t), Some(a)) => self.set_adapters(a, &t)?,
@@ -618,8 +619,13 @@ impl Engine {
                     )));
                 }
                 let ranges = self.chunk_ranges();
-                let (mapped, _) = rlrun_weights_sync::receive(&r, Some(&ranges), self.spare.take())
-                    .map_err(|e| GenError::Weights(e.to_string()))?;
+                let (mapped, _) = rlrun_weights_sync::receive(
+                    &r,
+                    Some(&ranges),
+                    self.spare.take(),
+                    self.weights.device(),
+                )
+                .map_err(|e| GenError::Weights(e.to_string()))?;
                 if self.weights.device() == tch::Device::Cpu && self.weights.kind() == r.kind {
                     // Swap: the model now reads the new buffer; the previous mapping is released
                     // (a previous pulled buffer becomes the next pull's staging buffer).

@@ -11,8 +11,9 @@ What ``rlrun recipe.toml`` runs when the recipe says ``[cluster] engine = "ray"`
 3. starts each ``rlrun actor`` process inside a small Ray actor on its bundle (which sets the
    bundle's ``CUDA_VISIBLE_DEVICES``); every actor listens on its node's address with the run's
    token (one per run, or ``placement.token_file`` / ``RLRUN_TOKEN_FILE``);
-4. runs ``rlrun`` as the controller with those addresses (weights over ``net`` unless every
-   generator shares the trainer's Ray node), and releases everything when it ends.
+4. runs ``rlrun`` as the controller with those addresses (weights through shared memory when
+   every generator shares the trainer's Ray node, else broadcast over NCCL when both sides have
+   GPUs, else over ``net``), and releases everything when it ends.
 
 GPU reservations are what placement groups give: a bundle's GPUs are the node's devices Ray
 assigns to it, nothing finer. A generator host whose node fails is restarted by Ray on another
@@ -210,6 +211,15 @@ class Watcher(threading.Thread):
                     print("RESTARTED " + json.dumps(dict(info, index=i)), flush=True)
 
 
+def auto_backend(trainer, generators, trainer_gpus, generator_gpus):
+    """`sync.backend = "auto"` on a cluster: shared memory when every generator is on the
+    trainer's node (by Ray node id, not IP: fake nodes share one IP, and /dev/shm with it), else
+    an NCCL broadcast when trainer and generators are on GPUs, else pulls over the network."""
+    if all(g["node_id"] == trainer["node_id"] for g in generators):
+        return "shm"
+    return "nccl" if trainer_gpus > 0 and generator_gpus > 0 else "net"
+
+
 def free_address():
     """host:port free on this node a moment ago (a data-parallel trainer's rendezvous)."""
     import socket as _socket
@@ -323,8 +333,8 @@ def run(recipe, sets, report=None):
         t_info = t_infos[0]
         backend = cfg["sync"]["backend"]
         if backend == "auto":
-            # Same node (by Ray node id, not IP: fake nodes share one) shares /dev/shm.
-            backend = "shm" if all(g["node_id"] == t_info["node_id"] for g in g_infos) else "net"
+            backend = auto_backend(t_info, g_infos, cl["trainer"]["gpus"],
+                                   cl["generators"]["gpus"])
         labels = {node["NodeID"]: node.get("Labels") or {} for node in ray.nodes()}
         placement = {
             "sync_backend": backend,

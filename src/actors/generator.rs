@@ -15,6 +15,7 @@ use rlrun_proto::v1 as pb;
 use rlrun_proto::v1::generator_client::GeneratorClient;
 use rlrun_proto::v1::generator_server::{Generator as GeneratorRpc, GeneratorServer};
 use rlrun_proto::MAX_MESSAGE_BYTES;
+use rlrun_weights_sync::group::GroupRef;
 use rlrun_weights_sync::shm::{kind_from_name, kind_name, WeightsRef};
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request as RpcRequest, Response, Status};
@@ -157,6 +158,10 @@ pub(crate) fn weights_ref_to_pb(r: &WeightsRef) -> pb::WeightsRef {
         checksums: r.checksums.clone(),
         adapters: r.adapters,
         source: r.source.clone().unwrap_or_default(),
+        group_addr: r.group.as_ref().map(|g| g.addr.clone()).unwrap_or_default(),
+        group_world: r.group.as_ref().map_or(0, |g| g.world as u64),
+        group_epoch: r.group.as_ref().map_or(0, |g| g.epoch),
+        group_rank: r.group.as_ref().map_or(0, |g| g.rank as u64),
     }
 }
 
@@ -170,6 +175,12 @@ pub(crate) fn weights_ref_from_pb(r: pb::WeightsRef) -> std::result::Result<Weig
         checksums: r.checksums,
         adapters: r.adapters,
         source: (!r.source.is_empty()).then_some(r.source),
+        group: (!r.group_addr.is_empty()).then_some(GroupRef {
+            addr: r.group_addr,
+            world: r.group_world as usize,
+            epoch: r.group_epoch,
+            rank: r.group_rank as usize,
+        }),
     })
 }
 

@@ -433,23 +433,45 @@ impl GeneratorActor for GeneratorPool {
             ));
         };
         if let Ok(mut c) = self.current.lock() {
-            *c = Some(r.clone());
+            // A restarted member is not in a sync group: it pulls the version from the store.
+            *c = Some(WeightsRef {
+                group: None,
+                ..r.clone()
+            });
         }
         // Members drop their kept caches at a weight update.
         if let Some(Ok(mut a)) = self.affinity.as_ref().map(Mutex::lock) {
             *a = Affinity::default();
         }
+        // Every member at once: a group broadcast needs them all receiving together.
+        let results: Vec<(std::result::Result<(), GenError>, u64, f64)> =
+            std::thread::scope(|s| {
+                let handles: Vec<_> = (0..self.len())
+                    .map(|i| {
+                        let mut mine = r.clone();
+                        if let Some(g) = mine.group.as_mut() {
+                            g.rank = i + 1;
+                        }
+                        s.spawn(move || {
+                            let t = std::time::Instant::now();
+                            let m = self.members[i].lock()?;
+                            let res = m.client.update_weights(version, WeightUpdate::Shared(mine));
+                            Ok((res, m.epoch, t.elapsed().as_secs_f64()))
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(GenError::Unavailable("a weight update panicked".into()))
+                        })
+                    })
+                    .collect::<std::result::Result<Vec<_>, GenError>>()
+            })?;
         let mut seconds = Vec::with_capacity(self.len());
-        for i in 0..self.len() {
-            let t = std::time::Instant::now();
-            let (res, epoch) = {
-                let m = self.members[i].lock()?;
-                let res = m
-                    .client
-                    .update_weights(version, WeightUpdate::Shared(r.clone()));
-                (res, m.epoch)
-            };
-            seconds.push(t.elapsed().as_secs_f64());
+        for (i, (res, epoch, s)) in results.into_iter().enumerate() {
+            seconds.push(s);
             if let Err(e) = res {
                 // A dead member is restarted with the current weights.
                 if !self

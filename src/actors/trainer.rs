@@ -162,6 +162,37 @@ impl TrainerRpc for TrainerService {
         Ok(Response::new(weights_ref_to_pb(&w)))
     }
 
+    async fn open_group(
+        &self,
+        req: RpcRequest<pb::GroupRequest>,
+    ) -> Result<Response<pb::GroupReply>, Status> {
+        let r = req.into_inner();
+        let addr = rpc::blocking(&self.trainer, move |t| {
+            t.open_group(r.world as usize, r.epoch, &r.host)
+        })
+        .await?;
+        Ok(Response::new(pb::GroupReply {
+            addr,
+            ..Default::default()
+        }))
+    }
+
+    async fn broadcast_weights(
+        &self,
+        req: RpcRequest<pb::GroupRequest>,
+    ) -> Result<Response<pb::GroupReply>, Status> {
+        let r = req.into_inner();
+        let report = rpc::blocking(&self.trainer, move |t| {
+            t.broadcast_weights(r.epoch, r.version)
+        })
+        .await?;
+        Ok(Response::new(pb::GroupReply {
+            addr: String::new(),
+            bytes: report.bytes,
+            seconds: report.seconds,
+        }))
+    }
+
     async fn save(&self, req: RpcRequest<pb::PathRequest>) -> Result<Response<pb::Empty>, Status> {
         let p = req.into_inner().path;
         rpc::blocking(&self.trainer, move |t| t.save(Path::new(&p))).await?;
@@ -312,6 +343,42 @@ impl TrainerActor for RemoteTrainer {
         Ok((w, report))
     }
 
+    fn open_group(&self, world: usize, epoch: u64, _host: &str) -> Result<String> {
+        // The trainer listens on the host it is reached at.
+        let host = self
+            .addr()
+            .rsplit_once(':')
+            .map_or(self.addr(), |(h, _)| h)
+            .to_string();
+        let msg = pb::GroupRequest {
+            world: world as u64,
+            epoch,
+            host,
+            version: 0,
+        };
+        let r = self
+            .client
+            .call_within(Duration::from_secs(30), |mut c| async move {
+                c.open_group(msg).await
+            })?;
+        Ok(r.addr)
+    }
+
+    fn broadcast_weights(&self, epoch: u64, version: u64) -> Result<SyncReport> {
+        let msg = pb::GroupRequest {
+            epoch,
+            version,
+            ..Default::default()
+        };
+        let r = self
+            .client
+            .call(|mut c| async move { c.broadcast_weights(msg).await })?;
+        Ok(SyncReport {
+            bytes: r.bytes,
+            seconds: r.seconds,
+        })
+    }
+
     fn version(&self) -> Result<u64> {
         let h = self
             .client
@@ -399,6 +466,14 @@ impl TrainerActor for DataParallelTrainer {
 
     fn publish_net(&self) -> Result<(WeightsRef, SyncReport)> {
         self.ranks[0].publish_net()
+    }
+
+    fn open_group(&self, world: usize, epoch: u64, host: &str) -> Result<String> {
+        self.ranks[0].open_group(world, epoch, host)
+    }
+
+    fn broadcast_weights(&self, epoch: u64, version: u64) -> Result<SyncReport> {
+        self.ranks[0].broadcast_weights(epoch, version)
     }
 
     fn version(&self) -> Result<u64> {

@@ -197,6 +197,13 @@ impl Run {
                 adapters: c.model.lora.is_some(),
                 serve_store: (!c.placement.trainer_elsewhere()).then(|| c.sync.listen.clone()),
                 token: actors.token.clone(),
+                generators: actors.pool.as_ref().map_or(0, |p| p.len()),
+                group_host: c
+                    .sync
+                    .listen
+                    .rsplit_once(':')
+                    .map_or("127.0.0.1", |(h, _)| h)
+                    .to_string(),
             },
         )?;
         // The recipe's datasets, rewards and estimator were built (and checked) by validation.

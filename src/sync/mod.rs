@@ -1,8 +1,9 @@
 //! Weight sync: how the trainer's weights reach the generators, behind one trait.
 //!
 //! A sync is two halves: [`WeightSync::publish`] takes the trainer's current weights as a new
-//! version (a flat buffer in this process, a file in shared memory, later a CUDA IPC handle or an
-//! NCCL broadcast), and [`WeightSync::apply`] makes a generator serve it. Both halves report what
+//! version (a flat buffer in this process, a file in shared memory, a weight store's version),
+//! and [`WeightSync::apply`] makes a generator serve it (mapping, pulling, or receiving the
+//! trainer's broadcast). Both halves report what
 //! they moved; [`sync`] runs them and returns one [`SyncOutcome`] with bytes, seconds and GB/s.
 //!
 //! The backend is chosen once, from the recipe's `sync.backend` and the placement
@@ -10,6 +11,7 @@
 //! value of [`SyncBackend`].
 
 mod in_process;
+mod nccl;
 mod net;
 mod shm;
 
@@ -23,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 pub use in_process::InProcessSync;
+pub use nccl::NcclSync;
 pub use net::NetSync;
 pub use shm::ShmSync;
 
@@ -40,6 +43,9 @@ pub enum SyncBackend {
     /// Kept by the trainer's weight store, pulled by each generator as a gRPC stream of
     /// checksummed chunks (any machine).
     Net,
+    /// Broadcast by the trainer to its generators as one group: NCCL on CUDA, the group's TCP
+    /// connections on CPU; kept in the weight store too, for generators outside the group.
+    Nccl,
 }
 
 impl SyncBackend {
@@ -59,6 +65,7 @@ impl SyncBackend {
             SyncBackend::InProcess => "in-process",
             SyncBackend::Shm => "shm",
             SyncBackend::Net => "net",
+            SyncBackend::Nccl => "nccl",
         }
     }
 }
@@ -81,7 +88,12 @@ pub trait WeightSync: Send + Sync {
     /// Takes the trainer's current weights as a new version.
     fn publish(&mut self, trainer: &dyn TrainerActor) -> Result<Published>;
     /// Makes `generator` (one actor or a pool) serve `published`; returns once it does.
-    fn apply(&self, generator: &dyn GeneratorActor, published: Published) -> Result<()> {
+    fn apply(
+        &mut self,
+        _trainer: &dyn TrainerActor,
+        generator: &dyn GeneratorActor,
+        published: Published,
+    ) -> Result<()> {
         generator.update_weights(published.version, published.update)?;
         Ok(())
     }
@@ -120,6 +132,10 @@ impl SyncOutcome {
             "sync/backend_net".into(),
             f64::from(u8::from(self.backend == SyncBackend::Net)),
         );
+        m.insert(
+            "sync/backend_nccl".into(),
+            f64::from(u8::from(self.backend == SyncBackend::Nccl)),
+        );
         m.insert("time/sync_s".into(), self.seconds);
         m
     }
@@ -135,7 +151,7 @@ pub fn sync(
     let published = backend.publish(trainer)?;
     let (version, bytes, publish_s) = (published.version, published.bytes, published.seconds);
     let t_apply = Instant::now();
-    if let Err(e) = backend.apply(generator, published) {
+    if let Err(e) = backend.apply(trainer, generator, published) {
         // A generator that could not take the version may have lost its source (`net` pulls
         // from the trainer's process): when the trainer is gone, that is the error to report.
         trainer.version()?;
@@ -162,6 +178,10 @@ pub struct SyncOptions {
     /// `token`); `None`: the trainer's own process serves it.
     pub serve_store: Option<String>,
     pub token: Option<String>,
+    /// Generator processes (`nccl`: the group's size less the trainer).
+    pub generators: usize,
+    /// `nccl` with the trainer in this process: the host its group listens on.
+    pub group_host: String,
 }
 
 /// Makes the backend `backend` (already resolved) for a run.
@@ -171,14 +191,23 @@ pub fn build(backend: SyncBackend, o: &SyncOptions) -> Result<Box<dyn WeightSync
             adapters: o.adapters,
         }),
         SyncBackend::Shm => Box::new(ShmSync::new(o.checksums)),
-        SyncBackend::Net => Box::new(match &o.serve_store {
-            Some(listen) => NetSync::serve(listen, o.token.clone(), o.adapters)?,
-            None => NetSync::remote(),
-        }),
+        SyncBackend::Net => Box::new(net_sync(o)?),
+        SyncBackend::Nccl => Box::new(NcclSync::new(
+            net_sync(o)?,
+            o.generators,
+            o.group_host.clone(),
+        )?),
         SyncBackend::Auto => {
             return Err(Error::Usage(
                 "sync backend `auto` must be resolved against the placement first".into(),
             ))
         }
+    })
+}
+
+fn net_sync(o: &SyncOptions) -> Result<NetSync> {
+    Ok(match &o.serve_store {
+        Some(listen) => NetSync::serve(listen, o.token.clone(), o.adapters)?,
+        None => NetSync::remote(),
     })
 }

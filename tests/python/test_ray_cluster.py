@@ -298,3 +298,14 @@ def test_a_data_parallel_trainer_on_ray_updates_the_weights_as_one_trainer(clust
              for k, r in runs.items()}
         worst = max((w["ray"][n] - t).abs().max().item() for n, t in w["local"].items())
         assert worst <= 1e-6 * step, f"step {step}: {worst}"
+
+
+def test_auto_sync_picks_shared_memory_on_one_node_nccl_between_gpus_else_the_network():
+    from rlrun.cluster import auto_backend
+
+    t = {"node_id": "a"}
+    same, other = [{"node_id": "a"}] * 2, [{"node_id": "a"}, {"node_id": "b"}]
+    assert auto_backend(t, same, 1, 1) == "shm"
+    assert auto_backend(t, other, 1, 1) == "nccl"
+    assert auto_backend(t, other, 0, 1) == "net"
+    assert auto_backend(t, other, 1, 0) == "net"

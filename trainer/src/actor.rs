@@ -3,6 +3,7 @@
 use std::path::Path;
 use std::sync::Mutex;
 
+use rlrun_weights_sync::group::BroadcastHost;
 use rlrun_weights_sync::net::WeightStore;
 use rlrun_weights_sync::shm::WeightsRef;
 use rlrun_weights_sync::SyncReport;
@@ -31,6 +32,13 @@ pub trait TrainerActor: Send + Sync {
     /// Keeps the policy's weights (compute dtype) in the trainer's weight store for generators
     /// to pull over the network (`net` sync); the reference names the store's address.
     fn publish_net(&self) -> Result<(WeightsRef, SyncReport)>;
+    /// `nccl` sync: opens a sync group of `world` ranks for `epoch` with this trainer as rank 0,
+    /// listening on `host` when the trainer is in this process (a trainer in another process
+    /// listens on the host it is reached at); returns the address the generators join.
+    fn open_group(&self, world: usize, epoch: u64, host: &str) -> Result<String>;
+    /// Sends version `version` (the current one) to the group of `epoch`, whose generators
+    /// receive at the same time (the first send waits for them to join).
+    fn broadcast_weights(&self, epoch: u64, version: u64) -> Result<SyncReport>;
     fn version(&self) -> Result<u64>;
     /// Writes the trainer's state (weights, optimizer, counters) into an existing directory.
     fn save(&self, dir: &Path) -> Result<()>;
@@ -43,6 +51,8 @@ pub struct LocalTrainer {
     inner: Mutex<Trainer>,
     /// `net` sync: the weight store the caller serves (see [`LocalTrainer::attach_store`]).
     store: Mutex<Option<WeightStore>>,
+    /// `nccl` sync: the group this trainer broadcasts to (rank 0).
+    group: Mutex<Option<BroadcastHost>>,
 }
 
 impl LocalTrainer {
@@ -50,6 +60,7 @@ impl LocalTrainer {
         LocalTrainer {
             inner: Mutex::new(trainer),
             store: Mutex::new(None),
+            group: Mutex::new(None),
         }
     }
 
@@ -122,6 +133,34 @@ impl TrainerActor for LocalTrainer {
         })?;
         r.adapters = t.lora().is_some();
         Ok((r, report))
+    }
+    fn open_group(&self, world: usize, epoch: u64, host: &str) -> Result<String> {
+        let h = BroadcastHost::open(host, world, epoch)
+            .map_err(|e| TrainError::Invalid(format!("opening the sync group: {e}")))?;
+        let addr = h.addr().to_string();
+        *self
+            .group
+            .lock()
+            .map_err(|_| TrainError::Invalid("the sync group lock is poisoned".into()))? = Some(h);
+        Ok(addr)
+    }
+    fn broadcast_weights(&self, epoch: u64, version: u64) -> Result<SyncReport> {
+        let mut g = self
+            .group
+            .lock()
+            .map_err(|_| TrainError::Invalid("the sync group lock is poisoned".into()))?;
+        let host = g.as_mut().filter(|h| h.epoch() == epoch).ok_or_else(|| {
+            TrainError::Invalid(format!("no sync group of epoch {epoch} is open"))
+        })?;
+        let t = self.lock()?;
+        if t.version() != version {
+            return Err(TrainError::Invalid(format!(
+                "version {version} was to be broadcast, the trainer is at {}",
+                t.version()
+            )));
+        }
+        host.send(version, &t.sync_buffer()?)
+            .map_err(|e| TrainError::Invalid(format!("broadcasting version {version}: {e}")))
     }
     fn version(&self) -> Result<u64> {
         Ok(self.lock()?.version())

@@ -668,7 +668,7 @@ impl Trainer {
         let reuse = self.cfg.ppo_epochs * self.cfg.mini_batches > 1;
         let mut metrics = StepMetrics::new();
         if let (Some(dp), None) = (&self.cfg.data_parallel, &self.collective) {
-            self.collective = Some(crate::dp::Collective::join(dp)?);
+            self.collective = Some(crate::dp::Collective::join(dp, self.device)?);
         }
 
         // Old (pre-update) and reference log-probs, as per-sequence host vectors.

@@ -8,11 +8,12 @@
 //! | same process | the generator copies the trainer's buffer (`WeightUpdate::Flat`) |
 //! | separate CPU processes | [`shm`]: written once into a `/dev/shm` file, mapped zero-copy by each generator |
 //! | other machines | [`net`]: kept by a weight store, pulled as a gRPC stream of checksummed chunks |
-//! | GPUs (building block) | [`nccl`]: a communicator, bucketed broadcast and sum (not yet a sync backend) |
+//! | generators in a group (`nccl` sync) | [`group`]: the trainer broadcasts each version to its group of generators, through [`nccl`] on CUDA, over the group's TCP connections on CPU |
 //!
 //! Every sync carries the policy version and reports bytes, seconds and GB/s ([`SyncReport`]).
 //! Integrity checking computes a CRC32C per tensor on the sender and verifies it on the receiver.
 
+pub mod group;
 pub mod nccl;
 pub mod net;
 pub mod shm;
@@ -41,6 +42,8 @@ pub enum SyncError {
     },
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    #[error("process group: {0}")]
+    Group(String),
     #[error("weight store {addr}: {message}")]
     Net { addr: String, message: String },
     #[error("weights {path}: {message}")]
@@ -64,16 +67,20 @@ pub fn checksums(bytes: &[u8], ranges: &[(i64, i64)], elt_size: usize) -> Vec<u3
         .collect()
 }
 
-/// Receives a published version: pulled from its weight store (`net`, into `spare` when it is a
-/// CPU buffer of the right size and dtype, else a new one) or mapped from its shared-memory file,
-/// checking the per-tensor checksums over `ranges` when it carries them.
+/// Receives a published version: broadcast in its sync group (`nccl`, into `spare` when it fits,
+/// else a new buffer: on `device` when the group uses NCCL), pulled from its weight store (`net`,
+/// into `spare` when it is a CPU buffer of the right size and dtype, else a new one) or mapped
+/// from its shared-memory file, checking the per-tensor checksums over `ranges` when it carries
+/// them.
 pub fn receive(
     r: &shm::WeightsRef,
     ranges: Option<&[(i64, i64)]>,
     spare: Option<tch::Tensor>,
+    device: tch::Device,
 ) -> Result<(shm::MappedWeights, SyncReport)> {
-    match r.source {
-        Some(_) => net::pull(r, spare),
-        None => shm::map(r, ranges),
+    match (&r.group, &r.source) {
+        (Some(g), _) => group::receive_broadcast(r, g, spare, device),
+        (None, Some(_)) => net::pull(r, spare),
+        (None, None) => shm::map(r, ranges),
     }
 }

@@ -134,6 +134,7 @@ impl WeightStore {
                 checksums: Vec::new(),
                 adapters: false,
                 source: None,
+                group: None,
             },
             SyncReport {
                 bytes: nbytes as u64,
@@ -285,9 +286,15 @@ impl Drop for StoreServer {
 /// The token this process presents to weight stores (set once by an actor process that has one).
 static CLIENT_TOKEN: OnceLock<String> = OnceLock::new();
 
-/// Sets the token presented when pulling (the run's token; ignored if already set).
+/// Sets the token presented when pulling (the run's token; ignored if already set), also the
+/// token of this process's sync groups.
 pub fn set_client_token(token: &str) {
     let _ = CLIENT_TOKEN.set(token.to_string());
+}
+
+/// The token set by [`set_client_token`], if any.
+pub fn client_token() -> Option<&'static str> {
+    CLIENT_TOKEN.get().map(String::as_str)
 }
 
 /// Pulls version `r.version` from the store at `r.source` into a CPU staging buffer (`spare` when

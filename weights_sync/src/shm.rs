@@ -29,14 +29,17 @@ pub struct WeightsRef {
     /// `net` sync: the weight store to pull the version from (`path` unused); `None`: the
     /// shared-memory file at `path`.
     pub source: Option<String>,
+    /// `nccl` sync: the trainer broadcasts this version in this group (`path`, `source` unused).
+    pub group: Option<crate::group::GroupRef>,
 }
 
 impl WeightsRef {
     /// Where the version is, for messages: the weight store's address or the file.
     pub fn location(&self) -> String {
-        match &self.source {
-            Some(addr) => format!("weight store {addr}"),
-            None => self.path.display().to_string(),
+        match (&self.group, &self.source) {
+            (Some(g), _) => format!("the sync group at {} (epoch {})", g.addr, g.epoch),
+            (None, Some(addr)) => format!("weight store {addr}"),
+            (None, None) => self.path.display().to_string(),
         }
     }
 }
@@ -199,6 +202,7 @@ pub fn write_to(
             checksums: sums,
             adapters: false,
             source: None,
+            group: None,
         },
         SyncReport {
             bytes: nbytes as u64,
