@@ -147,7 +147,8 @@ def main():
         weights = next(model.parameters()).dtype
         out.update(seconds=dt, tokens_per_s=a.batch * a.seq / dt, mode=a.mode, entropy=a.entropy,
                    settings=f"weights {str(weights).replace('torch.', '')}, AdamW state {str(weights).replace('torch.', '')}, "
-                            f"compute {'autocast ' if autocast else ''}{a.dtype}")
+                            f"compute {'autocast ' if autocast else ''}{a.dtype}, "
+                            f"AdamW kernel torch's default ({'foreach' if device_type == 'cuda' else 'for-loop'})")
     print(json.dumps(out))
 
 

@@ -83,6 +83,17 @@ start=$(date +%s.%N)
 $RL recipes/quickstart.toml --set model.path=$W/smollm2 --set logging.run_dir=$W/runs 2>&1 | tee "$OUT/quickstart.log" || status=1
 python3 -c "print('{\"quickstart_wall_s\": %.1f}' % ($(date +%s.%N) - $start))" > "$OUT/quickstart_time.json"
 cp $W/runs/*/metrics.jsonl "$OUT/quickstart_metrics.jsonl" 2>/dev/null || true
+# The caching allocator's peaks per phase (trainer and generator in this process, cuda:0).
+python3 - "$OUT/quickstart_metrics.jsonl" > "$OUT/allocator.json" <<'PY' || status=1
+import json, sys
+train = [json.loads(l) for l in open(sys.argv[1]) if '"kind":"train"' in l]
+peaks = {f"{p}_{k}": max(m.get(f"memory/cuda0_peak_{k}_{p}_bytes", 0) for m in train)
+         for p in ("generate", "train", "sync") for k in ("allocated", "reserved")}
+res = dict(peaks, steps=len(train), **{"pass": len(train) > 0 and all(v > 0 for v in peaks.values())})
+print(json.dumps(res))
+sys.exit(0 if res["pass"] else 1)
+PY
+cat "$OUT/allocator.json"
 
 step "quickstart with LoRA on the GPU (bf16 base shared by trainer and generator, adapters synced)"
 $RL recipes/quickstart_lora.toml --set model.path=$W/smollm2 --set logging.run_dir=$W/runs-lora 2>&1 | tee "$OUT/quickstart_lora.log" || status=1

@@ -562,6 +562,7 @@ def cmd_adamw_check(model_dir, inp_json, grads_file, out):
     out_t = {f"torch_grad.{n}": p.grad.detach().clone() for n, p in params.items()}
     # 2. Two optimizer steps from rlrun's gradients.
     g = load_file(grads_file)
+    init = {n: p.detach().clone() for n, p in params.items()}
     decay = [p for n, p in params.items() if p.ndim >= 2]
     no_decay = [p for n, p in params.items() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
@@ -575,6 +576,19 @@ def cmd_adamw_check(model_dir, inp_json, grads_file, out):
         opt.step()
         for n, p in params.items():
             out_t[f"step{step}.{n}"] = p.detach().clone()
+    # The same two steps through torch's fused kernel, from the same start.
+    fp = {n: torch.nn.Parameter(t.clone()) for n, t in init.items()}
+    fopt = torch.optim.AdamW([{"params": [p for p in fp.values() if p.ndim >= 2],
+                               "weight_decay": cfg["weight_decay"]},
+                              {"params": [p for p in fp.values() if p.ndim < 2], "weight_decay": 0.0}],
+                             lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["eps"], fused=True)
+    for step in (1, 2):
+        for n, p in fp.items():
+            p.grad = g[f"g{step}.{n}"].clone()
+        torch.nn.utils.clip_grad_norm_(list(fp.values()), cfg["grad_clip"], foreach=False)
+        fopt.step()
+        for n, p in fp.items():
+            out_t[f"fused_step{step}.{n}"] = p.detach().clone()
     save_file(out_t, out)
 
 

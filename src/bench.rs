@@ -772,7 +772,7 @@ fn train(a: &TrainArgs) -> anyhow::Result<()> {
     }
     let r = compare(c, measure, &peers)?;
     println!(
-        "  settings: rlrun f32 master weights and AdamW, compute {kind:?}, entropy {}; peer as printed, entropy {}",
+        "  settings: rlrun f32 master weights and AdamW (fused kernel), compute {kind:?}, entropy {}; peer as printed, entropy {}",
         if a.entropy { "computed" } else { "not computed" },
         if a.entropy { "computed" } else { "not computed" }
     );

@@ -51,7 +51,8 @@ enum Command {
         set: Vec<String>,
     },
     /// Continue a run from its latest checkpoint (`--set placement.*=...` moves it, e.g. to
-    /// another data-parallel world size).
+    /// another data-parallel world size; memory settings such as trainer.micro_batch_tokens may
+    /// change too).
     Resume {
         run_dir: PathBuf,
         #[arg(long = "set", value_name = "KEY=VALUE")]

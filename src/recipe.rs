@@ -17,7 +17,7 @@ use rlrun_rollout::{
     RewardRunnerConfig, Sample,
 };
 use rlrun_trainer::loss::{KlEstimator, PolicyLossConfig};
-use rlrun_trainer::{OptimConfig, Schedule};
+use rlrun_trainer::{AdamWImpl, OptimConfig, Schedule};
 use serde::{Deserialize, Serialize};
 
 pub use crate::sync::SyncBackend;
@@ -255,6 +255,8 @@ pub struct TrainerSection {
     /// Max gradient norm; 0 disables clipping.
     pub grad_clip: f64,
     pub schedule: Schedule,
+    /// `fused` (PyTorch's fused kernel) or `single-tensor` (PyTorch's `foreach=False` algorithm).
+    pub adamw: AdamWImpl,
     pub ppo_epochs: usize,
     pub mini_batches: usize,
     pub micro_batch_tokens: usize,
@@ -281,6 +283,7 @@ impl Default for TrainerSection {
             weight_decay: o.weight_decay,
             grad_clip: o.grad_clip.unwrap_or(0.0),
             schedule: o.schedule,
+            adamw: o.implementation,
             ppo_epochs: 1,
             mini_batches: 1,
             micro_batch_tokens: 4096,
@@ -1128,6 +1131,7 @@ impl TrainerSection {
             weight_decay: self.weight_decay,
             grad_clip: (self.grad_clip > 0.0).then_some(self.grad_clip),
             schedule: self.schedule.clone(),
+            implementation: self.adamw,
         }
     }
 }

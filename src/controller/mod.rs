@@ -152,20 +152,29 @@ impl Run {
         Self::resume_with(run_dir, &[])
     }
 
-    /// Continues a run with its placement changed by `overrides` (`placement.*`, `cluster.*`,
-    /// `sync.backend` and `sync.listen` only: where the actors run and how weights travel, not
-    /// what they compute), e.g. a run checkpointed by a data-parallel trainer resumed at another
-    /// world size, or on a Ray cluster's new actors.
+    /// Continues a run with its placement or memory use changed by `overrides` (`placement.*`,
+    /// `cluster.*`, `sync.backend`, `sync.listen`, `rollout.max_slots`,
+    /// `trainer.micro_batch_tokens`, `trainer.activation_checkpointing`, `trainer.logprob_chunk`
+    /// only: where the actors run, how weights travel and how the work is split, not what it
+    /// computes), e.g. a run checkpointed by a data-parallel trainer resumed at another world
+    /// size, on a Ray cluster's new actors, or after running out of memory.
     pub fn resume_with(run_dir: &Path, overrides: &[String]) -> Result<Run> {
+        const KEYS: [&str; 6] = [
+            "sync.backend=",
+            "sync.listen=",
+            "rollout.max_slots=",
+            "trainer.micro_batch_tokens=",
+            "trainer.activation_checkpointing=",
+            "trainer.logprob_chunk=",
+        ];
         let movable = |o: &str| {
             o.starts_with("placement.")
                 || o.starts_with("cluster.")
-                || o.starts_with("sync.backend=")
-                || o.starts_with("sync.listen=")
+                || KEYS.iter().any(|k| o.starts_with(k))
         };
         if let Some(o) = overrides.iter().find(|o| !movable(o)) {
             return Err(Error::Usage(format!(
-                "resume --set {o}: only placement.*, cluster.*, sync.backend and sync.listen can change when resuming (what the run computes cannot)"
+                "resume --set {o}: only placement.*, cluster.*, sync.backend, sync.listen, rollout.max_slots, trainer.micro_batch_tokens, trainer.activation_checkpointing and trainer.logprob_chunk can change when resuming (what the run computes cannot)"
             )));
         }
         let recipe = Recipe::load(&run_dir.join("recipe.toml"), overrides)?;
@@ -249,9 +258,13 @@ impl Run {
         let t_step = Instant::now();
         let step = self.step + 1;
         crate::metrics::reset_peak_rss();
+        step_metrics::cuda_phase(&mut Metrics::new(), "", &self.actors.local_cuda);
         // 1-3. Generate and score (a prefetched first round, dynamic-sampling rounds).
         let version = self.actors.trainer.version()?;
-        let collected = self.rollouts.collect_step(&context!(self), step, version)?;
+        let collected = self
+            .rollouts
+            .collect_step(&context!(self), step, version)
+            .map_err(|e| Error::in_phase(e, step, "generate", true))?;
         let mut m = step_metrics::rollouts(&collected, &self.recipe.config);
         let generator = self.actors.generator.as_ref();
         step_metrics::memory(
@@ -261,6 +274,7 @@ impl Run {
             Some("memory/kv_cache_peak_used_bytes"),
             generator,
         );
+        step_metrics::cuda_phase(&mut m, "generate", &self.actors.local_cuda);
         self.between_generation_and_training(step, &mut m)?;
         if collected.kept.is_empty() {
             return self.finish_without_update(step, &collected, m, t_step);
@@ -268,11 +282,21 @@ impl Run {
         // 4. Advantages.
         let mut batch = batch::build(&collected.kept);
         m.extend(self.advantages(&mut batch)?);
-        // 5. Update.
-        m.extend(self.update(&batch)?);
+        // 5. Update. An allocation failure before the optimizer step leaves the trainer as it was
+        // (one optimizer step per update: the weights change only at its end).
+        let t = &self.recipe.config.trainer;
+        let one_update = t.ppo_epochs * t.mini_batches == 1;
+        let updated = self.update(&batch).map_err(|e| {
+            let untouched = one_update && self.actors.trainer.version().ok() == Some(version);
+            Error::in_phase(e, step, "train", untouched)
+        })?;
+        m.extend(updated);
+        step_metrics::cuda_phase(&mut m, "train", &self.actors.local_cuda);
         // 6. Weight sync.
         if step.is_multiple_of(self.recipe.config.sync.every) {
-            self.sync_weights(&mut m)?;
+            self.sync_weights(&mut m)
+                .map_err(|e| Error::in_phase(e, step, "sync", false))?;
+            step_metrics::cuda_phase(&mut m, "sync", &self.actors.local_cuda);
         }
         m.extend(step_metrics::batch(&batch, self.actors.trainer.version()?));
         self.step = step;
@@ -485,7 +509,10 @@ impl Run {
         let every = std::time::Duration::from_secs_f64(c.checkpoint.every_minutes * 60.0);
         let mut last_checkpoint = Instant::now();
         while self.step < c.steps && !STOP.load(Ordering::SeqCst) {
-            let m = self.step()?;
+            let m = match self.step() {
+                Ok(m) => m,
+                Err(e) => return Err(self.after_failed_step(e)),
+            };
             bar.update(self.step, &m);
             let inside = self.step < c.steps;
             if has_eval && c.eval.every > 0 && self.step.is_multiple_of(c.eval.every) && inside {
@@ -527,6 +554,51 @@ impl Run {
             seconds: t0.elapsed().as_secs_f64(),
             memory: MemorySummary::of(&self.history),
         })
+    }
+
+    /// A step failed with `e`: after running out of memory with the trainer still at the last
+    /// completed step, a checkpoint of that step is written (prefetched prompts returned to the
+    /// stream), so the run continues with `rlrun resume` and a smaller setting; `e`, completed.
+    fn after_failed_step(&mut self, e: Error) -> Error {
+        let Error::OutOfMemory {
+            step,
+            phase,
+            detail,
+            keys,
+            untouched,
+            ..
+        } = e
+        else {
+            return e;
+        };
+        let outcome = if untouched {
+            let saved = self
+                .rollouts
+                .discard_prefetched(self.actors.generator.as_ref())
+                .and_then(|()| self.save());
+            match saved {
+                Ok(p) => format!(
+                    "the run stopped with a checkpoint of step {} ({}): continue with `rlrun resume {} --set <key>=<value>`",
+                    self.step,
+                    p.display(),
+                    self.run_dir.display()
+                ),
+                Err(w) => format!("writing a checkpoint of step {} failed too: {w}", self.step),
+            }
+        } else {
+            format!(
+                "the trainer had begun its update: no checkpoint was written; continue from the last one with `rlrun resume {} --set <key>=<value>`",
+                self.run_dir.display()
+            )
+        };
+        Error::OutOfMemory {
+            step,
+            phase,
+            detail,
+            keys,
+            untouched,
+            outcome,
+        }
     }
 
     fn evaluate_and_log(&mut self, when: &str) -> Result<EvalResult> {

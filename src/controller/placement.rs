@@ -28,6 +28,9 @@ pub(crate) struct Actors {
     pub sync: SyncBackend,
     /// The run's token (`placement.token_file`), for actors and the weight store.
     pub token: Option<String>,
+    /// The CUDA devices actors in this process compute on (their allocator's figures are this
+    /// process's to report).
+    pub local_cuda: Vec<usize>,
     /// Actor processes this run spawned (killed on drop).
     _processes: Vec<ActorProcess>,
 }
@@ -110,9 +113,12 @@ pub(crate) fn place(
             processes.push(p);
             ranks.push(client);
         }
-        eprintln!(
-            "data-parallel trainer: {world} ranks (gradients summed over TCP through rank 0)"
-        );
+        let how = if device.is_cuda() {
+            "NCCL"
+        } else {
+            "TCP through rank 0"
+        };
+        eprintln!("data-parallel trainer: {world} ranks (gradients summed over {how})");
         Box::new(actors::DataParallelTrainer::new(ranks))
     } else if pl.trainer_process {
         let cfg = actor_config(recipe, Role::Trainer, false, None)?;
@@ -170,11 +176,23 @@ pub(crate) fn place(
             (Box::new(g), None)
         };
     let share_process = pool.is_none() && !pl.trainer_elsewhere();
+    let mut local_cuda = Vec::new();
+    for (here, d) in [
+        (!pl.trainer_elsewhere(), device),
+        (gen_in_process, gen_device),
+    ] {
+        if let (true, Device::Cuda(i)) = (here, d) {
+            if !local_cuda.contains(&i) {
+                local_cuda.push(i);
+            }
+        }
+    }
     Ok(Actors {
         generator,
         trainer,
         pool,
         device,
+        local_cuda,
         sync: c.sync.backend.resolve(share_process),
         token,
         _processes: processes,

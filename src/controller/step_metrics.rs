@@ -82,6 +82,27 @@ pub(crate) fn memory(
     }
 }
 
+/// The CUDA caching allocator's peaks on `devices` during `phase` (since the last reading), as
+/// `memory/cuda<d>_peak_allocated_<phase>_bytes` and `..._peak_reserved_...`; the peaks restart
+/// for the next phase. Nothing on the CPU.
+pub(crate) fn cuda_phase(m: &mut Metrics, phase: &str, devices: &[usize]) {
+    for &d in devices {
+        match rlrun_torch_ext::cuda_memory(d, true) {
+            Ok(c) => {
+                m.insert(
+                    format!("memory/cuda{d}_peak_allocated_{phase}_bytes"),
+                    c.peak_allocated as f64,
+                );
+                m.insert(
+                    format!("memory/cuda{d}_peak_reserved_{phase}_bytes"),
+                    c.peak_reserved as f64,
+                );
+            }
+            Err(e) => tracing::debug!("CUDA allocator figures of cuda:{d}: {e}"),
+        }
+    }
+}
+
 /// Response lengths and the staleness of the batch against the trainer's `version`.
 pub(crate) fn batch(b: &StepBatch, version: u64) -> Metrics {
     let mut m = Metrics::new();

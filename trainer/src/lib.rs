@@ -19,5 +19,5 @@ pub use actor::{LocalTrainer, TrainerActor};
 pub use batch::{TrainBatch, TrainSequence};
 pub use dp::DataParallel;
 pub use error::{Result, TrainError};
-pub use optim::{AdamW, OptimConfig, Schedule};
+pub use optim::{AdamW, AdamWImpl, OptimConfig, Schedule};
 pub use trainer::{CriticConfig, SeqValues, StepMetrics, Trainer, TrainerConfig};

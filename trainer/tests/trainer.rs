@@ -7,7 +7,8 @@ use rlrun_model::{save_hf_dir, Device, Kind, ModelFiles, Weights};
 use rlrun_testkit::{fixtures, max_abs_diff, read_safetensors, reference, tempdir};
 use rlrun_trainer::loss::{Aggregation, KlEstimator, KlLossConfig, LossConfig, PolicyLossConfig};
 use rlrun_trainer::{
-    CriticConfig, OptimConfig, Schedule, TrainBatch, TrainSequence, Trainer, TrainerConfig,
+    AdamWImpl, CriticConfig, OptimConfig, Schedule, TrainBatch, TrainSequence, Trainer,
+    TrainerConfig,
 };
 use tch::Tensor;
 
@@ -59,6 +60,7 @@ fn pg_config(lr: f64, clip: Option<f64>) -> TrainerConfig {
             weight_decay: 0.1,
             grad_clip: clip,
             schedule: Schedule::Constant { warmup_steps: 0 },
+            implementation: AdamWImpl::SingleTensor,
         },
         loss: PolicyLossConfig {
             loss: LossConfig::Pg {},
@@ -176,6 +178,14 @@ fn gradients_and_adamw_steps_match_pytorch() {
     let g2 = trainer.gradients(&b).unwrap();
     let info2 = trainer.apply_gradients(g2.copy()).unwrap();
     let w2 = trainer.weights().flat.copy();
+    // The same two steps through PyTorch's fused AdamW kernel (`trainer.adamw = "fused"`).
+    let mut fused_cfg = cfg.clone();
+    fused_cfg.optim.implementation = AdamWImpl::Fused;
+    let mut fused = Trainer::new(f.config.clone(), &w, Kind::Float, None, fused_cfg).unwrap();
+    fused.apply_gradients(g1.copy()).unwrap();
+    let wf1 = fused.weights().flat.copy();
+    fused.apply_gradients(g2.copy()).unwrap();
+    let wf2 = fused.weights().flat.copy();
 
     let tmp = tempdir();
     let grads_path = tmp.path().join("grads.safetensors");
@@ -239,6 +249,19 @@ fn gradients_and_adamw_steps_match_pytorch() {
         eprintln!("step {step}: max |param - torch AdamW param| = {worst:e}");
         assert!(worst <= 1e-6, "step {step}: {worst:e}");
     }
+    for (flat, step) in [(&wf1, 1), (&wf2, 2)] {
+        let mut worst: f64 = 0.0;
+        for (name, t) in named(flat, "x") {
+            let name = name.trim_start_matches("x.");
+            worst = worst.max(max_abs_diff(&t, &r[&format!("fused_step{step}.{name}")]));
+        }
+        eprintln!("step {step}: max |param - torch AdamW(fused=True) param| = {worst:e}");
+        assert!(worst <= 1e-6, "fused, step {step}: {worst:e}");
+    }
+    assert!(
+        max_abs_diff(&wf2, &w.flat) > 1e-3,
+        "the fused steps moved the weights"
+    );
     // The steps moved the weights by far more than the tolerance.
     assert!(max_abs_diff(&w2, &w.flat) > 1e-3);
 }
