@@ -927,12 +927,21 @@ impl Engine {
         let profile = Profiler::new(device);
         rlrun_model::profile::start(device);
         let ident: Vec<i64> = (0..b as i64).collect();
-        let ident_t = Tensor::from_slice(&ident).f_to_device(device)?;
+        let ident_t = Tensor::f_arange(b as i64, (Kind::Int64, device))?;
+        // The step's tokens and the sampling settings go to the device in one copy (f64 holds
+        // token ids exactly).
+        let vocab = self.model.lm_head_weight().size()[0];
+        let mut host: Vec<f64> = ids.iter().map(|&t| t as f64).collect();
+        host.extend(crate::sampling::pack(&params, vocab));
+        let up = Tensor::from_slice(&host).f_to_device(device)?;
+        let ids_t = up
+            .f_narrow(0, 0, b as i64)?
+            .f_to_kind(Kind::Int64)?
+            .f_view([b as i64, 1])?;
+        let packed = up.f_narrow(0, b as i64, host.len() as i64 - b as i64)?;
         let routing = Routing::default();
         let hidden = self.model.forward_cached_routed(
-            &Tensor::from_slice(&ids)
-                .f_view([b as i64, 1])?
-                .f_to_device(device)?,
+            &ids_t,
             &mut self.cache,
             &CacheWrite {
                 slots: &ident_t,
@@ -950,7 +959,7 @@ impl Engine {
         profile.mark(&mut self.stats, "decode/forward_s");
         let logits = self.model.logits(&h)?;
         profile.mark(&mut self.stats, "decode/logits_s");
-        let (tokens, lps) = sample(&logits, &params)?;
+        let (tokens, lps) = crate::sampling::sample_packed(&logits, &params, &packed)?;
         profile.mark(&mut self.stats, "decode/sample_s");
         let (tokens, lps) = to_host(&tokens, &lps)?;
         profile.mark(&mut self.stats, "decode/to_host_s");
@@ -1098,10 +1107,21 @@ fn row_params(req: &ReqState, sample: usize, position: u64) -> RowParams {
     }
 }
 
+/// The sampled tokens and their log-probs on the host, in one copy (f64 holds both exactly).
 fn to_host(tokens: &Tensor, lps: &Tensor) -> Result<(Vec<i64>, Vec<f32>)> {
-    let tokens = Vec::<i64>::try_from(tokens.f_to_device(tch::Device::Cpu)?)?;
-    let lps = Vec::<f32>::try_from(lps.f_to_device(tch::Device::Cpu)?.f_to_kind(Kind::Float)?)?;
-    Ok((tokens, lps))
+    let both = Tensor::f_cat(
+        &[
+            tokens.f_to_kind(Kind::Double)?,
+            lps.f_to_kind(Kind::Double)?,
+        ],
+        0,
+    )?;
+    let both = Vec::<f64>::try_from(both.f_to_device(tch::Device::Cpu)?)?;
+    let (t, l) = both.split_at(tokens.numel());
+    Ok((
+        t.iter().map(|&x| x as i64).collect(),
+        l.iter().map(|&x| x as f32).collect(),
+    ))
 }
 
 fn finish(seq: Seq, reason: FinishReason, version: u64) -> Completion {

@@ -185,65 +185,84 @@ pub struct RowParams {
     pub uniform: f64,
 }
 
+/// Values per row in [`pack`]'s buffer.
+pub const PACKED: i64 = 7;
+
+/// The rows' settings as one host buffer, [`PACKED`] values per row (f64 holds each exactly):
+/// the temperature to divide by (1 for greedy rows), the top-k index to compare with, whether
+/// top-k is on, top-p, min-p, the uniform draw, whether the row is greedy. Sent to the device
+/// in one copy.
+pub fn pack(rows: &[RowParams], vocab: i64) -> Vec<f64> {
+    let max_k = max_top_k(rows, vocab);
+    let on = |b: bool| f64::from(u8::from(b));
+    rows.iter()
+        .flat_map(|p| {
+            let k = if p.top_k > 0 {
+                p.top_k.min(vocab) - 1
+            } else {
+                (max_k - 1).max(0)
+            };
+            let t = if p.temperature == 0.0 {
+                1.0
+            } else {
+                p.temperature
+            };
+            [
+                t,
+                k as f64,
+                on(p.top_k > 0),
+                p.top_p,
+                p.min_p,
+                p.uniform,
+                on(p.temperature == 0.0),
+            ]
+        })
+        .collect()
+}
+
+/// The largest top-k of the rows (0: none), at most `vocab`.
+fn max_top_k(rows: &[RowParams], vocab: i64) -> i64 {
+    rows.iter()
+        .map(|p| p.top_k)
+        .filter(|&k| k > 0)
+        .max()
+        .unwrap_or(0)
+        .min(vocab)
+}
+
 /// Samples one token per row of `logits` `(R, V)`; returns (tokens `(R,)` int64, log-probs `(R,)` f32).
 pub fn sample(logits: &Tensor, rows: &[RowParams]) -> Result<(Tensor, Tensor)> {
-    let device = logits.device();
+    let packed = Tensor::from_slice(&pack(rows, logits.size()[1])).f_to_device(logits.device())?;
+    sample_packed(logits, rows, &packed)
+}
+
+/// [`sample`] with the rows' settings already on the device (`packed`: [`pack`]'s buffer).
+pub fn sample_packed(
+    logits: &Tensor,
+    rows: &[RowParams],
+    packed: &Tensor,
+) -> Result<(Tensor, Tensor)> {
     let logits = logits.f_to_kind(Kind::Float)?;
     let r = rows.len() as i64;
     let vocab = logits.size()[1];
-    let greedy: Vec<bool> = rows.iter().map(|p| p.temperature == 0.0).collect();
-    let temps: Vec<f32> = rows
-        .iter()
-        .map(|p| {
-            if p.temperature == 0.0 {
-                1.0
-            } else {
-                p.temperature as f32
-            }
-        })
-        .collect();
-    let temps = Tensor::from_slice(&temps)
-        .f_to_device(device)?
-        .f_unsqueeze(1)?;
+    let packed = packed.f_view([r, PACKED])?;
+    // Column `i` as `(R, 1)`.
+    let col = |i: i64| packed.f_select(1, i)?.f_unsqueeze(1);
+    let temps = col(0)?.f_to_kind(Kind::Float)?;
     let scaled = logits.f_div(&temps)?; // (R, V)
     let logp = scaled.f_log_softmax(-1, Kind::Float)?;
 
-    let all_greedy = greedy.iter().all(|&g| g);
+    let all_greedy = rows.iter().all(|p| p.temperature == 0.0);
     let tokens = if all_greedy {
         scaled.f_argmax(-1, false)?
     } else {
         let mut masked = scaled.shallow_clone();
         // top-k: keep values >= the k-th largest of the row.
-        let max_k = rows
-            .iter()
-            .map(|p| p.top_k)
-            .filter(|&k| k > 0)
-            .max()
-            .unwrap_or(0)
-            .min(vocab);
+        let max_k = max_top_k(rows, vocab);
         if max_k > 0 {
             let (top, _) = masked.f_topk(max_k, -1, true, true)?; // (R, max_k) descending
-            let ks: Vec<i64> = rows
-                .iter()
-                .map(|p| {
-                    if p.top_k > 0 {
-                        p.top_k.min(vocab) - 1
-                    } else {
-                        max_k - 1
-                    }
-                })
-                .collect();
-            let kth = top.f_gather(
-                1,
-                &Tensor::from_slice(&ks)
-                    .f_to_device(device)?
-                    .f_unsqueeze(1)?,
-                false,
-            )?;
-            let active: Vec<bool> = rows.iter().map(|p| p.top_k > 0).collect();
-            let active = Tensor::from_slice(&active)
-                .f_to_device(device)?
-                .f_unsqueeze(1)?;
+            let kth = top.f_gather(1, &col(1)?.f_to_kind(Kind::Int64)?, false)?;
+            let active = col(2)?.f_ne(0.0)?;
             let drop = masked.f_lt_tensor(&kth)?.f_logical_and(&active)?;
             masked = masked.f_masked_fill(&drop, f64::NEG_INFINITY)?;
         }
@@ -252,10 +271,7 @@ pub fn sample(logits: &Tensor, rows: &[RowParams]) -> Result<(Tensor, Tensor)> {
             let probs = masked.f_softmax(-1, Kind::Float)?;
             let (sorted, idx) = probs.f_sort(-1, true)?;
             let before = sorted.f_cumsum(-1, Kind::Float)?.f_sub(&sorted)?; // mass of strictly-better tokens
-            let ps: Vec<f32> = rows.iter().map(|p| p.top_p as f32).collect();
-            let ps = Tensor::from_slice(&ps)
-                .f_to_device(device)?
-                .f_unsqueeze(1)?;
+            let ps = col(3)?.f_to_kind(Kind::Float)?;
             let drop_sorted = before.f_ge_tensor(&ps)?;
             let drop = drop_sorted.f_scatter(1, &idx, &drop_sorted)?;
             masked = masked.f_masked_fill(&drop, f64::NEG_INFINITY)?;
@@ -264,10 +280,7 @@ pub fn sample(logits: &Tensor, rows: &[RowParams]) -> Result<(Tensor, Tensor)> {
         if rows.iter().any(|p| p.min_p > 0.0) {
             let probs = masked.f_softmax(-1, Kind::Float)?;
             let pmax = probs.f_amax(&[-1i64][..], true)?;
-            let mps: Vec<f32> = rows.iter().map(|p| p.min_p as f32).collect();
-            let mps = Tensor::from_slice(&mps)
-                .f_to_device(device)?
-                .f_unsqueeze(1)?;
+            let mps = col(4)?.f_to_kind(Kind::Float)?;
             let drop = probs.f_lt_tensor(&pmax.f_mul(&mps)?)?;
             masked = masked.f_masked_fill(&drop, f64::NEG_INFINITY)?;
         }
@@ -275,11 +288,7 @@ pub fn sample(logits: &Tensor, rows: &[RowParams]) -> Result<(Tensor, Tensor)> {
         let probs = masked.f_softmax(-1, Kind::Double)?;
         let cdf = probs.f_cumsum(-1, Kind::Double)?;
         let total = cdf.f_narrow(1, vocab - 1, 1)?;
-        let us: Vec<f64> = rows.iter().map(|p| p.uniform).collect();
-        let us = Tensor::from_slice(&us)
-            .f_to_device(device)?
-            .f_unsqueeze(1)?
-            .f_mul(&total)?;
+        let us = col(5)?.f_mul(&total)?;
         let drawn = us
             .f_searchsorted(&cdf, false, true, "right", None::<Tensor>)?
             .f_squeeze_dim(1)?;
@@ -291,8 +300,8 @@ pub fn sample(logits: &Tensor, rows: &[RowParams]) -> Result<(Tensor, Tensor)> {
             .f_gt(0.0)?;
         let fallback = masked.f_argmax(-1, false)?;
         let drawn = drawn.f_where_self(&ok, &fallback)?;
-        if greedy.iter().any(|&g| g) {
-            let g = Tensor::from_slice(&greedy).f_to_device(device)?;
+        if rows.iter().any(|p| p.temperature == 0.0) {
+            let g = col(6)?.f_squeeze_dim(1)?.f_ne(0.0)?;
             scaled.f_argmax(-1, false)?.f_where_self(&g, &drawn)?
         } else {
             drawn
@@ -308,6 +317,53 @@ pub fn sample(logits: &Tensor, rows: &[RowParams]) -> Result<(Tensor, Tensor)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Rows of mixed settings (greedy, top-k, top-p, min-p, plain) drawn together, with their
+    /// settings in one packed buffer, give each row what it gives drawn alone.
+    #[test]
+    fn a_batch_of_mixed_rows_draws_what_each_row_draws_alone() {
+        let vocab = 50;
+        let logits = Tensor::randn([6, vocab], (Kind::Float, tch::Device::Cpu)) * 3.0;
+        let row = |temperature, top_k, top_p, min_p, uniform| RowParams {
+            temperature,
+            top_p,
+            top_k,
+            min_p,
+            uniform,
+        };
+        let rows = [
+            row(0.0, 0, 1.0, 0.0, 0.3),
+            row(1.0, 5, 1.0, 0.0, 0.7),
+            row(0.7, 0, 0.8, 0.0, 0.2),
+            row(1.3, 0, 1.0, 0.1, 0.9),
+            row(1.0, 0, 1.0, 0.0, 0.5),
+            row(0.9, 3, 0.9, 0.05, 0.99),
+        ];
+        let (tokens, lps) = sample(&logits, &rows).unwrap();
+        for (i, r) in rows.iter().enumerate() {
+            let one = [row(r.temperature, r.top_k, r.top_p, r.min_p, r.uniform)];
+            let (t, lp) = sample(&logits.narrow(0, i as i64, 1), &one).unwrap();
+            assert_eq!(
+                t.int64_value(&[0]),
+                tokens.int64_value(&[i as i64]),
+                "row {i}"
+            );
+            assert_eq!(
+                lp.double_value(&[0]),
+                lps.double_value(&[i as i64]),
+                "row {i}"
+            );
+        }
+        // The greedy row took the argmax; the top-k rows a token among their k best.
+        assert_eq!(
+            tokens.int64_value(&[0]),
+            logits.get(0).argmax(0, false).int64_value(&[])
+        );
+        let (_, best5) = logits.get(1).topk(5, 0, true, true);
+        assert!(Vec::<i64>::try_from(&best5)
+            .unwrap()
+            .contains(&tokens.int64_value(&[1])));
+    }
 
     #[test]
     fn uniform_is_deterministic_and_spread() {

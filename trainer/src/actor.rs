@@ -79,18 +79,39 @@ impl LocalTrainer {
     }
 }
 
+/// Runs `f`, a panic inside it turned into an error. tch panics instead of returning an error
+/// when an op that takes a scalar fails (out of memory, say): it frees the scalar, which reads
+/// the op's pending error, before the op's own check. Caught here, under the trainer's lock, the
+/// failure is reported as torch's error and the lock is not poisoned.
+fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let m = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "a panic".into());
+        Err(TrainError::Invalid(format!(
+            "libtorch (through a panic): {m}"
+        )))
+    })
+}
+
 impl TrainerActor for LocalTrainer {
     fn train_step(&self, batch: TrainBatch) -> Result<StepMetrics> {
-        self.lock()?.train_step(&batch)
+        let mut t = self.lock()?;
+        guarded(|| t.train_step(&batch))
     }
     fn compute_logprobs(&self, seqs: &[TrainSequence]) -> Result<SeqValues> {
-        self.lock()?.compute_logprobs(seqs)
+        let t = self.lock()?;
+        guarded(|| t.compute_logprobs(seqs))
     }
     fn compute_ref_logprobs(&self, seqs: &[TrainSequence]) -> Result<SeqValues> {
-        self.lock()?.compute_ref_logprobs(seqs)
+        let t = self.lock()?;
+        guarded(|| t.compute_ref_logprobs(seqs))
     }
     fn compute_values(&self, seqs: &[TrainSequence]) -> Result<SeqValues> {
-        self.lock()?.compute_values(seqs)
+        let t = self.lock()?;
+        guarded(|| t.compute_values(seqs))
     }
     fn sync_weights(&self) -> Result<(u64, Tensor)> {
         let t = self.lock()?;
@@ -170,5 +191,17 @@ impl TrainerActor for LocalTrainer {
     }
     fn load(&self, dir: &Path) -> Result<()> {
         self.lock()?.load(dir)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_inside_a_call_is_an_error() {
+        let e = guarded::<()>(|| panic!("DefaultCPUAllocator: can't allocate memory")).unwrap_err();
+        assert!(e.to_string().contains("can't allocate memory"), "{e}");
+        assert_eq!(guarded(|| Ok(3)).unwrap(), 3);
     }
 }
