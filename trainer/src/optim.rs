@@ -33,7 +33,8 @@ pub struct OptimConfig {
 #[serde(rename_all = "kebab-case")]
 pub enum AdamWImpl {
     /// PyTorch's fused kernel (`torch.optim.AdamW(fused=True)`): one pass over the buffers per
-    /// step (CPU and CUDA; 16x the single-tensor step for 135M parameters on 2 CPU cores).
+    /// step, on CPU and CUDA (135M parameters on 2 CPU cores: torch's own fused step 0.07 s, its
+    /// for-loop step 1.07 s; in rlrun's quickstart 0.13-0.35 s against 0.34-0.44 s single-tensor).
     #[default]
     Fused,
     /// PyTorch's single-tensor algorithm on the flat buffers (`foreach=False`).
