@@ -820,11 +820,12 @@ fn a_recipe_uses_a_generator_started_by_hand_with_its_token() {
     let wrong = dir.path().join("wrong.token");
     std::fs::write(&wrong, "not-the-token").unwrap();
     let right = dir.path().join("token");
-    // Weights through shared memory, or pulled from this process's weight store, which then
-    // wants the token too.
+    // Weights through shared memory, pulled from this process's weight store, which then wants
+    // the token too, or broadcast in a group whose rank 0 (this process) checks it.
     for (token_file, ok, backend) in [
         (right.clone(), true, "shm"),
-        (right, true, "net"),
+        (right.clone(), true, "net"),
+        (right, true, "nccl"),
         (wrong, false, "shm"),
     ] {
         let base = rlrun_testkit::tempdir();

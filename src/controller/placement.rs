@@ -61,6 +61,10 @@ pub(crate) fn place(
         ),
         None => None,
     };
+    if let Some(t) = &token {
+        // This process's weight-store pulls and sync groups present (and expect) it too.
+        rlrun_weights_sync::net::set_client_token(t);
+    }
     let mut processes = Vec::new();
     let gen_in_process = !pl.generators_elsewhere();
     // LoRA with trainer and generator in this process on one device: one copy of the frozen

@@ -240,23 +240,20 @@ fn gradients_and_adamw_steps_match_pytorch() {
             info.grad_norm
         );
     }
-    for (flat, step) in [(&w1, 1), (&w2, 2)] {
+    // Both kernels against torch's: single-tensor (`foreach=False`) and fused (`fused=True`).
+    for (flat, step, key) in [
+        (&w1, 1, "step"),
+        (&w2, 2, "step"),
+        (&wf1, 1, "fused_step"),
+        (&wf2, 2, "fused_step"),
+    ] {
         let mut worst: f64 = 0.0;
         for (name, t) in named(flat, "x") {
             let name = name.trim_start_matches("x.");
-            worst = worst.max(max_abs_diff(&t, &r[&format!("step{step}.{name}")]));
+            worst = worst.max(max_abs_diff(&t, &r[&format!("{key}{step}.{name}")]));
         }
-        eprintln!("step {step}: max |param - torch AdamW param| = {worst:e}");
-        assert!(worst <= 1e-6, "step {step}: {worst:e}");
-    }
-    for (flat, step) in [(&wf1, 1), (&wf2, 2)] {
-        let mut worst: f64 = 0.0;
-        for (name, t) in named(flat, "x") {
-            let name = name.trim_start_matches("x.");
-            worst = worst.max(max_abs_diff(&t, &r[&format!("fused_step{step}.{name}")]));
-        }
-        eprintln!("step {step}: max |param - torch AdamW(fused=True) param| = {worst:e}");
-        assert!(worst <= 1e-6, "fused, step {step}: {worst:e}");
+        eprintln!("{key} {step}: max |param - torch AdamW param| = {worst:e}");
+        assert!(worst <= 1e-6, "{key} {step}: {worst:e}");
     }
     assert!(
         max_abs_diff(&wf2, &w.flat) > 1e-3,
