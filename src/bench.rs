@@ -811,15 +811,7 @@ pub fn median(mut v: Vec<f64>) -> f64 {
 fn generator_process(
     model: &Path,
 ) -> anyhow::Result<(rlrun::actors::ActorProcess, rlrun::actors::RemoteGenerator)> {
-    let cfg = rlrun::actors::ActorConfig {
-        model: model.to_path_buf(),
-        dtype: "f32".into(),
-        device: "cpu".into(),
-        threads: 1,
-        engine: None,
-        trainer: None,
-        reference: false,
-    };
+    let cfg = rlrun::actors::ActorConfig::cpu_generator(model);
     let proc = rlrun::actors::spawn(rlrun::actors::Role::Generator, &cfg, &[])?;
     let client = rlrun::actors::RemoteGenerator::connect(
         &proc.addr,

@@ -34,16 +34,11 @@ fn sync_seconds(
     };
     let trainer = actors::build_trainer(files, Kind::Float, Device::Cpu, tcfg, false, None)?;
     let cfg = ActorConfig {
-        model: model.to_path_buf(),
-        dtype: "f32".into(),
-        device: "cpu".into(),
-        threads: 1,
         engine: Some(EngineConfig {
             lora: lora.clone(),
             ..Default::default()
         }),
-        trainer: None,
-        reference: false,
+        ..ActorConfig::cpu_generator(model)
     };
     let proc = actors::spawn(Role::Generator, &cfg, &[])?;
     let client = RemoteGenerator::connect(&proc.addr, None, std::time::Duration::from_secs(60))?;

@@ -113,9 +113,7 @@ impl Error {
             outcome: String::new(),
         }
     }
-}
 
-impl Error {
     /// An I/O error on `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {

@@ -209,15 +209,7 @@ fn recovery_overrides(base: &Path, steps: u64) -> Vec<String> {
 /// `rlrun` binary.
 fn tiny_generator() -> rlrun::actors::ActorConfig {
     std::env::set_var("RLRUN_EXE", env!("CARGO_BIN_EXE_rlrun"));
-    rlrun::actors::ActorConfig {
-        model: rlrun_testkit::fixtures().join("tiny-llama3"),
-        dtype: "f32".into(),
-        device: "cpu".into(),
-        threads: 1,
-        engine: None,
-        trainer: None,
-        reference: false,
-    }
+    rlrun::actors::ActorConfig::cpu_generator(&rlrun_testkit::fixtures().join("tiny-llama3"))
 }
 
 /// A reward the tiny random model earns sometimes and a large step, so that the policy moves.

@@ -76,6 +76,22 @@ pub struct ActorConfig {
     pub reference: bool,
 }
 
+impl ActorConfig {
+    /// A generator of `model` in f32 on the CPU with one thread and default engine settings
+    /// (benchmarks' and tests' generator processes).
+    pub fn cpu_generator(model: &Path) -> Self {
+        ActorConfig {
+            model: model.to_path_buf(),
+            dtype: "f32".into(),
+            device: "cpu".into(),
+            threads: 1,
+            engine: None,
+            trainer: None,
+            reference: false,
+        }
+    }
+}
+
 fn kind_of(s: &str) -> Result<Kind> {
     rlrun_weights_sync::shm::kind_from_name(s)
         .ok_or_else(|| Error::Usage(format!("actor config: unknown dtype `{s}`")))

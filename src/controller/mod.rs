@@ -258,7 +258,7 @@ impl Run {
         let t_step = Instant::now();
         let step = self.step + 1;
         crate::metrics::reset_peak_rss();
-        step_metrics::cuda_phase(&mut Metrics::new(), "", &self.actors.local_cuda);
+        step_metrics::cuda_reset(&self.actors.local_cuda);
         // 1-3. Generate and score (a prefetched first round, dynamic-sampling rounds).
         let version = self.actors.trainer.version()?;
         let collected = self

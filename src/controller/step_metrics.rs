@@ -103,6 +103,13 @@ pub(crate) fn cuda_phase(m: &mut Metrics, phase: &str, devices: &[usize]) {
     }
 }
 
+/// Restarts the CUDA caching allocator's peaks on `devices` (a step's first phase starts here).
+pub(crate) fn cuda_reset(devices: &[usize]) {
+    for &d in devices {
+        let _ = rlrun_torch_ext::cuda_memory(d, true);
+    }
+}
+
 /// Response lengths and the staleness of the batch against the trainer's `version`.
 pub(crate) fn batch(b: &StepBatch, version: u64) -> Metrics {
     let mut m = Metrics::new();
